@@ -1,0 +1,176 @@
+"""Configs shared by every method: task and method enums, the base `PeftConfig`, and its JSON file.
+
+A method's config is a dataclass subclassing `PeftConfig`; its fields are written to `adapter_config.json`
+with peft's field names, so HF peft can read our files and we can read theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+# Keys peft writes that describe the file rather than the method; dropped without a warning.
+INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model is for; picks the `PeftModel` subclass and how prompts are handled."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """The method; written as `peft_type` in the adapter file. BITFIT and BOTTLENECK are deltatune's own."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    BITFIT = "BITFIT"
+    BOTTLENECK = "BOTTLENECK"
+
+
+def _enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any:
+    """Turn a string into the enum member, with an error that lists the allowed values."""
+    if value is None or isinstance(value, enum_class):
+        return value
+    try:
+        return enum_class(str(value).upper() if enum_class is not TaskType else str(value))
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_class)
+        raise ValueError(f"{field_name}={value!r} is not known; use one of: {allowed}") from None
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method has.
+
+    Attributes:
+        task_type: what the model does (CAUSAL_LM, SEQ_CLS, ...); None wraps the model as it is.
+        inference_mode: True freezes everything, as after `PeftModel.from_pretrained(..., is_trainable=False)`.
+        base_model_name_or_path: where the base model came from, so `AutoPeftModel*` can load it again.
+    """
+
+    peft_type: PeftType | str | None = None
+    task_type: TaskType | str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        self.task_type = _enum_value(TaskType, self.task_type, "task_type")
+        self.peft_type = _enum_value(PeftType, self.peft_type, "peft_type")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that add virtual tokens instead of changing layers."""
+        return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with peft's field names (enums as strings, sets as sorted lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, set):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` atomically into `save_directory`."""
+        from deltatune.files import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
+        """Build the config of the method named by `peft_type`; unknown keys are dropped with a warning."""
+        config_class = cls
+        if cls is PeftConfig:
+            from deltatune.tuners import config_class_for
+
+            config_class = config_class_for(data.get("peft_type"), source)
+        known = {f.name for f in dataclasses.fields(config_class) if f.init}
+        # peft writes many fields for features we lack; only ones set to a non-default value matter.
+        unknown = sorted(k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, []))
+        if unknown:
+            logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
+        return config_class(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
+        """Read `adapter_config.json` from a folder (or the file itself)."""
+        config_file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else str(path)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{config_file} not found: an adapter folder holds adapter_config.json and "
+                "adapter_model.safetensors, as written by save_pretrained()"
+            )
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file} is not valid JSON ({err}); save the adapter again") from None
+        data.update(overrides)
+        return cls.from_dict(data, source=config_file)
+
+
+@dataclass
+class PeftConfigWithTargets(PeftConfig):
+    """Base for methods that change chosen modules (LoRA, AdaLoRA, bottleneck adapters).
+
+    Attributes:
+        target_modules: names (exact or dotted suffix, e.g. ``["q_proj", "v_proj"]``), one regex string matched
+            against the full module name (``".*\\.1.*query_key_value"``), or ``"all-linear"``. None uses the
+            architecture's defaults.
+        modules_to_save: modules trained in full next to the adapter (a classifier head, the embeddings);
+            each gets a trainable copy that is saved with the adapter.
+        layers_to_transform: only these layer indices (int or list) get the adapter.
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``) used to read the layer index.
+    """
+
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                "layers_to_transform cannot be used with a regex target_modules; put the layer index in the regex"
+            )
+
+
+def check_range(name: str, value: float, low: float, high: float | None, fix: str) -> None:
+    """Raise a ValueError naming the field when `value` is outside [low, high)."""
+    if value < low or (high is not None and value >= high):
+        bounds = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value} is outside {bounds}; {fix}")
+
+
+def default_field(value: Any) -> Any:
+    """A dataclass field whose default is a fresh copy of a mutable value."""
+    return field(default_factory=lambda: type(value)(value))

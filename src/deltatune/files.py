@@ -1,0 +1,75 @@
+"""The one place adapter files are read and written: `adapter_config.json` + `adapter_model.safetensors`.
+
+Weights are read with safetensors only (never unpickled). Writes go to a temporary file in the same folder and
+are renamed over the target, so a failed save leaves the previous adapter intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename tmp over `path`; on any failure remove tmp and keep the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(path, write)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], folder: str, metadata: dict[str, str] | None = None) -> str:
+    """Write `adapter_model.safetensors` atomically; tensors are made contiguous and unshared first."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path = os.path.join(folder, WEIGHTS_NAME)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+    return path
+
+
+def load_weights(folder: str) -> dict[str, torch.Tensor]:
+    """Read `adapter_model.safetensors` from `folder` with a clear error if it is missing, pickled or damaged."""
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(folder, PICKLED_WEIGHTS_NAME)):
+            raise ValueError(
+                f"{os.path.join(folder, PICKLED_WEIGHTS_NAME)} is a pickled PyTorch file, which deltatune refuses to "
+                "load because unpickling can run arbitrary code. If you trust it, convert it once with: "
+                "python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load('{PICKLED_WEIGHTS_NAME}', weights_only=True), '{WEIGHTS_NAME}')\" "
+                "run inside that folder"
+            )
+        raise FileNotFoundError(
+            f"{path} not found: the adapter folder must hold {WEIGHTS_NAME} next to adapter_config.json "
+            "(save it with model.save_pretrained(folder))"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} could not be read ({err}); the file is truncated or damaged, save the adapter again"
+        ) from None

@@ -1,0 +1,174 @@
+"""Pieces every layer-changing method shares: the wrapped-layer base class and the trainable-copy wrapper.
+
+A method's layer *wraps* the original module (`self.base_layer`) instead of subclassing it, so a 4-bit or
+8-bit layer can sit underneath (QLoRA). Each wrapped layer keeps one small container per adapter name in
+`self.adapters`; the state-dict key `...q_proj.adapters.<name>.lora_A.weight` becomes peft's
+`...q_proj.lora_A.weight` in the adapter file (see `peft_key`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+BASE_ADAPTER_NAME = "__base__"  # a row of a mixed batch that should see no adapter
+
+
+class AdapterLayer(nn.Module):
+    """A base layer plus named adapters; subclasses implement `adapter_forward` and, if they can, merging.
+
+    Attributes:
+        base_layer: the original module, frozen.
+        adapters: one container module per adapter name.
+        active_adapters: names applied in forward (usually one).
+        merged_adapters: names whose update is currently folded into the base weight.
+        disabled: True inside `PeftModel.disable_adapter()`.
+        row_adapters: for a mixed batch, the adapter name of each row (set by `PeftModel` around forward).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: Sequence[str] | None = None
+
+    def __getattr__(self, name: str):
+        # Model code sometimes reads `layer.weight` or `layer.in_features`; answer from the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def set_active(self, names: Sequence[str]) -> None:
+        """Apply exactly these adapters (the ones this layer has) in forward."""
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop an adapter's container (unmerge it first if merged)."""
+        if name in self.merged_adapters:
+            self.unmerge()
+        if name in self.adapters:
+            del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """Fold the named (default: active) adapters into the base weight."""
+        raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
+
+    def unmerge(self) -> None:
+        """Undo `merge`, restoring the base weight."""
+        raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
+
+    def unwrap(self) -> nn.Module:
+        """The module to put back in the model when the adapters are removed."""
+        return self.base_layer
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Return `result` updated by adapter `name` for input `x` (subclasses implement)."""
+        raise TypeError(f"{type(self).__name__} must implement adapter_forward")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self.mixed_forward(x, result)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self.adapter_forward(name, x, result)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Apply each row's own adapter: one pass per distinct adapter over the rows that asked for it."""
+        output = result.clone()
+        for name, rows in rows_by_adapter(self.row_adapters, x):
+            if name in self.adapters:
+                output[rows] = self.adapter_forward(name, x[rows], result[rows])
+        return output
+
+
+def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (adapter name, row indices of `x`) for each distinct name in a mixed batch.
+
+    `generate` with beams or several samples per prompt repeats each row k times; the names follow.
+    """
+    batch = x.shape[0]
+    if batch != len(row_adapters):
+        if batch % len(row_adapters):
+            raise ValueError(f"adapter_names has {len(row_adapters)} entries for a batch of {batch} rows; give one per row")
+        row_adapters = [n for n in row_adapters for _ in range(batch // len(row_adapters))]
+    for name in dict.fromkeys(row_adapters):
+        if name == BASE_ADAPTER_NAME:
+            continue
+        rows = [i for i, n in enumerate(row_adapters) if n == name]
+        yield name, torch.tensor(rows, device=x.device)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and a trainable copy per adapter name (peft's `modules_to_save`)."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.row_adapters: Sequence[str] | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._modules["original_module"], name)
+
+    def add(self, name: str) -> None:
+        """Make a trainable copy of the original module for adapter `name`."""
+        copied = copy.deepcopy(self.original_module)
+        for param in copied.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[name] = copied
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def unwrap(self, keep: str | None = None) -> nn.Module:
+        """The trained copy of `keep` (default: the active adapter), else the original module."""
+        keep = keep or self.active_adapter
+        return self.modules_to_save[keep] if keep in self.modules_to_save else self.original_module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:
+            output = self.original_module(x, *args, **kwargs).clone()
+            for name, rows in rows_by_adapter(self.row_adapters, x):
+                if name in self.modules_to_save:
+                    output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+            return output
+        if self.disabled or self.active_adapter is None:
+            return self.original_module(x, *args, **kwargs)
+        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+
+
+def peft_key(internal_key: str, adapter_name: str) -> str:
+    """Our state-dict key -> peft's file key: drop the per-adapter container level."""
+    return internal_key.replace(f".adapters.{adapter_name}.", ".").replace(f".modules_to_save.{adapter_name}.", ".")
+
+
+def belongs_to_adapter(internal_key: str, adapter_name: str) -> bool:
+    """True for parameters inside adapter `adapter_name`'s containers or trainable copies."""
+    return f".adapters.{adapter_name}." in internal_key or f".modules_to_save.{adapter_name}." in internal_key

@@ -1,0 +1,401 @@
+"""`PeftModel`: a thin wrapper that puts named adapters on a transformers model, trains, saves and loads them.
+
+Layout (the same as peft, so state-dict keys match): `PeftModel.base_model` is a `TunerModel` whose `.model`
+is the transformers model with adapter layers swapped in. Attribute access falls through to the model,
+so `peft_model.config`, `peft_model.generation_config` etc. work as on the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.files import load_weights, save_weights
+from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
+from deltatune.targeting import replace_module
+from deltatune.tuners import method_for
+
+logger = logging.getLogger(__name__)
+
+
+class TunerModel(nn.Module):
+    """Holds the transformers model (`.model`) the adapters live in; forwards everything to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+
+def count_parameters(params: Iterator[tuple[str, nn.Parameter]]) -> tuple[int, int]:
+    """(trainable, all) with peft's rule for packed 4-bit weights (two values per byte of storage)."""
+    trainable = total = 0
+    for _, param in params:
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+class PeftModel(nn.Module):
+    """A transformers model with parameter-efficient adapters.
+
+    Args:
+        model: the transformers model; it is changed in place (its layers are wrapped).
+        peft_config: the first adapter's config.
+        adapter_name: the first adapter's name.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- attribute pass-through -------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (with adapter layers inside)."""
+        return self.base_model.model
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _adapter_modules(self) -> Iterator[nn.Module]:
+        for module in self.get_base_model().modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield module
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add a new adapter (not activated; call `set_adapter`)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another adapter_name")
+        if self.peft_config and method_for(peft_config) is not method_for(self.active_peft_config):
+            raise ValueError(
+                f"this model holds {self.active_peft_config.peft_type.value} adapters; a "
+                f"{peft_config.peft_type.value} adapter needs its own base model"
+            )
+        method = method_for(peft_config)
+        model = self.get_base_model()
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        self.peft_config[adapter_name] = peft_config
+        try:
+            method.add(model, peft_config, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        self._set_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter used in forward and trained."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
+        self.active_adapter = adapter_name
+        for module in self._adapter_modules():
+            module.set_active([adapter_name])
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its weights."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
+        for module in self._adapter_modules():
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def _set_trainable(self) -> None:
+        """Freeze everything but the active adapter (nothing trains in inference mode)."""
+        config = self.active_peft_config
+        method = method_for(config)
+        for name, param in self.get_base_model().named_parameters():
+            if belongs_to_adapter(name, self.active_adapter):
+                trains = True
+            else:
+                trains = ".adapters." not in name and method.base_param_trains(name, config)
+            param.requires_grad_(trains and not config.inference_mode)
+
+    # ---- forward and generation ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _rows_use(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Within the block, row i of the batch runs adapter adapter_names[i] ("__base__": none)."""
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}")
+        modules = list(self._adapter_modules())
+        for module in modules:
+            module.row_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.row_adapters = None
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
+                position_ids=None, decoder_input_ids=None, decoder_attention_mask=None, adapter_names=None,
+                **kwargs):  # fmt: skip
+        """The base model's forward; `adapter_names` (one per row) runs a mixed batch of adapters."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                      labels=labels, token_type_ids=token_type_ids, position_ids=position_ids,
+                      decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)  # fmt: skip
+        kwargs.update({k: v for k, v in inputs.items() if v is not None})
+        with self._rows_use(adapter_names):
+            return self.get_base_model()(**kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The base model's `generate`, with the active adapter (or one adapter per row)."""
+        with self._rows_use(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        if self.active_peft_config.peft_type == PeftType.BITFIT:
+            from deltatune.tuners.bitfit import swap_bitfit_biases
+
+            swap_bitfit_biases(self.get_base_model())
+            try:
+                yield
+            finally:
+                swap_bitfit_biases(self.get_base_model())
+            return
+        modules = list(self._adapter_modules())
+        for module in modules:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+
+    # ---- merging ------------------------------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        if not method_for(self.active_peft_config).can_merge:
+            raise TypeError(
+                f"{self.active_peft_config.peft_type.value} adds no weight that can be folded into the base; "
+                "merging is only for LoRA-family adapters (keep the PeftModel for inference)"
+            )
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it."""
+        self._check_mergeable()
+        for module in self._adapter_modules():
+            if isinstance(module, AdapterLayer):
+                module.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights after `merge_adapter`."""
+        for module in self._adapter_modules():
+            if isinstance(module, AdapterLayer) and module.merged_adapters:
+                module.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Return the transformers model with the adapter folded in and no adapter layers left."""
+        self._check_mergeable()
+        self.merge_adapter(adapter_names)
+        return self._unwrap_all()
+
+    def unload(self) -> nn.Module:
+        """Return the transformers model without any adapter (base weights as before)."""
+        self.unmerge_adapter()
+        if self.active_peft_config.peft_type == PeftType.BITFIT:
+            from deltatune.tuners.bitfit import swap_bitfit_biases
+
+            swap_bitfit_biases(self.get_base_model())
+        return self._unwrap_all()
+
+    def _unwrap_all(self) -> nn.Module:
+        model = self.get_base_model()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                replace_module(model, name, module.unwrap())
+        return model
+
+    # ---- counting -----------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as peft counts them."""
+        return count_parameters(self.named_parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: `trainable params: N || all params: M || trainable%: P`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Internal name -> tensor for everything adapter `adapter_name` saves."""
+        config = self.peft_config[adapter_name]
+        method = method_for(config)
+        prefix = "base_model.model."
+        return {
+            key: value
+            for key, value in self.state_dict(keep_vars=True).items()
+            if belongs_to_adapter(key, adapter_name)
+            or (".adapters." not in key and method.base_param_trains(key[len(prefix):], config))
+        }
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under peft's file keys (`base_model.model.<module>.lora_A.weight`, ...)."""
+        adapter_name = adapter_name or self.active_adapter
+        return {peft_key(k, adapter_name): v.detach() for k, v in self._adapter_tensors(adapter_name).items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:  # fmt: skip
+        """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (peft's layout: the
+        "default" adapter in the folder itself, any other in a sub-folder named after it)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory={save_directory} is a file; give a folder")
+        if not is_main_process:
+            return
+        for name in selected_adapters or list(self.peft_config):
+            folder = os.path.join(save_directory, name) if name != "default" else str(save_directory)
+            os.makedirs(folder, exist_ok=True)
+            config = self.peft_config[name]
+            save_weights(self.get_adapter_state_dict(name), folder)
+            inference_mode, config.inference_mode = config.inference_mode, True
+            try:
+                config.save_pretrained(folder)
+            finally:
+                config.inference_mode = inference_mode
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip
+        """Add adapter `adapter_name` from a folder written by deltatune or peft."""
+        folder = str(model_id)
+        config = config or PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        self.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
+        self._set_trainable()
+
+    def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
+        """Copy peft-keyed tensors into adapter `adapter_name`, checking every key and shape."""
+        targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
+        everything = self.state_dict(keep_vars=True)
+        unexpected = []
+        with torch.no_grad():
+            for key, value in weights.items():
+                target = targets.get(key, everything.get(key))
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                if target.shape != value.shape:
+                    raise ValueError(
+                        f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but "
+                        f"{tuple(target.shape)} in this model; the adapter was trained on a different base model "
+                        "(load it onto the model it was made for)"
+                    )
+                target.copy_(value.to(target.dtype))
+        if unexpected:
+            raise ValueError(
+                f"{source}: {len(unexpected)} tensors in the adapter file have no place in this model, e.g. "
+                f"{unexpected[:3]}; the adapter was made for another architecture or another config"
+            )
+        missing = sorted(set(targets) - set(weights))
+        if missing:
+            logger.warning("%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":  # fmt: skip
+        """Wrap `model` and load the adapter saved in folder `model_id` (frozen unless `is_trainable`)."""
+        folder = str(model_id)
+        config = config or PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
+        peft_model = model_class(model, config, adapter_name)
+        peft_model.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
+        return peft_model
+
+    # ---- training helpers ---------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on checkpointing in the base model; inputs get grads so frozen embeddings do not cut the graph."""
+        model = self.get_base_model()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        model.enable_input_require_grads()
+
+
+class PeftModelForCausalLM(PeftModel):
+    """For `AutoModelForCausalLM` models (task_type CAUSAL_LM)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """For encoder-decoder models (task_type SEQ_2_SEQ_LM)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """For classifiers (task_type SEQ_CLS)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """For token classifiers (task_type TOKEN_CLS)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """For extractive QA (task_type QUESTION_ANS)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """For encoders used for their hidden states (task_type FEATURE_EXTRACTION)."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (the seeds' entry point)."""
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a deltatune config such as LoraConfig, not {type(peft_config).__name__}")
+    model_class = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
+    peft_model = model_class(model, peft_config, adapter_name)
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return peft_model

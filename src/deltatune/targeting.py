@@ -1,0 +1,131 @@
+"""Choosing which modules a method changes, and swapping them in place.
+
+Matching follows peft exactly so that a config means the same module set in both libraries:
+a string `target_modules` is a regex matched against the whole module name; a list matches a name exactly
+or as a dotted suffix; `layers_to_transform` then keeps only modules inside the listed layer indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2's Conv1D, and bitsandbytes' 4/8-bit linear layers."""
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The first numbered block in `key` (e.g. 3 in 'model.layers.3.self_attn.q_proj')."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        return int(match.group("idx")) if match else None
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        if match:
+            return int(match.group("idx"))
+    return None
+
+
+def matches(key: str, target_modules: list[str] | str, layers_to_transform=None, layers_pattern=None) -> bool:
+    """Whether module `key` is selected by `target_modules` (and `layers_to_transform`)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    found = key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
+    if found and layers_to_transform:
+        return _layer_index(key, layers_pattern) in set(layers_to_transform)
+    return found
+
+
+def is_module_to_save(key: str, modules_to_save: Iterable[str] | None) -> bool:
+    """Whether `key` is, or lies inside, a module listed in `modules_to_save`."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in modules_to_save or ())
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """The LM head (or classifier) that "all-linear" must leave alone."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = [output] if output is not None else [getattr(model, n, None) for n in ("classifier", "score")]
+    return {name for name, module in model.named_modules() if any(module is h for h in heads if h is not None)}
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """Every linear-like module except the output head (peft's "all-linear")."""
+    skip = output_layer_names(model)
+    return sorted(n for n, m in model.named_modules() if is_linear_like(m) and n not in skip)
+
+
+def weight_module_names(model: nn.Module, limit: int = 25) -> str:
+    """A short list of leaf names of modules with weights, to show in 'matched nothing' errors."""
+    names = {n.split(".")[-1] for n, m in model.named_modules() if n and getattr(m, "weight", None) is not None}
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]) -> list[str]:
+    """Names of the modules `config` selects, with a clear error when it selects none."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in default_targets:
+            raise ValueError(
+                f"target_modules is not set and deltatune has no default for model_type={model_type!r}; "
+                f"pass target_modules=[...] with some of: {weight_module_names(model)}"
+            )
+        targets = config.target_modules = list(default_targets[model_type])
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        found = all_linear_names(model)
+    else:
+        found = [
+            name
+            for name, _ in model.named_modules()
+            if name
+            and not is_module_to_save(name, config.modules_to_save)
+            and matches(name, targets, config.layers_to_transform, config.layers_pattern)
+        ]
+    if not found:
+        raise ValueError(
+            f"target_modules={targets!r} matched no module of {type(model).__name__}; "
+            f"modules with weights here include: {weight_module_names(model)}"
+        )
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Put `new_module` where `name` was."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)
+
+
+def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
+    """Give each module named in `modules_to_save` a trainable copy for `adapter_name`."""
+    from deltatune.layers import ModulesToSaveWrapper
+
+    wanted = list(modules_to_save or [])
+    matched = set()
+    for name, module in list(model.named_modules()):
+        if not name or not any(name == m or name.endswith(f".{m}") for m in wanted):
+            continue
+        if isinstance(module, (ModulesToSaveWrapper,)) or ".modules_to_save." in name or ".original_module" in name:
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+                matched.add(name)
+            continue
+        wrapper = ModulesToSaveWrapper(module)
+        wrapper.add(adapter_name)
+        replace_module(model, name, wrapper)
+        matched.add(name)
+    missing = [m for m in wanted if not any(n == m or n.endswith(f".{m}") for n in matched)]
+    if missing:
+        raise ValueError(
+            f"modules_to_save={missing!r} matched no module; modules with weights here include: "
+            f"{weight_module_names(model)}"
+        )

@@ -1,0 +1,67 @@
+"""The method registry: one entry per method, each implemented in its own file in this folder.
+
+Adding a method = one file (config dataclass + layers + how it is applied) + one `register(...)` line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from deltatune.config import PeftConfig, PeftType
+from deltatune.tuners.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
+from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable
+
+
+def _no_base_params(param_name: str, config: PeftConfig) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Method:
+    """How `PeftModel` applies one method.
+
+    Attributes:
+        peft_type: the `peft_type` written in adapter files.
+        config_class: the method's config dataclass.
+        add: puts adapter `name` into the transformers model in place (wraps layers, adds parameters).
+        base_param_trains: for parameters of the base model (names relative to it), whether this config
+            trains and saves them too (LoRA's `bias`, BitFit's biases).
+        can_merge: whether `merge_and_unload` can fold the adapter into the base weights.
+    """
+
+    peft_type: PeftType
+    config_class: type[PeftConfig]
+    add: Callable[[nn.Module, PeftConfig, str], None]
+    base_param_trains: Callable[[str, PeftConfig], bool] = _no_base_params
+    can_merge: bool = False
+
+
+METHODS: dict[PeftType, Method] = {}
+
+
+def register(method: Method) -> None:
+    METHODS[method.peft_type] = method
+
+
+register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
+register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable))
+
+
+def method_for(config: PeftConfig) -> Method:
+    """The registered method of a config, with an error listing the known ones."""
+    if config.peft_type not in METHODS:
+        known = ", ".join(t.value for t in METHODS)
+        raise ValueError(f"peft_type={config.peft_type!r} is not implemented in deltatune; known: {known}")
+    return METHODS[config.peft_type]
+
+
+def config_class_for(peft_type: str | None, source: str = "config") -> type[PeftConfig]:
+    """The config class for a `peft_type` string read from a file."""
+    for known_type, method in METHODS.items():
+        if peft_type == known_type.value:
+            return method.config_class
+    known = ", ".join(t.value for t in METHODS)
+    raise ValueError(f"{source}: peft_type={peft_type!r} is not a method deltatune has; known: {known}")

@@ -1,0 +1,226 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
+
+A frozen weight W (out x in) is adapted by a trainable low-rank product::
+
+    h = W x + (alpha / r) * B (A x)          A: (r x in), B: (out x r), B starts at zero
+
+so the adapted model starts equal to the base. After training, W + (alpha / r) B A can be written back
+into W (`merge`), which leaves no extra latency at inference. With `use_rslora` the scale is
+alpha / sqrt(r) (Kalajdzievski, 2023). Embeddings use A: (r x vocab), B: (dim x r) the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.config import PeftConfigWithTargets, PeftType, check_range
+from deltatune.layers import AdapterLayer
+from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
+
+# The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"], "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "falcon": ["query_key_value"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+}  # fmt: skip
+
+
+@dataclass
+class LoraConfig(PeftConfigWithTargets):
+    """LoRA settings (peft's field names and defaults).
+
+    Attributes:
+        r: rank of the update; more rank, more capacity and parameters.
+        lora_alpha: scale numerator; the update is multiplied by lora_alpha / r.
+        lora_dropout: dropout on the input of the low-rank path only, in [0, 1).
+        fan_in_fan_out: True for layers storing W as (in, out), like GPT-2's Conv1D (set for you).
+        bias: which biases train too: "none", "all" (every bias in the model) or "lora_only".
+        use_rslora: scale by lora_alpha / sqrt(r), which keeps learning stable at high rank.
+        init_lora_weights: True (Kaiming-uniform A, zero B), "gaussian" (normal A with std 1/r, zero B),
+            or False (random A and B: the model does not start equal to the base; for tests).
+        rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
+    """
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.LORA
+        super().__post_init__()
+        if self.r <= 0:
+            raise ValueError(f"r={self.r} must be a positive integer (the LoRA rank); try r=8")
+        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, "use a dropout probability such as 0.05")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}; use True, False or 'gaussian'")
+        if self.use_dora:
+            raise ValueError("use_dora=True is not supported by deltatune; use plain LoRA (use_dora=False)")
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """peft's rule: the first pattern that matches the end of the module name wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
+    """(kind, in_features, out_features) of the wrapped layer; kinds: linear, conv1d, embedding."""
+    if isinstance(base, nn.Embedding):
+        return "embedding", base.num_embeddings, base.embedding_dim
+    if type(base).__name__ == "Conv1D":
+        return "conv1d", base.weight.shape[0], base.weight.shape[1]
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return "linear", base.in_features, base.out_features
+    raise TypeError(
+        f"LoRA supports nn.Linear, Conv1D, nn.Embedding and bitsandbytes linear layers, not {type(base).__name__}; "
+        "choose other target_modules"
+    )
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's low-rank factors, dropout and scale for one layer."""
+
+    def __init__(self, kind: str, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 use_rslora: bool, init: bool | str, dtype: torch.dtype) -> None:  # fmt: skip
+        super().__init__()
+        self.kind = kind
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if kind == "embedding":
+            self.lora_embedding_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, vocab)
+            self.lora_embedding_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (dim, r)
+        else:
+            self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype)
+            self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype)
+        self.reset(init)
+
+    def reset(self, init: bool | str) -> None:
+        """peft's initialisation, so that the same seed gives the same weights."""
+        if init is False:
+            if self.kind == "embedding":
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            return
+        if self.kind == "embedding":
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, shaped (out, in); for embeddings (vocab, dim)."""
+        if self.kind == "embedding":
+            return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+class LoraLayer(AdapterLayer):
+    """A Linear / Conv1D / Embedding (or bitsandbytes linear) with LoRA adapters beside it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.kind, self.in_features, self.out_features = _layer_shape(base_layer)
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
+        weight = self.base_layer.weight
+        # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
+                                          config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                                          dtype).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[name]
+        if self.kind == "embedding":
+            base = self.base_layer
+            after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
+                                  base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
+            return result + (after_a @ adapter.lora_embedding_B.T * adapter.scaling).to(result.dtype)
+        x = x.to(adapter.lora_A.weight.dtype)
+        low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
+        return result + (low_rank * adapter.scaling).to(result.dtype)
+
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        """The update in the layout of the base weight (Conv1D stores W transposed)."""
+        delta = self.adapters[name].delta_weight()
+        return delta.T if self.kind == "conv1d" else delta
+
+    def merge(self, names=None) -> None:
+        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        weight = self.base_layer.weight
+        if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+            from deltatune.tuners.quantized import merge_into_quantized
+
+            for name in names:
+                merge_into_quantized(self.base_layer, self._base_weight_delta(name))
+        else:
+            with torch.no_grad():
+                for name in names:
+                    weight.data += self._base_weight_delta(name).to(weight.dtype)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
+            from deltatune.tuners.quantized import merge_into_quantized
+
+            for name in reversed(self.merged_adapters):
+                merge_into_quantized(self.base_layer, -self._base_weight_delta(name))
+        else:
+            with torch.no_grad():
+                for name in reversed(self.merged_adapters):
+                    weight.data -= self._base_weight_delta(name).to(weight.dtype)
+        self.merged_adapters = []
+
+
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Wrap every targeted module of `model` in a `LoraLayer` and give it adapter `adapter_name`."""
+    for name in find_targets(model, config, DEFAULT_TARGET_MODULES):
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            if isinstance(module, AdapterLayer):
+                raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
+            module = LoraLayer(module)
+            replace_module(model, name, module)
+        r = _pattern_value(config.rank_pattern, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        module.add(adapter_name, r, alpha, config)
+    wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+
+
+def lora_bias_is_trainable(param_name: str, config: LoraConfig) -> bool:
+    """LoRA's `bias` option: which base biases train beside the adapter."""
+    if config.bias == "all":
+        return param_name.endswith("bias")
+    if config.bias == "lora_only":
+        return param_name.endswith("base_layer.bias")
+    return False

@@ -1,0 +1,38 @@
+"""The seeds' table (seed 003) on the bloom-1b4-zh architecture, built on the meta device."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig
+
+from deltatune import BitFitConfig, LoraConfig, TaskType, get_peft_model
+
+BLOOM_1B4_ZH = BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16)
+
+
+def bloom_on_meta():
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(BLOOM_1B4_ZH)
+
+
+@pytest.mark.parametrize(
+    "config, line",
+    [
+        (LoraConfig(task_type=TaskType.CAUSAL_LM),
+         "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"),
+        (LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["query_key_value", "dense_4h_to_h"]),
+         "trainable params: 3,538,944 || all params: 1,306,650,624 || trainable%: 0.2708"),
+        (LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=r".*\.1.*query_key_value",
+                    modules_to_save=["word_embeddings"]),
+         "trainable params: 95,225,856 || all params: 1,398,337,536 || trainable%: 6.8099"),
+    ],
+)  # fmt: skip
+def test_lora_rows_of_the_seeds_table(config, line, capsys):
+    model = get_peft_model(bloom_on_meta(), config)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == line
+
+
+def test_bitfit_fraction_of_the_seeds_table():
+    model = get_peft_model(bloom_on_meta(), BitFitConfig(task_type=TaskType.CAUSAL_LM))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable / total == 0.000418051659240749
