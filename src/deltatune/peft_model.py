@@ -180,12 +180,17 @@ class PeftModel(nn.Module):
                       labels=labels, token_type_ids=token_type_ids, position_ids=position_ids,
                       decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)  # fmt: skip
         kwargs.update({k: v for k, v in inputs.items() if v is not None})
+        method = method_for(self.active_peft_config)
         with self._rows_use(adapter_names):
-            return self.get_base_model()(**kwargs)
+            outputs = method.forward(self, **kwargs) if method.forward else self.get_base_model()(**kwargs)
+        return method.after_forward(self, outputs) if method.after_forward else outputs
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's `generate`, with the active adapter (or one adapter per row)."""
+        method = method_for(self.active_peft_config)
         with self._rows_use(adapter_names):
+            if method.generate:
+                return method.generate(self, *args, **kwargs)
             return self.get_base_model().generate(*args, **kwargs)
 
     @contextlib.contextmanager

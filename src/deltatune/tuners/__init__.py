@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,11 @@ class Method:
         base_param_trains: for parameters of the base model (names relative to it), whether this config
             trains and saves them too (LoRA's `bias`, BitFit's biases).
         can_merge: whether `merge_and_unload` can fold the adapter into the base weights.
+        forward: replaces the plain call of the base model in `PeftModel.forward` (prompt methods build
+            virtual tokens here); called as forward(peft_model, **model_inputs).
+        generate: likewise for `PeftModel.generate`; called as generate(peft_model, *args, **kwargs).
+        after_forward: post-processes the outputs (AdaLoRA adds its orthogonality term to the loss);
+            called as after_forward(peft_model, outputs) -> outputs.
     """
 
     peft_type: PeftType
@@ -37,6 +43,9 @@ class Method:
     add: Callable[[nn.Module, PeftConfig, str], None]
     base_param_trains: Callable[[str, PeftConfig], bool] = _no_base_params
     can_merge: bool = False
+    forward: Callable[..., Any] | None = None
+    generate: Callable[..., Any] | None = None
+    after_forward: Callable[[nn.Module, Any], Any] | None = None
 
 
 METHODS: dict[PeftType, Method] = {}
