@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
+from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
@@ -157,6 +158,16 @@ class LoraLayer(AdapterLayer):
         self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
                                           config.lora_dropout, config.use_rslora, config.init_lora_weights,
                                           dtype).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Fused, memory-lean path for a plain frozen nn.Linear (deltatune.ops); adapter_forward is the reference.
+        fast = fast_lora_forward(self, x, args, kwargs)
+        return fast if fast is not None else super().forward(x, *args, **kwargs)
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference.
+        fast = fast_mixed_forward(self, x, result)
+        return fast if fast is not None else super().mixed_forward(x, result)
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]

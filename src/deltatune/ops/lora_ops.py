@@ -1,0 +1,119 @@
+"""Fused LoRA linear layer: ``y = x W^T + b + s * (drop(x) A^T) B^T`` as one autograd node.
+
+`LoraLayer.adapter_forward` (nn.Linear modules composed, peft's way) is the reference; this is the fast
+path `LoraLayer.forward` takes for a plain, frozen nn.Linear with one active adapter. Why it is faster and
+leaner:
+
+- forward adds the low-rank product into the base output in place (``addmm_``): no (N, out) temporaries
+  for ``* scaling`` and ``+``; backward writes the low-rank input-gradient into the base one the same way;
+- it saves the layer input itself and never a copy. q/k/v (and gate/up) read one tensor, so autograd
+  keeps one copy for all of them. With dropout it saves a 1-byte mask per layer and rebuilds the dropped
+  input in backward (peft keeps a dropped fp32 copy per layer); with a half-precision base it saves the
+  half-precision input and upcasts it again in backward instead of keeping an fp32 copy per layer;
+- the rank-r product A x is the only other activation saved (N x r).
+
+Dropout masks come from the global torch RNG (`torch.manual_seed` reproduces them) but are drawn in a
+different order than `nn.Dropout` would, so a training run with dropout is not bit-identical to the
+reference path; its distribution is the same (independent masks per layer, kept values scaled 1/(1-p)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask shaped like `x` (True = keep, probability 1 - p), one byte per element."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
+def _low_rank_input(x2: torch.Tensor, mask: torch.Tensor | None, keep_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """drop(x) in the adapter's dtype, as the reference computes it (cast first, then dropout)."""
+    x_low = x2.to(dtype)  # (N, in); no copy when the dtypes agree
+    if mask is not None:
+        x_low = x_low * mask.reshape(x_low.shape) * keep_scale
+    return x_low
+
+
+def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
+    """(out (N, out), A x (N, r)) with the low-rank product added into the base output in place."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    out = F.linear(x2, weight, bias)  # (N, out)
+    after_a = _low_rank_input(x2, mask, keep_scale, lora_a.dtype) @ lora_a.T  # (N, r)
+    if out.dtype == lora_b.dtype:
+        out.addmm_(after_a, lora_b.T, alpha=scaling)
+    else:  # half-precision base, fp32 adapter: round the update once, like the reference
+        out += (after_a @ lora_b.T).mul_(scaling).to(out.dtype)
+    return out, after_a
+
+
+class _LoraLinear(torch.autograd.Function):
+    """Autograd node of `lora_linear`; the base weight is frozen (no gradient for it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
+        out, after_a = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, after_a, mask)  # x: the caller's tensor, no copy
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, after_a, mask = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype
+        g_after_a = (g_low @ lora_b).mul_(s)  # (N, r)
+        grad_b = (g_low.T @ after_a).mul_(s) if need_b else None  # (out, r)
+        grad_a = grad_x = grad_bias = None
+        if need_a:
+            x_low = _low_rank_input(x.reshape(-1, x.shape[-1]), mask, ctx.keep_scale, lora_a.dtype)
+            grad_a = g_after_a.T @ x_low  # (r, in)
+        if need_x:
+            grad_x = g @ weight  # (N, in): the base layer's input-gradient
+            if mask is None and grad_x.dtype == lora_a.dtype:
+                grad_x.addmm_(g_after_a, lora_a)
+            else:
+                low = g_after_a @ lora_a  # (N, in)
+                if mask is not None:
+                    low.mul_(mask.reshape(low.shape)).mul_(ctx.keep_scale)
+                grad_x += low.to(grad_x.dtype)
+            grad_x = grad_x.view(x.shape)
+        if need_bias:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout: float = 0.0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``x W^T + b + scaling * (dropout(x) A^T) B^T`` with a frozen W, fused and memory-lean.
+
+    Args:
+        x: input (..., in), in the dtype of `weight`.
+        weight: frozen base weight (out, in); it gets no gradient.
+        bias: base bias (out,) or None; it gets a gradient if it requires one.
+        lora_a: (r, in). lora_b: (out, r). Both may be in a wider dtype than `weight` (fp32 over bf16).
+        scaling: alpha / r (or alpha / sqrt(r)).
+        dropout: probability of dropping an input element on the low-rank path (0 in eval mode).
+        mask: an explicit keep-mask shaped like `x` (for tests); drawn from the torch RNG when None.
+
+    Returns:
+        (..., out) in the dtype of `x`.
+    """
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad "
+                         "(freeze it, or use LoraLayer.adapter_forward, which trains through the base layer)")
+    keep_scale = 1.0 / (1.0 - dropout) if dropout > 0 else 1.0
+    if dropout > 0 and mask is None:
+        mask = dropout_mask(x, dropout)
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)
+    )
+    if needs_graph:
+        return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+    out, _ = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+    return out.view(*x.shape[:-1], out.shape[-1])

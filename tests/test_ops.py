@@ -1,0 +1,256 @@
+"""Fast paths (deltatune.ops) against their references: outputs and gradients within 1e-5 in fp32.
+
+Tiny random models; the CUDA cases run only where a GPU is present (the device machine).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deltatune import LoraConfig, get_peft_model
+from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy, lora_linear
+from deltatune.ops.cross_entropy import ce_chunk_torch
+from deltatune.ops.lora_dispatch import use_fast_paths
+from deltatune.ops.lora_ops import dropout_mask
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
+
+
+def tiny_llama(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    return LlamaForCausalLM(config).to(device)
+
+
+def reference_lora(x, weight, bias, a, b, scaling, mask, keep_scale):
+    """peft's composition: base(x) + (lora_B(lora_A(dropout(x.to(A.dtype)))) * s).to(dtype)."""
+    x_low = x.to(a.dtype)
+    if mask is not None:
+        x_low = x_low * mask * keep_scale
+    return F.linear(x, weight, bias) + ((x_low @ a.T @ b.T) * scaling).to(x.dtype)
+
+
+def leaves(*shapes, device="cpu", dtype=torch.float32):
+    return [torch.randn(*s, device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lora_linear_matches_reference(device, dropout, with_bias):
+    torch.manual_seed(1)
+    x, a, b = leaves((2, 5, 16), (4, 16), (24, 4), device=device)
+    weight = torch.randn(24, 16, device=device)
+    bias = torch.randn(24, device=device, requires_grad=True) if with_bias else None
+    mask = dropout_mask(x, dropout) if dropout else None
+    keep = 1 / (1 - dropout)
+    out = lora_linear(x, weight, bias, a, b, 2.0, dropout, mask=mask)
+    ref = reference_lora(x, weight, bias, a, b, 2.0, mask, keep)
+    assert close(out, ref)[0], close(out, ref)[1]
+    grad = torch.randn_like(out)
+    inputs = [t for t in (x, a, b, bias) if t is not None]
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
+    for g, w in zip(got, want):
+        assert close(g, w)[0], close(g, w)[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_linear_half_precision_base_fp32_adapter(device):
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    a, b = leaves((4, 16), (24, 4), device=device)
+    weight = torch.randn(24, 16, device=device, dtype=torch.bfloat16)
+    out = lora_linear(x, weight, None, a, b, 0.5)
+    ref = reference_lora(x, weight, None, a, b, 0.5, None, 1.0)
+    assert out.dtype == torch.bfloat16
+    assert close(out.float(), ref.float(), 1e-2)[0]
+    got = torch.autograd.grad(out.float().square().sum(), [x, a, b])
+    want = torch.autograd.grad(ref.float().square().sum(), [x, a, b])
+    for g, w in zip(got, want):
+        assert torch.linalg.norm((g - w).float()) / torch.linalg.norm(w.float()) < 2e-2
+
+
+def test_lora_linear_refuses_trainable_base_weight():
+    x, a, b, weight = leaves((2, 16), (4, 16), (8, 4), (8, 16))
+    with pytest.raises(ValueError, match="keeps the base weight frozen"):
+        lora_linear(x, weight, None, a, b, 1.0)
+
+
+def test_dropout_mask_keeps_one_minus_p_and_follows_the_seed():
+    x = torch.empty(400, 500)
+    torch.manual_seed(3)
+    first, second = dropout_mask(x, 0.2), dropout_mask(x, 0.2)
+    assert abs(first.float().mean().item() - 0.8) < 0.01
+    assert not torch.equal(first, second)  # each layer / call draws its own mask
+    torch.manual_seed(3)
+    assert torch.equal(dropout_mask(x, 0.2), first)
+
+
+def saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs (parameters excluded)."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def lora_overhead_bytes(build_lora, dropout):
+    """Saved bytes of a LoRA tiny llama above the frozen base (whose embeddings' output needs grad)."""
+    base = tiny_llama(4)
+    ids = torch.randint(0, 100, (2, 64))
+
+    def run(model):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        return lambda: model(inputs_embeds=embeds).logits
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    bound = saved_bytes(run(base))
+    config = dict(r=4, lora_alpha=8, target_modules=SEVEN, lora_dropout=dropout)
+    return saved_bytes(run(build_lora(copy.deepcopy(base), config).train())) - bound
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_saves_less_for_backward_than_peft(dropout):
+    peft = pytest.importorskip("peft")
+    ours = lora_overhead_bytes(lambda m, c: get_peft_model(m, LoraConfig(**c)), dropout)
+    theirs = lora_overhead_bytes(lambda m, c: peft.get_peft_model(m, peft.LoraConfig(**c)), dropout)
+    with use_fast_paths(False):
+        reference = lora_overhead_bytes(lambda m, c: get_peft_model(m, LoraConfig(**c)), dropout)
+    assert reference == theirs  # the reference path keeps what peft keeps
+    # no dropout: only the rank-r products are extra; with dropout, a 1-byte mask instead of fp32 copies
+    assert ours <= (0.95 if dropout == 0 else 0.6) * theirs, (ours, theirs)
+
+
+def lora_model(device="cpu", dropout=0.0, names=("default",), bias="none"):
+    model = get_peft_model(tiny_llama(5, device), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN,
+                           lora_dropout=dropout, init_lora_weights=False, bias=bias), names[0])  # fmt: skip
+    for i, name in enumerate(names[1:]):
+        model.add_adapter(name, LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=SEVEN, init_lora_weights=False))
+    return model
+
+
+def loss_and_grads(model, ids, **kwargs):
+    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_model_loss_and_grads_fast_equal_reference(device, bias):
+    model = lora_model(device, bias=bias).train()
+    ids = torch.randint(0, 100, (2, 12), device=device)
+    loss, grads = loss_and_grads(model, ids)
+    with use_fast_paths(False):
+        ref_loss, ref_grads = loss_and_grads(model, ids)
+    assert close(loss, ref_loss)[0]
+    assert len(grads) == len(ref_grads) > 0
+    for g, w in zip(grads, ref_grads):
+        assert close(g, w)[0], close(g, w)[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_fast_equals_reference_loop(device):
+    model = lora_model(device, names=("a", "b", "c"))
+    ids = torch.randint(0, 100, (5, 9), device=device)
+    names = ["b", "__base__", "a", "c", "b"]
+    params = [p.requires_grad_() for n, p in model.named_parameters() if ".adapters." in n]
+    logits, grads = [], []
+    for fast in (True, False):
+        with use_fast_paths(fast):
+            out = model(input_ids=ids, adapter_names=names).logits
+            logits.append(out)
+            grads.append(torch.autograd.grad(out.square().sum(), params, allow_unused=True))
+    assert close(*logits)[0], close(*logits)[1]
+    for g, w in zip(*grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert close(g, w, 1e-4)[0], close(g, w)[1]
+    with torch.no_grad():  # the cached, in-place inference path
+        assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]
+        model.set_adapter("b")
+        alone = model(input_ids=ids[:1]).logits
+        assert close(model(input_ids=ids, adapter_names=names).logits[:1], alone)[0]
+
+
+def test_mixed_batch_generate_repeats_rows_and_checks_counts():
+    model = lora_model(names=("a", "b")).eval()
+    ids = torch.randint(0, 100, (2, 4))
+    out = model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False,
+                         num_beams=2, num_return_sequences=2, pad_token_id=0)  # fmt: skip
+    with use_fast_paths(False):
+        ref = model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False,
+                             num_beams=2, num_return_sequences=2, pad_token_id=0)  # fmt: skip
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3 rows"):
+        model(input_ids=torch.randint(0, 100, (3, 4)), adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_linear_cross_entropy_matches_full_logits(device, chunk):
+    torch.manual_seed(6)
+    hidden, weight, bias = leaves((10, 16), (50, 16), (50,), device=device)
+    labels = torch.randint(0, 50, (10,), device=device)
+    labels[[1, 7]] = -100
+    loss = linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
+    assert close(loss, ref)[0]
+    got = torch.autograd.grad(loss * 3, [hidden, weight, bias])
+    want = torch.autograd.grad(ref * 3, [hidden, weight, bias])
+    for g, w in zip(got, want):
+        assert close(g, w)[0], close(g, w)[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only")
+def test_triton_ce_chunk_matches_torch():
+    from deltatune.ops import triton_ce
+
+    assert triton_ce.available()
+    logits = torch.randn(37, 50_001, device="cuda") * 4
+    labels = torch.randint(0, 50_001, (37,), device="cuda")
+    labels[5] = -100
+    scale = torch.tensor(0.25, device="cuda")
+    mine, ref = logits.clone(), logits.clone()
+    loss = triton_ce.ce_chunk_triton(mine, labels, -100, scale)
+    ref_loss = ce_chunk_torch(ref, labels, -100, scale)
+    assert close(loss, ref_loss, 1e-4)[0] and close(mine, ref)[0], close(mine, ref)[1]
+
+
+def test_lean_causal_lm_loss_equals_model_loss():
+    model = lora_model().train()
+    ids = torch.randint(0, 100, (3, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    mask = torch.ones_like(ids)
+    loss = lean_causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    ref = model(input_ids=ids, labels=labels, attention_mask=mask).loss
+    for g, w in zip(grads, torch.autograd.grad(ref, params)):
+        assert close(g, w)[0], close(g, w)[1]
+    assert close(loss, ref)[0]
+
+
+def test_lean_causal_lm_loss_refuses_a_wrapped_head():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="output head is a plain nn.Linear; LlamaForCausalLM has LoraLayer"):
+        lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
