@@ -1,0 +1,150 @@
+"""The `deltatune` command line: train, chat, eval, merge, compare.
+
+Each subcommand is a plain function (`train(options)`, `chat(...)`, `evaluate(...)`, `merge(...)`,
+`compare(...)`) that tests and scripts call directly; `main` only parses flags and prints.
+
+    deltatune train --method lora --max-steps 60 --output runs/lora
+    deltatune chat --adapter runs/lora --compare-base --prompt "把日期改写成 YYYY-MM-DD 格式。\\n2031年7月4日"
+    deltatune eval --adapter runs/lora
+    deltatune merge --adapter runs/lora --output runs/lora-merged
+    deltatune compare --max-steps 40 --output runs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from deltatune.cli.methods import METHOD_OPTIONS, METHODS
+
+__all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_logging"]
+
+
+def __getattr__(name: str) -> Any:
+    """The subcommand functions, imported on first use (keeps `deltatune --help` fast)."""
+    modules = {"train": "cmd_train", "chat": "cmd_chat", "evaluate": "cmd_eval", "merge": "cmd_merge", "compare": "cmd_compare"}
+    if name in modules:
+        import importlib
+
+        return getattr(importlib.import_module(f"deltatune.cli.{modules[name]}"), name)
+    raise AttributeError(name)
+
+
+def setup_logging() -> None:
+    """Readable logs: time, level, message; third-party chatter at warning level."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    """The flags of `train` (also used by `compare`); every default lives in TrainOptions / METHOD_OPTIONS."""
+    S = argparse.SUPPRESS  # only flags given on the command line override --config
+    add = parser.add_argument
+    add("--config", help="run.yaml with the same keys as these flags (flags win)")
+    add("--model", default=S, help="hub id, local folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    add("--method", default=S, help=f"one of: {', '.join(METHODS)} (default: lora)")
+    add("--data", default=S, help="alpaca/chat .json/.jsonl, a saved datasets folder, or a hub dataset (default: bundled sample set)")
+    add("--eval-data", default=S, help="held-out rows (default: the bundled held-out split with the bundled data)")
+    add("--split", default=S, help="split of a dataset folder or hub dataset (default: train)")
+    add("--template", default=S, help="auto (default), chat, or human-assistant (the seeds' Human:/Assistant: prompt)")
+    add("--output", default=S, help="run folder (default: deltatune-run)")
+    add("--max-steps", type=int, default=S, help="optimizer steps (default: --epochs)")
+    add("--epochs", type=float, default=S, help="passes over the data when --max-steps is not given (default: 1)")
+    add("--lr", type=float, default=S, help="learning rate (default: the method's, see docs)")
+    add("--batch-size", type=int, default=S, help="examples per step per process (default: 8)")
+    add("--grad-accum", type=int, default=S, help="gradient accumulation steps (default: 1)")
+    add("--max-length", type=int, default=S, help="tokens per example; longer ones are cut (default: 256)")
+    add("--seed", type=int, default=S, help="random seed (default: 42)")
+    add("--load-in-4bit", action="store_true", default=S, help="QLoRA: 4-bit NF4 base via bitsandbytes")
+    add("--load-in-8bit", action="store_true", default=S, help="8-bit base via bitsandbytes")
+    add("--logging-steps", type=int, default=S, help="log the loss every N steps (default: 5)")
+    add("--save-steps", type=int, default=S, help="checkpoint every N steps (default: 50)")
+    add("--cache-dir", default=S, help="where the default model is converted (default: $DELTATUNE_CACHE or ~/.cache/deltatune)")
+    if resume:
+        add("--resume", nargs="?", const=True, default=S, help="continue from the last checkpoint in --output (or this checkpoint)")
+        add("--overwrite", action="store_true", default=S, help="replace a run already in --output")
+    group = parser.add_argument_group("method options (each applies to the methods that read it)")
+    for key, (default, text) in METHOD_OPTIONS.items():
+        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        group.add_argument("--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning from the command line.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_flags(sub.add_parser("train", help="fine-tune a model with one method", allow_abbrev=False))
+    chat = sub.add_parser("chat", help="chat with a tuned model (or answer one --prompt)")
+    chat.add_argument("--adapter", help="run folder from deltatune train (omit: the base model alone)")
+    chat.add_argument("--prompt", help="answer this one message and exit")
+    chat.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--template", help="override the run's prompt template")
+    evaluate = sub.add_parser("eval", help="eval loss, perplexity and exact-match on held-out data")
+    evaluate.add_argument("--adapter", help="run folder from deltatune train (omit: the base model alone)")
+    evaluate.add_argument("--data", help="held-out rows (default: the run's held-out data)")
+    evaluate.add_argument("--compare-base", action="store_true", help="also score the base model")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base and save a plain transformers model")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--overwrite", action="store_true")
+    for command in (chat, evaluate, merge):
+        command.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+        command.add_argument("--cache-dir")
+    compare = sub.add_parser("compare", help="train every method on the same budget and tabulate them")
+    _add_train_flags(compare, resume=False)
+    compare.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    compare.add_argument("--in-process", action="store_true", help="train all methods in this process (faster, peak memory less clean)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    import deltatune.cli as cli
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods", "in_process")}
+    if args.command == "train":
+        from deltatune.cli.options import load_options
+
+        result = cli.train(load_options(args.config, flags))
+        print(f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
+              f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step")  # fmt: skip
+    elif args.command == "chat":
+        cli.chat(**flags)
+    elif args.command == "eval":
+        from deltatune.cli.cmd_eval import report
+
+        print(report(cli.evaluate(**flags)))
+    elif args.command == "merge":
+        print(f"merged model in {cli.merge(**flags)}")
+    elif args.command == "compare":
+        from deltatune.cli.options import load_options
+
+        methods = args.methods.split(",") if args.methods else None
+        rows = cli.compare(load_options(args.config, flags), methods, isolate=not args.in_process)
+        print(open(f"{rows and load_options(args.config, flags).output}/comparison.md", encoding="utf-8").read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deltatune` script; returns the exit code (1: bad input, 130: interrupted)."""
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,91 @@
+"""`deltatune eval`: eval loss, perplexity and exact-match of a tuned model on held-out data.
+
+The held-out data defaults to the run's `--eval-data`, or the bundled held-out split when the run used the
+bundled sample set. Exact-match compares the greedy answer with the reference output (whitespace-stripped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deltatune.cli import data as data_mod
+from deltatune.cli.generation import eval_loss, exact_match, generate, perplexity
+from deltatune.cli.models import load_adapter_model, load_model
+from deltatune.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Scores on `examples` held-out rows (base_* only with compare_base)."""
+
+    data: str
+    examples: int
+    eval_loss: float
+    perplexity: float
+    exact_match: float
+    base_eval_loss: float | None = None
+    base_exact_match: float | None = None
+    answers: list[str] | None = None
+
+
+def held_out_source(data: str | None, run: dict[str, Any]) -> str:
+    if data:
+        return data
+    if run.get("eval_data"):
+        return run["eval_data"]
+    if run and run.get("data"):
+        raise ValueError("--data: the run was trained on its own data and has no --eval-data; pass the held-out file")
+    return data_mod.bundled_path(data_mod.BUNDLED_EVAL)
+
+
+def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], template: str, max_length: int,
+          batch_size: int, source: str) -> tuple[float, float, list[str]]:  # fmt: skip
+    """(eval loss, exact-match, answers) of `model` on checked rows."""
+    examples = data_mod.tokenize_rows(rows, tokenizer, template, max_length, source)
+    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    pairs = data_mod.prompts_and_answers(rows, tokenizer, template)
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs)
+    answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=min(longest + 8, 512), batch_size=batch_size, progress=True)
+    return loss, exact_match(answers, [ref for _, ref in pairs]), answers
+
+
+def evaluate(adapter: str | None = None, data: str | None = None, model: str | None = None,
+             compare_base: bool = False, batch_size: int = 16, cache_dir: str | None = None,
+             write: bool = True) -> EvalResult:  # fmt: skip
+    """Score the adapter in `adapter` (or the base model when None) on held-out data.
+
+    With `write`, the scores are also saved as `eval.json` in the adapter folder.
+    """
+    if adapter is None:
+        loaded = load_model(model, cache_dir)
+        scored_model, tokenizer, run = loaded.model, loaded.tokenizer, {}
+    else:
+        scored_model, tokenizer, run = load_adapter_model(adapter, model, cache_dir)
+    source = held_out_source(data, run)
+    rows = data_mod.load_rows(source)
+    template, max_length = run.get("template", "auto"), int(run.get("max_length", 1024))
+    loss, em, answers = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
+    result = EvalResult(source, len(rows), loss, perplexity(loss), em, answers=answers)
+    if compare_base and adapter is not None:
+        with scored_model.disable_adapter():
+            result.base_eval_loss, result.base_exact_match, _ = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
+    if write and adapter is not None:
+        path = os.path.join(adapter, "eval.json")
+        atomic_write_text(path, json.dumps({k: v for k, v in asdict(result).items() if k != "answers"}, indent=2) + "\n")
+    return result
+
+
+def report(result: EvalResult) -> str:
+    """The scores as a few readable lines."""
+    lines = [f"held-out data: {result.data} ({result.examples} rows)",
+             f"eval loss {result.eval_loss:.4f} | perplexity {result.perplexity:.3f} | exact-match {result.exact_match:.1%}"]  # fmt: skip
+    if result.base_eval_loss is not None:
+        lines.append(f"base model: eval loss {result.base_eval_loss:.4f} | perplexity {perplexity(result.base_eval_loss):.3f} "
+                     f"| exact-match {result.base_exact_match:.1%}")  # fmt: skip
+    return "\n".join(lines)

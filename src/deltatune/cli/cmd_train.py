@@ -1,0 +1,188 @@
+"""`deltatune train`: fine-tune a causal LM with one method through `transformers.Trainer`.
+
+Steps (the seeds' 1-7): load the base model and tokenizer, build the method's config from the options,
+wrap with `get_peft_model`, tokenize the data (loss on responses only), train with `Trainer` (progress bar,
+logs every `logging_steps`, a checkpoint every `save_steps`), then save the adapter, `run.yaml` and
+`loss_history.json` in the output folder. Works the same under `torchrun`/`accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from transformers import Trainer, TrainingArguments, set_seed
+
+import deltatune
+from deltatune import get_peft_model
+from deltatune.cli import data as data_mod
+from deltatune.cli.generation import eval_loss, perplexity
+from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
+from deltatune.cli.models import load_model
+from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
+from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, prepare_output
+from deltatune.files import atomic_write_text, load_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and measured."""
+
+    output: str
+    method: str
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    seconds_per_step: float | None
+    peak_memory_mb: float
+    trainable_params: int
+    all_params: int
+    interrupted: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100 * self.trainable_params / self.all_params
+
+
+class AdapterTrainer(Trainer):
+    """`Trainer` whose checkpoints hold the adapter only, in peft's two files (not the whole model)."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        peft_model = self.accelerator.unwrap_model(model or self.model)
+        weights = load_weights(resume_from_checkpoint)
+        peft_model.load_adapter_weights(weights, peft_model.active_adapter, source=resume_from_checkpoint)
+
+
+def as_options(options: TrainOptions | dict[str, Any]) -> TrainOptions:
+    return options if isinstance(options, TrainOptions) else make_options(options)
+
+
+def prepare_data(options: TrainOptions, tokenizer: Any) -> tuple[list, list | None]:
+    """Tokenized train examples and held-out examples (None when there is no held-out data)."""
+    rows = data_mod.load_rows(options.data, options.split)
+    train = data_mod.tokenize_rows(rows, tokenizer, options.template, options.max_length, options.data or "the sample set")
+    eval_source = options.eval_data or (data_mod.bundled_path(data_mod.BUNDLED_EVAL) if options.data is None else None)
+    if eval_source is None:
+        return train, None
+    eval_rows = data_mod.load_rows(eval_source)
+    return train, data_mod.tokenize_rows(eval_rows, tokenizer, options.template, options.max_length, eval_source)
+
+
+def build_model(options: TrainOptions, device: str | None = None):
+    """The base model (quantized if asked) wrapped with the method's adapter, and its tokenizer."""
+    peft_config = build_peft_config(options.method, options.method_options)
+    loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit, device)
+    model = loaded.model
+    if options.load_in_4bit or options.load_in_8bit:
+        prepare = getattr(deltatune, "prepare_model_for_kbit_training", None)
+        if prepare is not None:
+            model = prepare(model)
+    set_seed(options.seed)  # the adapter's initial weights depend on it
+    peft_model = get_peft_model(model, peft_config)
+    return peft_model, loaded.tokenizer, loaded.path
+
+
+def training_arguments(options: TrainOptions) -> TrainingArguments:
+    lr = options.lr if options.lr is not None else method_entry(options.method).lr
+    return TrainingArguments(
+        output_dir=options.output, max_steps=options.max_steps or -1, num_train_epochs=options.epochs,
+        learning_rate=lr, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, logging_steps=options.logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=options.save_steps, save_total_limit=2,
+        seed=options.seed, data_seed=options.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, label_names=["labels"], warmup_steps=0, disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )  # fmt: skip
+
+
+def write_run_files(options: TrainOptions, model_path: str) -> None:
+    """run.yaml: the options used (method options with their defaults filled in) and the resolved model."""
+    entry = method_entry(options.method)
+    values = options.to_yaml_dict()
+    values["lr"] = options.lr if options.lr is not None else entry.lr
+    for key in entry.options:
+        values[key] = options.method_options.get(key, METHOD_OPTIONS[key][0])
+    values["resolved_model"] = model_path
+    os.makedirs(options.output, exist_ok=True)
+    text = "# written by deltatune train; repeat the run with: deltatune train --config run.yaml --overwrite\n"
+    atomic_write_text(os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+
+
+def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None) -> TrainResult:
+    """Run `deltatune train` with these options (flags as keys); see the module docstring.
+
+    Raises:
+        KeyboardInterrupt: when interrupted hard; a checkpoint of the last finished step is saved first.
+    """
+    from accelerate import PartialState
+
+    options = as_options(options)
+    method_entry(options.method)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
+    state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
+    peft_model, tokenizer, model_path = build_model(options)
+    if state.is_main_process:
+        peft_model.print_trainable_parameters()
+        write_run_files(options, model_path)
+    train_set, eval_set = prepare_data(options, tokenizer)
+    timer, stopper = StepTimer(), StopOnInterrupt()
+    trainer = AdapterTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
+                             data_collator=data_mod.Collator(tokenizer.pad_token_id), callbacks=[timer, stopper, *(callbacks or [])])  # fmt: skip
+    with PeakMemory() as memory, stopper.installed():
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except KeyboardInterrupt:
+            _save_interrupted(trainer)
+            raise
+    return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+
+
+def _save_interrupted(trainer: Trainer) -> None:
+    """Keep a usable checkpoint of the last finished step (and the adapter) when training is cut short."""
+    step = trainer.state.global_step
+    folder = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
+    if step > 0 and not os.path.isdir(folder):
+        trainer._save_checkpoint(trainer.model, trial=None)
+    if trainer.args.should_save and step > 0:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(trainer.args.output_dir)
+        logger.warning("interrupted at step %d: checkpoint in %s; continue with --resume", step, folder)
+
+
+def _finish(options: TrainOptions, trainer: Trainer, peft_model: Any, tokenizer: Any, eval_set: list | None,
+            timer: StepTimer, memory: PeakMemory, interrupted: bool) -> TrainResult:  # fmt: skip
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    final_eval = None
+    if eval_set is not None:
+        final_eval = eval_loss(peft_model, eval_set, tokenizer.pad_token_id, options.batch_size)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    result = TrainResult(
+        output=options.output, method=options.method, steps=trainer.state.global_step,
+        train_loss=history[-1]["loss"] if history else None, eval_loss=final_eval,
+        seconds_per_step=timer.seconds_per_step, peak_memory_mb=memory.peak_mb, trainable_params=trainable,
+        all_params=total, interrupted=interrupted, history=history,
+    )  # fmt: skip
+    if trainer.args.should_save:
+        peft_model.save_pretrained(options.output)
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        if final_eval is not None:
+            summary["eval_perplexity"] = perplexity(final_eval)
+        text = json.dumps({"train": history, "summary": summary}, indent=2)
+        atomic_write_text(os.path.join(options.output, HISTORY_FILE), text + "\n")
+        logger.info("adapter saved in %s (steps %d, eval loss %s)", options.output, result.steps, final_eval)
+    return result

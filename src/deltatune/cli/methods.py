@@ -1,0 +1,80 @@
+"""The command line's method table: `--method NAME` -> how to build its config from the options.
+
+Adding a method to the command line is one entry in `METHODS`: the options it reads (each listed in
+`METHOD_OPTIONS` with its default) and a function that builds the library config. The end-to-end tests are
+parametrized over this table, so a new entry is tested automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deltatune import BitFitConfig, LoraConfig, PeftConfig, TaskType
+
+CAUSAL_LM = TaskType.CAUSAL_LM
+
+# Every method option: name -> (default, help). The same names are keys in --config run.yaml.
+METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
+    "r": (8, "rank of the low-rank update (lora, adalora: the initial rank)"),
+    "alpha": (16, "lora_alpha: the update is scaled by alpha / r"),
+    "dropout": (0.05, "dropout on the adapter's input"),
+    "target_modules": (None, "modules to adapt: names (q_proj,v_proj), a regex, or all-linear; default: the architecture's"),
+    "num_virtual_tokens": (20, "number of virtual tokens (prompt-tuning, p-tuning, prefix-tuning)"),
+}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """How the command line builds one method.
+
+    Attributes:
+        options: the method options (keys of METHOD_OPTIONS) this method reads; others are refused.
+        build: options getter -> the library config.
+        lr: the default learning rate for a short run (prompt methods need larger steps than LoRA).
+    """
+
+    options: tuple[str, ...]
+    build: Callable[[Callable[[str], Any]], PeftConfig]
+    lr: float
+
+
+METHODS: dict[str, MethodEntry] = {
+    "lora": MethodEntry(
+        ("r", "alpha", "dropout", "target_modules"),
+        lambda o: LoraConfig(task_type=CAUSAL_LM, r=o("r"), lora_alpha=o("alpha"), lora_dropout=o("dropout"),
+                             target_modules=o("target_modules")),  # fmt: skip
+        lr=2e-3,
+    ),
+    "bitfit": MethodEntry((), lambda o: BitFitConfig(task_type=CAUSAL_LM), lr=2e-3),
+}
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The entry of `--method name`, with an error listing the known methods."""
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r} is not known; use one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_peft_config(name: str, given: dict[str, Any]) -> PeftConfig:
+    """The library config for method `name` from the method options the user gave (others: defaults).
+
+    Raises:
+        ValueError: an option the method does not read was given (it would be silently ignored).
+    """
+    entry = method_entry(name)
+    foreign = sorted(k for k, v in given.items() if v is not None and k in METHOD_OPTIONS and k not in entry.options)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        users = {k: [m for m, e in METHODS.items() if k in e.options] for k in foreign}
+        where = "; ".join(f"--{k.replace('_', '-')} is for {', '.join(v) or 'no method'}" for k, v in users.items())
+        reads = ", ".join("--" + k.replace("_", "-") for k in entry.options) or "none"
+        raise ValueError(f"{flags} does not apply to --method {name} (it reads: {reads}); {where}")
+
+    def option(key: str) -> Any:
+        value = given.get(key)
+        return METHOD_OPTIONS[key][0] if value is None else value
+
+    return entry.build(option)
