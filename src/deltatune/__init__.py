@@ -26,6 +26,9 @@ from deltatune.peft_model import (
 )
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from deltatune.tuners.prefix_tuning import PrefixTuningConfig
+from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,11 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "get_peft_model",
 ]

@@ -70,6 +70,7 @@ class PeftModel(nn.Module):
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
+        self._adapters_disabled = False  # True inside disable_adapter(); read by methods with their own forward
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -115,7 +116,11 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.peft_config[adapter_name] = peft_config
         try:
-            method.add(model, peft_config, adapter_name)
+            beside = method.add(model, peft_config, adapter_name)
+            if beside is not None:  # a module that lives next to the model (a prompt encoder)
+                if "prompt_encoder" not in self._modules:
+                    self.prompt_encoder = nn.ModuleDict()
+                self.prompt_encoder[adapter_name] = beside
         except Exception:
             del self.peft_config[adapter_name]
             raise
@@ -138,6 +143,8 @@ class PeftModel(nn.Module):
             raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
         for module in self._adapter_modules():
             module.delete_adapter(adapter_name)
+        if adapter_name in self._modules.get("prompt_encoder", {}):
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
@@ -152,6 +159,8 @@ class PeftModel(nn.Module):
             else:
                 trains = ".adapters." not in name and method.base_param_trains(name, config)
             param.requires_grad_(trains and not config.inference_mode)
+        for name, encoder in self._modules.get("prompt_encoder", {}).items():
+            encoder.requires_grad_(name == self.active_adapter and not config.inference_mode)
 
     # ---- forward and generation ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -208,9 +217,11 @@ class PeftModel(nn.Module):
         modules = list(self._adapter_modules())
         for module in modules:
             module.disabled = True
+        self._adapters_disabled = True
         try:
             yield
         finally:
+            self._adapters_disabled = False
             for module in modules:
                 module.disabled = False
 
@@ -283,7 +294,9 @@ class PeftModel(nn.Module):
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under peft's file keys (`base_model.model.<module>.lora_A.weight`, ...)."""
         adapter_name = adapter_name or self.active_adapter
-        return {peft_key(k, adapter_name): v.detach() for k, v in self._adapter_tensors(adapter_name).items()}
+        tensors = {peft_key(k, adapter_name): v.detach() for k, v in self._adapter_tensors(adapter_name).items()}
+        method = method_for(self.peft_config[adapter_name])
+        return method.to_file(self, adapter_name, tensors) if method.to_file else tensors
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
                         is_main_process: bool = True, **kwargs: Any) -> None:  # fmt: skip
@@ -316,6 +329,9 @@ class PeftModel(nn.Module):
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
         """Copy peft-keyed tensors into adapter `adapter_name`, checking every key and shape."""
+        method = method_for(self.peft_config[adapter_name])
+        if method.from_file:  # the method loads what is special to its file layout first
+            weights = method.from_file(self, weights, adapter_name, source)
         targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
         everything = self.state_dict(keep_vars=True)
         unexpected = []

