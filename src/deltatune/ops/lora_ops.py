@@ -28,34 +28,36 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
 
 
-def _low_rank_input(x2: torch.Tensor, mask: torch.Tensor | None, keep_scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """drop(x) in the adapter's dtype, as the reference computes it (cast first, then dropout)."""
+def _low_rank_input(x2: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x in the adapter's dtype (cast first, as the reference does), masked; 1/(1-p) rides in the scaling."""
     x_low = x2.to(dtype)  # (N, in); no copy when the dtypes agree
-    if mask is not None:
-        x_low = x_low * mask.reshape(x_low.shape) * keep_scale
-    return x_low
+    return x_low * mask.reshape(x_low.shape) if mask is not None else x_low
 
 
-def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
+def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     """(out (N, out), A x (N, r)) with the low-rank product added into the base output in place."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     out = F.linear(x2, weight, bias)  # (N, out)
-    after_a = _low_rank_input(x2, mask, keep_scale, lora_a.dtype) @ lora_a.T  # (N, r)
+    after_a = F.linear(_low_rank_input(x2, mask, lora_a.dtype), lora_a)  # (N, r)
     if out.dtype == lora_b.dtype:
         out.addmm_(after_a, lora_b.T, alpha=scaling)
     else:  # half-precision base, fp32 adapter: round the update once, like the reference
-        out += (after_a @ lora_b.T).mul_(scaling).to(out.dtype)
+        out += F.linear(after_a, lora_b).mul_(scaling).to(out.dtype)
     return out, after_a
 
 
 class _LoraLinear(torch.autograd.Function):
-    """Autograd node of `lora_linear`; the base weight is frozen (no gradient for it)."""
+    """Autograd node of `lora_linear`; the base weight is frozen (no gradient for it).
+
+    Backward is five matmuls and, in the plain case, nothing else: the scaling rides in each product's
+    alpha (``addmm`` with beta=0 ignores its first argument, which only lends the output shape).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
-        out, after_a = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask):
+        out, after_a = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask)
         ctx.save_for_backward(x, weight, lora_a, lora_b, after_a, mask)  # x: the caller's tensor, no copy
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -65,26 +67,24 @@ class _LoraLinear(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype
-        g_after_a = (g_low @ lora_b).mul_(s)  # (N, r)
-        grad_b = (g_low.T @ after_a).mul_(s) if need_b else None  # (out, r)
+        g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype; no copy when they agree
+        g_after_a = g_low @ lora_b  # (N, r), unscaled
+        grad_b = torch.addmm(lora_b, g_low.T, after_a, beta=0, alpha=s) if need_b else None  # (out, r)
         grad_a = grad_x = grad_bias = None
         if need_a:
-            x_low = _low_rank_input(x.reshape(-1, x.shape[-1]), mask, ctx.keep_scale, lora_a.dtype)
-            grad_a = g_after_a.T @ x_low  # (r, in)
+            x_low = _low_rank_input(x.reshape(-1, x.shape[-1]), mask, lora_a.dtype)  # (N, in)
+            grad_a = torch.addmm(lora_a, g_after_a.T, x_low, beta=0, alpha=s)  # (r, in)
         if need_x:
             grad_x = g @ weight  # (N, in): the base layer's input-gradient
             if mask is None and grad_x.dtype == lora_a.dtype:
-                grad_x.addmm_(g_after_a, lora_a)
+                grad_x.addmm_(g_after_a, lora_a, alpha=s)
             else:
-                low = g_after_a @ lora_a  # (N, in)
-                if mask is not None:
-                    low.mul_(mask.reshape(low.shape)).mul_(ctx.keep_scale)
-                grad_x += low.to(grad_x.dtype)
+                low = (g_after_a @ lora_a).mul_(s)  # (N, in)
+                grad_x += (low.mul_(mask.reshape(low.shape)) if mask is not None else low).to(grad_x.dtype)
             grad_x = grad_x.view(x.shape)
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -107,13 +107,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad "
                          "(freeze it, or use LoraLayer.adapter_forward, which trains through the base layer)")
-    keep_scale = 1.0 / (1.0 - dropout) if dropout > 0 else 1.0
-    if dropout > 0 and mask is None:
-        mask = dropout_mask(x, dropout)
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)
-    )
-    if needs_graph:
-        return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
-    out, _ = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+    if dropout > 0:  # kept values are scaled by 1/(1-p): fold that into the scaling
+        mask = dropout_mask(x, dropout) if mask is None else mask
+        scaling = scaling / (1.0 - dropout)
+    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                    or (bias is not None and bias.requires_grad)):  # fmt: skip
+        return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask)
+    out, _ = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,153 @@
+"""Text lines and markdown tables for benchmarks/vs_peft.py; `write_results` builds RESULTS.md from results/*.json."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INTRO = """# deltatune vs HF peft: measured side by side
+
+Written by `benchmarks/vs_peft.py` (run by hand; never in CI). In every table both libraries ran in the same
+process on the same base weights, the same adapter weights (seeded per tensor) and the same batch, their runs
+alternating with a rotating order; figures are medians. Ratios are deltatune / peft (below 1 is better for
+time and memory, above 1 for tokens/s). *Bound* = the frozen base model's forward + activation backward with
+no adapter (its embedding output requires grad), the cost no LoRA implementation can go under; *overhead* =
+case - bound. *lean loss* = `deltatune.ops.lean_causal_lm_loss` (chunked lm_head + cross-entropy, no full
+logits) instead of `model(..., labels=...).loss`; it is opt-in, so it has its own rows and its own bound.
+Memory: CPU = peak RSS of a fresh process per case; GPU = `torch.cuda.max_memory_allocated` of a fresh
+process per case (model weights included in both; overheads are differences).
+"""
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def ratio_line(times: dict) -> str:
+    return f"peft {_ms(times['peft'])} ms, deltatune {_ms(times['deltatune'])} ms, ratio {_ratio(times['deltatune'], times['peft'])}"
+
+
+def train_line(row: dict) -> str:
+    t = row["time"]
+    line = (f"bound {_ms(t['bound'])} ms, peft {_ms(t['peft'])} ms, deltatune {_ms(t['deltatune'])} ms "
+            f"(ratio {_ratio(t['deltatune'], t['peft'])}, overhead ratio "
+            f"{_ratio(t['deltatune'] - t['bound'], t['peft'] - t['bound'])}); lean loss: deltatune "
+            f"{_ms(t['deltatune+lean_loss'])} ms vs bound {_ms(t['bound+lean_loss'])} ms")  # fmt: skip
+    m = row.get("memory")
+    if m:
+        line += (f"; memory over bound: peft {_mb(m['peft'] - m['bound'])} MB, deltatune "
+                 f"{_mb(m['deltatune'] - m['bound'])} MB (ratio {_ratio(m['deltatune'] - m['bound'], m['peft'] - m['bound'])})")  # fmt: skip
+    return line
+
+
+def generate_line(row: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in row["tokens_per_s"].items()) + f" tok/s; same tokens: {row['same_tokens']}"
+
+
+def mixed_line(row: dict) -> str:
+    t = row["tokens_per_s"]
+    return (f"generate peft {t['peft generate']:.1f} / deltatune {t['deltatune generate']:.1f} tok/s "
+            f"(x{_ratio(t['deltatune generate'], t['peft generate'])}); forward 8x128 peft {t['peft forward']:.0f} / "
+            f"deltatune {t['deltatune forward']:.0f} tok/s (x{_ratio(t['deltatune forward'], t['peft forward'])})")  # fmt: skip
+
+
+def _train_tables(rows: list[dict]) -> list[str]:
+    out = ["### 1-2. LoRA training step (4 x 128 tokens, r=8, alpha=16, 7 projections, AdamW), ms", "",
+           "| model | dropout | bound | peft | deltatune | dt/peft | peft overhead | dt overhead | overhead dt/peft "
+           "| bound, lean loss | dt, lean loss | dt lean / peft |", "|" + "---|" * 12]  # fmt: skip
+    for r in rows:
+        t = r["time"]
+        out.append(f"| {r['model']} | {r['dropout']} | {_ms(t['bound'])} | {_ms(t['peft'])} | {_ms(t['deltatune'])} "
+                   f"| {_ratio(t['deltatune'], t['peft'])} | {_ms(t['peft'] - t['bound'])} | {_ms(t['deltatune'] - t['bound'])} "
+                   f"| {_ratio(t['deltatune'] - t['bound'], t['peft'] - t['bound'])} | {_ms(t['bound+lean_loss'])} "
+                   f"| {_ms(t['deltatune+lean_loss'])} | {_ratio(t['deltatune+lean_loss'], t['peft'])} |")  # fmt: skip
+    if not any(r.get("memory") for r in rows):
+        return out
+    out += ["", "### 1-2. Peak training memory, MiB (overhead = case - bound of the same loss)", "",
+            "| model | dropout | bound | peft | deltatune | peft overhead | dt overhead | overhead dt/peft "
+            "| bound, lean loss | dt, lean loss | dt lean overhead | dt lean / peft total |", "|" + "---|" * 12]  # fmt: skip
+    for r in rows:
+        m = r["memory"]
+        if not m:
+            continue
+        out.append(f"| {r['model']} | {r['dropout']} | {_mb(m['bound'])} | {_mb(m['peft'])} | {_mb(m['deltatune'])} "
+                   f"| {_mb(m['peft'] - m['bound'])} | {_mb(m['deltatune'] - m['bound'])} "
+                   f"| {_ratio(m['deltatune'] - m['bound'], m['peft'] - m['bound'])} | {_mb(m['bound+lean_loss'])} "
+                   f"| {_mb(m['deltatune+lean_loss'])} | {_mb(m['deltatune+lean_loss'] - m['bound+lean_loss'])} "
+                   f"| {_ratio(m['deltatune+lean_loss'], m['peft'])} |")  # fmt: skip
+    return out
+
+
+def _generate_table(rows: list[dict]) -> list[str]:
+    out = ["### 3. generate, batch 1, tokens/s (greedy; ratio to the base model alone)", "",
+           "| model | base | peft unmerged | dt unmerged | peft unm./base | dt unm./base | peft merged | dt merged "
+           "| dt merged/base | same tokens as peft |", "|" + "---|" * 10]  # fmt: skip
+    for r in rows:
+        t = r["tokens_per_s"]
+        out.append(f"| {r['model']} | {t['base']:.1f} | {t['peft unmerged']:.1f} | {t['deltatune unmerged']:.1f} "
+                   f"| {_ratio(t['peft unmerged'], t['base'])} | {_ratio(t['deltatune unmerged'], t['base'])} "
+                   f"| {t['peft merged']:.1f} | {t['deltatune merged']:.1f} | {_ratio(t['deltatune merged'], t['base'])} "
+                   f"| {r['same_tokens']} |")  # fmt: skip
+    return out
+
+
+def _mixed_table(rows: list[dict]) -> list[str]:
+    out = ["### 4. Mixed batch, 8 rows with 8 different adapters (`adapter_names`), tokens/s", "",
+           "| model | peft generate | dt generate | dt/peft | peft forward 8x128 | dt forward 8x128 | dt/peft "
+           "| same tokens |", "|" + "---|" * 8]  # fmt: skip
+    for r in rows:
+        t = r["tokens_per_s"]
+        out.append(f"| {r['model']} | {t['peft generate']:.1f} | {t['deltatune generate']:.1f} "
+                   f"| {_ratio(t['deltatune generate'], t['peft generate'])} | {t['peft forward']:.0f} "
+                   f"| {t['deltatune forward']:.0f} | {_ratio(t['deltatune forward'], t['peft forward'])} "
+                   f"| {r['same_tokens']} |")  # fmt: skip
+    return out
+
+
+def _prompt_table(rows: list[dict]) -> list[str]:
+    out = ["### 5. Prompt / prefix tuning step (20 virtual tokens, 4 x 128 tokens, AdamW), ms", "",
+           "| model | method | peft | deltatune | dt/peft |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = r["time"]
+        out.append(f"| {r['model']} | {r['method']} | {_ms(t['peft'])} | {_ms(t['deltatune'])} | {_ratio(t['deltatune'], t['peft'])} |")
+    return out
+
+
+def render_one(results: dict) -> str:
+    env = results["env"]
+    where = env.get("gpu") or env["cpu"]
+    lines = [f"## {env['device'].upper()} {env['dtype']}: {where}", "",
+             f"{env['date']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"peft {env['peft']}; {env['threads']} threads; load average {env['load_before']:.1f} before, "
+             f"{env.get('load_after', float('nan')):.1f} after; {env['rounds']} rounds per case.", ""]  # fmt: skip
+    for key, table in (("train", _train_tables), ("generate", _generate_table), ("mixed", _mixed_table),
+                       ("prompt", _prompt_table)):  # fmt: skip
+        if results.get(key):
+            lines += table(results[key]) + [""]
+    return "\n".join(lines)
+
+
+def write_results(json_dir: str, path: str = os.path.join(HERE, "RESULTS.md")) -> None:
+    """RESULTS.md = intro + one section per results/*.json + results/notes.md (hand-written analysis)."""
+    parts = [INTRO]
+    for file in sorted(glob.glob(os.path.join(json_dir, "*.json"))):
+        with open(file) as f:
+            parts.append(render_one(json.load(f)))
+    notes = os.path.join(json_dir, "notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            parts.append(f.read())
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
