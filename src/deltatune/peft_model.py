@@ -326,6 +326,8 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, config)
         self.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
         self._set_trainable()
+        if not is_trainable:
+            self.eval()  # as peft does: no adapter dropout at inference
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
         """Copy peft-keyed tensors into adapter `adapter_name`, checking every key and shape."""
@@ -367,6 +369,8 @@ class PeftModel(nn.Module):
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         peft_model = model_class(model, config, adapter_name)
         peft_model.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
+        if not is_trainable:
+            peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout
         return peft_model
 
     # ---- training helpers ---------------------------------------------------------------------------------
