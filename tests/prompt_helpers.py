@@ -245,27 +245,34 @@ def check_sampling_matches_peft(ours_config, peft_config, arch: str) -> None:
     assert torch.equal(a, b), (a, b)
 
 
-def check_training_lowers_loss(config, arch: str, task: str, steps: int = 15, lr: float = 0.05) -> None:
-    """A few Adam steps on one batch lower the loss; the base model's weights stay bit-identical."""
+def check_training_lowers_loss(config, arch: str, task: str, steps: int = 10, lr: float = 0.03) -> None:
+    """Adam steps on one batch lower its loss (measured in eval mode, without dropout, before and after); the base
+    model's weights stay bit-identical."""
     base = tiny_model(arch, task)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = deltatune.get_peft_model(base, config)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
     inputs = model_inputs(arch, task)
-    losses = []
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**inputs).loss.item()
+
+    start = eval_loss()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
     for _ in range(steps):
         loss = model(**inputs).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    end = eval_loss()
+    assert end < 0.7 * start, (start, end)
     after = model.get_base_model().state_dict()
     for key, value in before.items():
-        key = key if key in after else key.replace(".weight", ".original_module.weight").replace(".bias", ".original_module.bias")
-        assert torch.equal(after[key], value), key
+        # a trained head (modules_to_save) keeps the original under .original_module
+        wrapped = key.rsplit(".", 1)[0] + ".original_module." + key.rsplit(".", 1)[1]
+        assert torch.equal(after[key if key in after else wrapped], value), key
 
 
 def word_tokenizer(words: list[str], name: str = "tiny-word-tokenizer"):
