@@ -25,6 +25,7 @@ from deltatune.peft_model import (
     get_peft_model,
 )
 from deltatune.tuners.bitfit import BitFitConfig
+from deltatune.tuners.bottleneck import AdapterConfig
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
@@ -33,6 +34,7 @@ from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",

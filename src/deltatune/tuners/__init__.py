@@ -13,6 +13,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
 from deltatune.tuners.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
+from deltatune.tuners.bottleneck import AdapterConfig, add_bottleneck
 from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable
 from deltatune.tuners.p_tuning import PromptEncoderConfig, add_p_tuning
 from deltatune.tuners.prefix_tuning import PREFIX_HOOKS, PrefixTuningConfig, add_prefix_tuning
@@ -69,6 +70,7 @@ def register(method: Method) -> None:
 
 register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
 register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable))
+register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
 register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.P_TUNING, PromptEncoderConfig, add_p_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.PREFIX_TUNING, PrefixTuningConfig, add_prefix_tuning, **PREFIX_HOOKS))
