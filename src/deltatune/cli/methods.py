@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune import BitFitConfig, LoraConfig, PeftConfig, TaskType
+from deltatune import (BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+                       PromptTuningConfig, TaskType)  # fmt: skip
 
 CAUSAL_LM = TaskType.CAUSAL_LM
 
@@ -48,6 +49,13 @@ METHODS: dict[str, MethodEntry] = {
         lr=2e-3,
     ),
     "bitfit": MethodEntry((), lambda o: BitFitConfig(task_type=CAUSAL_LM), lr=2e-3),
+    # Prompt methods train few values from a random start: they need larger steps than LoRA.
+    "prompt-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PromptTuningConfig(
+        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-2),
+    "p-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PromptEncoderConfig(
+        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-3),
+    "prefix-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PrefixTuningConfig(
+        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=1e-2),
 }
 
 
