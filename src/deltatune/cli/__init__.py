@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -117,8 +118,9 @@ def _run(args: argparse.Namespace) -> None:
         from deltatune.cli.options import load_options
 
         result = cli.train(load_options(args.config, flags))
-        print(f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
-              f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step")  # fmt: skip
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one reports
+            print(f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
+                  f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step")  # fmt: skip
     elif args.command == "chat":
         cli.chat(**flags)
     elif args.command == "eval":
@@ -131,8 +133,10 @@ def _run(args: argparse.Namespace) -> None:
         from deltatune.cli.options import load_options
 
         methods = args.methods.split(",") if args.methods else None
-        rows = cli.compare(load_options(args.config, flags), methods, isolate=not args.in_process)
-        print(open(f"{rows and load_options(args.config, flags).output}/comparison.md", encoding="utf-8").read())
+        options = load_options(args.config, flags)
+        cli.compare(options, methods, isolate=not args.in_process)
+        with open(os.path.join(options.output, "comparison.md"), encoding="utf-8") as handle:
+            print(handle.read())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,14 +74,17 @@ def reply(model: Any, tokenizer: Any, history: list[dict[str, str]], template: s
 def chat(adapter: str | None = None, prompt: str | None = None, model: str | None = None,
          compare_base: bool = False, max_new_tokens: int = 128, template: str | None = None,
          cache_dir: str | None = None, input_fn: Callable[[str], str] = input,
-         out: TextIO | None = sys.stdout) -> list[Turn]:  # fmt: skip
+         out: TextIO | str | None = "-") -> list[Turn]:  # fmt: skip
     """Answer `prompt` once, or run the interactive loop (reading with `input_fn`) until /quit or EOF.
+
+    Answers stream to `out` ("-": the current sys.stdout; None: nowhere).
 
     Returns:
         The turns of the session, in order.
     """
     if compare_base and adapter is None:
         raise ValueError("--compare-base needs --adapter (the base model alone has nothing to compare with)")
+    out = sys.stdout if out == "-" else out
     chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir)
     template = template or run_template
     if prompt is not None:

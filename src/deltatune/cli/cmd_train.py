@@ -72,14 +72,18 @@ def as_options(options: TrainOptions | dict[str, Any]) -> TrainOptions:
     return options if isinstance(options, TrainOptions) else make_options(options)
 
 
-def prepare_data(options: TrainOptions, tokenizer: Any) -> tuple[list, list | None]:
-    """Tokenized train examples and held-out examples (None when there is no held-out data)."""
+def load_data(options: TrainOptions) -> tuple[list, list | None, str | None]:
+    """Checked train rows, held-out rows (None without held-out data) and where the held-out rows came from."""
     rows = data_mod.load_rows(options.data, options.split)
-    train = data_mod.tokenize_rows(rows, tokenizer, options.template, options.max_length, options.data or "the sample set")
     eval_source = options.eval_data or (data_mod.bundled_path(data_mod.BUNDLED_EVAL) if options.data is None else None)
-    if eval_source is None:
+    return rows, (data_mod.load_rows(eval_source) if eval_source else None), eval_source
+
+
+def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: list | None, eval_source: str | None):
+    """Tokenized train and held-out examples (loss on response tokens only)."""
+    train = data_mod.tokenize_rows(rows, tokenizer, options.template, options.max_length, options.data or "the sample set")
+    if eval_rows is None:
         return train, None
-    eval_rows = data_mod.load_rows(eval_source)
     return train, data_mod.tokenize_rows(eval_rows, tokenizer, options.template, options.max_length, eval_source)
 
 
@@ -132,15 +136,16 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     from accelerate import PartialState
 
     options = as_options(options)
-    method_entry(options.method)
+    build_peft_config(options.method, options.method_options)  # bad method options fail before any work
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
+    rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
     peft_model, tokenizer, model_path = build_model(options)
+    train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
     if state.is_main_process:
         peft_model.print_trainable_parameters()
         write_run_files(options, model_path)
-    train_set, eval_set = prepare_data(options, tokenizer)
     timer, stopper = StepTimer(), StopOnInterrupt()
     trainer = AdapterTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
                              data_collator=data_mod.Collator(tokenizer.pad_token_id), callbacks=[timer, stopper, *(callbacks or [])])  # fmt: skip

@@ -80,9 +80,7 @@ def read_json_rows(path: str) -> list[tuple[int, Any]]:
             if isinstance(data.get(key), list):
                 return list(enumerate(data[key], start=1))
         return [(1, data)]
-    if text.strip() and not text.lstrip().startswith("{"):
-        raise DataError(f"{path}: not JSON (it starts with {text.lstrip()[:20]!r}); give a JSON list of rows or JSON Lines")
-    return _parse_jsonl(path, text)
+    return _parse_jsonl(path, text)  # errors name the row (line) that is not JSON
 
 
 def check_row(row: Any, where: str) -> dict[str, Any]:

@@ -1,0 +1,275 @@
+"""The command line end to end on a tiny random chat model: every method in the CLI's table, resume,
+Ctrl-C, bad input, and the `deltatune` entry point itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from deltatune import PeftModel
+from deltatune.cli import chat, evaluate, main, merge, train
+from deltatune.cli.data import BUNDLED_EVAL, DataError, bundled_path
+from deltatune.cli.methods import METHODS
+from deltatune.tuners import method_for
+from tiny_chat_model import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> str:
+    """The first 8 rows of the bundled held-out split (generation on all 60 is slow for a unit test)."""
+    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
+    with open(bundled_path(BUNDLED_EVAL), encoding="utf-8") as handle:
+        path.write_text("".join(handle.readlines()[:8]), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def run_options(tiny, held_out):
+    def make(model: str, out, **extra) -> dict:
+        values = dict(model=model, output=str(out), max_steps=4, batch_size=4, logging_steps=1, save_steps=2, lr=1e-2,
+                      eval_data=held_out)  # fmt: skip
+        return {**values, **extra}
+
+    return make
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_train_save_load_chat_eval_merge(method, tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    result = train(run_options(tiny, out, method=method))
+    # train: the run folder holds the adapter in peft's files, the options used and the loss history
+    assert result.steps == 4 and not result.interrupted
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run.yaml", "loss_history.json"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [h["step"] for h in history["train"]] == [1, 2, 3, 4]
+    assert history["summary"]["method"] == method and history["summary"]["eval_loss"] == result.eval_loss
+    assert 0 < result.trainable_params < result.all_params
+    # load: the saved adapter on a fresh base gives the same eval loss as the trained model
+    scores = evaluate(adapter=str(out), compare_base=True)
+    assert scores.eval_loss == pytest.approx(result.eval_loss, rel=1e-5)
+    assert scores.base_eval_loss != pytest.approx(scores.eval_loss, rel=1e-6)  # the adapter changes the model
+    assert scores.examples == 8 and 0.0 <= scores.exact_match <= 1.0 and len(scores.answers) == 8
+    # chat: one prompt, with the base answer beside the tuned one
+    turns = chat(adapter=str(out), prompt="Normalize the date to YYYY-MM-DD.\n5 March 2024", compare_base=True,
+                 max_new_tokens=6, out=None)  # fmt: skip
+    assert len(turns) == 1 and isinstance(turns[0].answer, str) and isinstance(turns[0].base_answer, str)
+    # merge: a plain transformers model with the adapter folded in, for methods that can merge
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(out))
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    if method_for(peft_model.active_peft_config).can_merge:
+        merge(str(out), str(tmp_path / "merged"))
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(logits_of(merged, ids), logits_of(peft_model, ids), atol=1e-5, rtol=1e-5)
+        assert (out / "adapter_config.json").is_file()  # the adapter folder is left as it was
+    else:
+        with pytest.raises(TypeError, match="merg"):
+            merge(str(out), str(tmp_path / "merged"))
+
+
+def test_lora_run_folder_loads_in_hf_peft(tiny, tmp_path, run_options):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    train(run_options(tiny, out, method="lora", max_steps=2))
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(out))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(out))
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    torch.testing.assert_close(logits_of(theirs, ids), logits_of(ours, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_training_lowers_held_out_loss(tiny, tmp_path, run_options):
+    result = train(run_options(tiny, tmp_path / "run", max_steps=20, batch_size=8, lr=3e-2, save_steps=100))
+    scores = evaluate(adapter=str(tmp_path / "run"), compare_base=True)
+    assert result.eval_loss < scores.base_eval_loss - 0.1
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+class InterruptAt(TrainerCallback):
+    """Raises KeyboardInterrupt (a hard Ctrl-C) at the end of step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path, run_options):
+    options = dict(max_steps=6, save_steps=2, dropout=0.1)  # dropout: the RNG state must be restored too
+    straight = train(run_options(tiny, tmp_path / "straight", **options))
+    with pytest.raises(KeyboardInterrupt):
+        train(run_options(tiny, tmp_path / "cut", **options), callbacks=[InterruptAt(3)])
+    assert (tmp_path / "cut" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    resumed = train(run_options(tiny, tmp_path / "cut", resume=True, **options))
+    assert resumed.steps == straight.steps == 6
+    expected, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
+    steps = [h["step"] for h in resumed.history]  # step 3's loss was never logged: the run stopped in it
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 6
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(run_options(tiny, out, max_steps=8, save_steps=100), callbacks=[InterruptAt(3)])
+    checkpoint = out / "checkpoint-3"
+    assert checkpoint.is_dir()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(checkpoint))
+    assert logits_of(loaded, torch.tensor([[1, 5, 9]])).isfinite().all()
+    assert chat(adapter=str(out), prompt="hello", max_new_tokens=3, out=None)[0].answer is not None
+
+
+class SigintAt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_sigint_finishes_the_step_and_saves(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    result = train(run_options(tiny, out, max_steps=8, save_steps=100), callbacks=[SigintAt()])
+    assert result.interrupted and result.steps == 3
+    assert (out / "checkpoint-3").is_dir() and (out / "adapter_config.json").is_file()
+    resumed = train(run_options(tiny, out, max_steps=8, save_steps=100, resume=True))
+    assert resumed.steps == 8 and not resumed.interrupted
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def test_output_folder_holding_another_run_is_refused(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    with pytest.raises(FileExistsError, match=r"already holds another run .*--overwrite"):
+        train(run_options(tiny, out, max_steps=1))
+    assert train(run_options(tiny, out, max_steps=2, overwrite=True)).steps == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a deltatune run"):
+        train(run_options(tiny, tmp_path / "mine", max_steps=1, overwrite=True))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_nothing_to_resume(tiny, tmp_path, run_options):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(run_options(tiny, tmp_path / "empty", resume=True))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"data file .*missing\.jsonl not found"),
+        ("this is not json\n", r"bad\.jsonl, row 1: not valid JSON"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n', r"bad\.jsonl, row 2: no 'output' field"),
+        ("", r"bad\.jsonl holds no rows"),
+    ],
+)
+def test_bad_data_is_refused_with_file_and_row(tiny, tmp_path, run_options, content, message):
+    path = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        train(run_options(tiny, tmp_path / "run", data=str(path)))
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_max_length_too_small_for_any_response(tiny, tmp_path, run_options):
+    with pytest.raises(DataError, match=r"--max-length 8 is too small for any response .* shortest prompt is \d+ tokens"):
+        train(run_options(tiny, tmp_path / "run", max_length=8))
+
+
+def test_unknown_method_and_foreign_option(tiny, tmp_path, run_options):
+    with pytest.raises(ValueError, match=r"--method 'sparse' is not known; use one of: lora, bitfit"):
+        train(run_options(tiny, tmp_path / "run", method="sparse"))
+    with pytest.raises(ValueError, match=r"--r does not apply to --method bitfit .*--r is for lora"):
+        train(run_options(tiny, tmp_path / "run", method="bitfit", r=4))
+    with pytest.raises(ValueError, match=r"unknown option 'rank'"):
+        train(run_options(tiny, tmp_path / "run", rank=4))
+
+
+# ---- the `deltatune` entry point ----------------------------------------------------------------------------
+def test_main_runs_every_subcommand(tiny, tmp_path, held_out, capsys):
+    out, merged = str(tmp_path / "run"), str(tmp_path / "merged")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny}\nmax-steps: 3\nbatch_size: 4\nr: 4\nsave_steps: 100\neval_data: {held_out}\n")
+    assert main(["train", "--config", str(config), "--output", out, "--max-steps", "2"]) == 0
+    assert "adapter in" in capsys.readouterr().out
+    run = (tmp_path / "run" / "run.yaml").read_text()
+    assert "max_steps: 2\n" in run and "r: 4\n" in run and "batch_size: 4\n" in run  # flags win over the file
+    assert main(["chat", "--adapter", out, "--prompt", "Normalize the date to YYYY-MM-DD.\n5 May 2020", "--max-new-tokens", "4", "--compare-base"]) == 0
+    printed = capsys.readouterr().out
+    assert "[base]" in printed and "[tuned]" in printed
+    assert main(["eval", "--adapter", out]) == 0
+    assert "exact-match" in capsys.readouterr().out
+    assert main(["merge", "--adapter", out, "--output", merged]) == 0
+    assert os.path.isfile(os.path.join(merged, "config.json"))
+    # repeat a run from its own run.yaml
+    assert main(["train", "--config", os.path.join(out, "run.yaml"), "--output", str(tmp_path / "again")]) == 0
+    torch.testing.assert_close(adapter_tensors(tmp_path / "again"), adapter_tensors(tmp_path / "run"))
+
+
+def test_main_reports_errors_without_a_traceback(tiny, tmp_path, capsys):
+    assert main(["train", "--model", tiny, "--data", str(tmp_path / "nope.json"), "--output", str(tmp_path / "r")]) == 1
+    assert "deltatune train: error: data file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--rank", "4"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --rank" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("max_step: 3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 1
+    assert "bad.yaml: unknown option 'max_step'" in capsys.readouterr().err
+    assert main(["chat", "--prompt", "hi", "--compare-base", "--model", tiny]) == 1
+    assert "--compare-base needs --adapter" in capsys.readouterr().err
+
+
+def test_chat_repl_streams_and_keeps_history(tiny, tmp_path, run_options):
+    import io
+
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    lines = iter(["Normalize the date to YYYY-MM-DD.\n1 May 2001", "and again", "/reset", "third", "/quit"])
+    stream = io.StringIO()
+    turns = chat(adapter=str(out), max_new_tokens=4, input_fn=lambda _: next(lines), out=stream)
+    assert [t.prompt for t in turns] == ["Normalize the date to YYYY-MM-DD.\n1 May 2001", "and again", "third"]
+    printed = stream.getvalue()
+    assert printed.startswith("Type a message") and all(t.answer.strip() in printed for t in turns)
+
+
+def test_two_processes_give_the_same_adapter_as_one(tiny, tmp_path, held_out):
+    """torchrun with 2 CPU processes (gloo), 2 rows each, equals 1 process with batches of 4."""
+    import subprocess
+    import sys
+
+    common = ["--model", tiny, "--max-steps", "3", "--dropout", "0", "--eval-data", held_out, "--lr", "1e-2"]
+    train(dict(model=tiny, max_steps=3, dropout=0.0, eval_data=held_out, lr=1e-2, batch_size=4, output=str(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deltatune.cli",
+                          "train", *common, "--batch-size", "2", "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("adapter in") == 1  # one process reports
+    expected, got = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+    changed = adapter_tensors(tmp_path / "one")
+    assert any(v.abs().sum() > 0 for k, v in changed.items() if "lora_B" in k)  # training moved the adapter
