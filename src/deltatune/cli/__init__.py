@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from deltatune.cli.methods import METHOD_OPTIONS, METHODS
+from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES
 
 __all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_logging"]
 
@@ -77,7 +77,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
         add("--overwrite", action="store_true", default=S, help="replace a run already in --output")
     group = parser.add_argument_group("method options (each applies to the methods that read it)")
     for key, (default, text) in METHOD_OPTIONS.items():
-        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        kind = OPTION_TYPES.get(key) or {bool: _bool, int: int, float: float}.get(type(default), str)
         group.add_argument("--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})")
 
 

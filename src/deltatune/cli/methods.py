@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune import (BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+from deltatune import (AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
                        PromptTuningConfig, TaskType)  # fmt: skip
 
 CAUSAL_LM = TaskType.CAUSAL_LM
@@ -23,7 +23,11 @@ METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
     "dropout": (0.05, "dropout on the adapter's input"),
     "target_modules": (None, "modules to adapt: names (q_proj,v_proj), a regex, or all-linear; default: the architecture's"),
     "num_virtual_tokens": (20, "number of virtual tokens (prompt-tuning, p-tuning, prefix-tuning)"),
+    "preset": ("houlsby", "adapter placement: houlsby (after attention and feed-forward) or pfeiffer (feed-forward only)"),
+    "reduction_factor": (16.0, "adapter bottleneck = hidden size / reduction_factor"),
+    "bottleneck_size": (None, "adapter bottleneck units, instead of --reduction-factor"),
 }
+OPTION_TYPES: dict[str, type] = {"bottleneck_size": int}  # for options whose default (None) does not tell
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ METHODS: dict[str, MethodEntry] = {
         task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-3),
     "prefix-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PrefixTuningConfig(
         task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=1e-2),
+    "adapter": MethodEntry(
+        ("preset", "reduction_factor", "bottleneck_size", "dropout", "target_modules"),
+        lambda o: AdapterConfig(task_type=CAUSAL_LM, preset=o("preset"), reduction_factor=o("reduction_factor"),
+                                bottleneck_size=o("bottleneck_size"), adapter_dropout=o("dropout"),
+                                target_modules=o("target_modules")),  # fmt: skip
+        lr=2e-3,
+    ),
 }
 
 
