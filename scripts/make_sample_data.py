@@ -5,11 +5,12 @@ The task is date normalisation, in English and Chinese: "March 5, 2024", "5 Marc
 chats instead of answering in the format), and a short LoRA run learns the rule. Train and held-out dates
 never overlap. Deterministic: run it again and the files come out byte-identical.
 
-Run: .venv/bin/python scripts/make_sample_data.py
+Run: .venv/bin/python scripts/make_sample_data.py [--out FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -54,19 +55,21 @@ def unique_dates(rng: random.Random, count: int) -> list[tuple[int, int, int]]:
     return sorted(seen)
 
 
-def main() -> None:
+def main(out: str = OUT) -> None:
     rng = random.Random(20240305)
     dates = unique_dates(rng, TRAIN_SIZE + EVAL_SIZE)
     rng.shuffle(dates)
     splits = {"sample_train.jsonl": dates[:TRAIN_SIZE], "sample_eval.jsonl": dates[TRAIN_SIZE:]}
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     for name, chosen in splits.items():
         rows = [example(rng, *date, style=i % 3) for i, date in enumerate(chosen)]
-        with open(os.path.join(OUT, name), "w", encoding="utf-8") as handle:
+        with open(os.path.join(out, name), "w", encoding="utf-8", newline="\n") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"{name}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=OUT, help="folder to write into (default: the package data folder)")
+    main(parser.parse_args().out)
