@@ -24,16 +24,20 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from deltatune.tuners.adalora import AdaLoraCallback, AdaLoraConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.bottleneck import AdapterConfig
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from deltatune.tuners.quantized import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
     "AdapterConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -60,4 +64,5 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
 ]

@@ -43,6 +43,12 @@ class TunerModel(nn.Module):
                 raise
             return getattr(self._modules["model"], name)
 
+    def update_and_allocate(self, global_step: int) -> int:
+        """AdaLoRA's rank budget step under peft's name: `peft_model.base_model.update_and_allocate(step)`."""
+        from deltatune.tuners.adalora import update_and_allocate
+
+        return update_and_allocate(self.model, global_step)
+
 
 def count_parameters(params: Iterator[tuple[str, nn.Parameter]]) -> tuple[int, int]:
     """(trainable, all) with peft's rule for packed 4-bit weights (two values per byte of storage)."""
