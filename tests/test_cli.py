@@ -273,3 +273,38 @@ def test_two_processes_give_the_same_adapter_as_one(tiny, tmp_path, held_out):
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
     changed = adapter_tensors(tmp_path / "one")
     assert any(v.abs().sum() > 0 for k, v in changed.items() if "lora_B" in k)  # training moved the adapter
+
+
+def test_compare_tabulates_and_plots_every_method(tiny, tmp_path, held_out):
+    import csv
+
+    from deltatune.cli import compare
+
+    out = tmp_path / "cmp"
+    options = dict(model=tiny, max_steps=2, batch_size=4, eval_data=held_out, output=str(out), logging_steps=1)
+    rows = compare(options, isolate=False)
+    assert [r.method for r in rows] == list(METHODS) and all(r.error is None for r in rows)
+    with open(out / "comparison.csv", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [t["method"] for t in table] == list(METHODS)
+    for row, line in zip(rows, table, strict=True):
+        assert int(line["trainable_params"]) == row.trainable_params > 0
+        assert 0 < float(line["trainable_percent"]) == pytest.approx(row.trainable_percent) < 100
+        assert float(line["seconds_per_step"]) > 0 and float(line["peak_memory_mb"]) > 0
+        assert float(line["eval_loss"]) > 0 and 0 <= float(line["exact_match"]) <= 1
+        assert [step for step, _ in row.losses] == [1, 2]
+    text = (out / "comparison.md").read_text()
+    assert all(f"| {m} |" in text for m in METHODS)
+    for png in ("loss_curves.png", "quality_vs_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="compare needs --max-steps"):
+        compare({**options, "max_steps": None})
+
+
+def test_compare_in_separate_processes(tiny, tmp_path, held_out):
+    from deltatune.cli import compare
+
+    options = dict(model=tiny, max_steps=1, batch_size=4, eval_data=held_out, output=str(tmp_path / "cmp"), r=4)
+    [row] = compare(options, methods=["lora"], isolate=True)
+    assert row.error is None and row.trainable_params == 2 * 4 * ((32 + 32) + (32 + 16))  # r=4 on q_proj (32->32), v_proj (32->16), 2 layers
+    assert row.peak_memory_mb > 50  # a fresh process holding torch and the model
