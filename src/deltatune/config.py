@@ -160,7 +160,8 @@ class PeftConfigWithTargets(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ValueError(
-                "layers_to_transform cannot be used with a regex target_modules; put the layer index in the regex"
+                "layers_to_transform cannot be used with a string target_modules (a regex or 'all-linear'); "
+                "list the module names instead, or put the layer index in the regex"
             )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.files import load_weights, save_weights
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
+from deltatune import trainer_integration
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
 
@@ -48,6 +49,21 @@ class TunerModel(nn.Module):
         from deltatune.tuners.adalora import update_and_allocate
 
         return update_and_allocate(self.model, global_step)
+
+
+# The heads peft trains in full next to any adapter of a classifier / QA model (added to `modules_to_save`).
+TASK_HEADS: dict[TaskType, tuple[str, ...]] = {
+    TaskType.SEQ_CLS: ("classifier", "score"),
+    TaskType.TOKEN_CLS: ("classifier", "score"),
+    TaskType.QUESTION_ANS: ("qa_outputs",),
+}
+
+
+def _add_task_heads(config: PeftConfig) -> None:
+    """As peft: a freshly initialised task head must train, so it joins `modules_to_save` (once)."""
+    heads = TASK_HEADS.get(config.task_type, ())
+    if heads and hasattr(config, "modules_to_save"):
+        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
 
 
 def count_parameters(params: Iterator[tuple[str, nn.Parameter]]) -> tuple[int, int]:
@@ -118,6 +134,7 @@ class PeftModel(nn.Module):
             )
         method = method_for(peft_config)
         model = self.get_base_model()
+        _add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.peft_config[adapter_name] = peft_config
@@ -253,8 +270,16 @@ class PeftModel(nn.Module):
                 module.unmerge()
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Return the transformers model with the adapter folded in and no adapter layers left."""
+        """Return the transformers model with the adapter folded in and no adapter layers left.
+
+        On a 4-bit / 8-bit base (QLoRA) the bitsandbytes layers are dequantised first, so the merge is exact and
+        the result is a plain full-precision model (folding into 4-bit codes would round the update away).
+        """
         self._check_mergeable()
+        from deltatune.tuners.quantized import dequantize_model, is_quantized_linear
+
+        if any(is_quantized_linear(m) for m in self.get_base_model().modules()):
+            dequantize_model(self.get_base_model())
         self.merge_adapter(adapter_names)
         return self._unwrap_all()
 
@@ -327,9 +352,12 @@ class PeftModel(nn.Module):
                      config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip
         """Add adapter `adapter_name` from a folder written by deltatune or peft."""
         folder = str(model_id)
-        config = config or PeftConfig.from_pretrained(folder)
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        if adapter_name not in self.peft_config:
+            config = config or PeftConfig.from_pretrained(folder)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        # else, as peft: new values for an adapter that exists (Trainer's resume_from_checkpoint and best model);
+        # copied in place, so an optimizer holding these parameters keeps working.
         self.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
         self._set_trainable()
         if not is_trainable:
@@ -345,7 +373,10 @@ class PeftModel(nn.Module):
         unexpected = []
         with torch.no_grad():
             for key, value in weights.items():
-                target = targets.get(key, everything.get(key))
+                if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
+                    continue
+                # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
+                target = targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
                 if target is None:
                     unexpected.append(key)
                     continue
@@ -380,11 +411,20 @@ class PeftModel(nn.Module):
         return peft_model
 
     # ---- training helpers ---------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Turn on checkpointing in the base model; inputs get grads so frozen embeddings do not cut the graph."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:  # fmt: skip
+        """Turn on activation (gradient) checkpointing in the base model (what Trainer calls for
+        `gradient_checkpointing=True`); inputs get grads so that frozen embeddings do not cut the graph."""
         model = self.get_base_model()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        else:  # transformers releases before the rename
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         model.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of `activation_checkpointing_enable` (peft's and the course notes' spelling)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -427,6 +467,13 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise TypeError(f"peft_config must be a deltatune config such as LoraConfig, not {type(peft_config).__name__}")
     model_class = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     peft_model = model_class(model, peft_config, adapter_name)
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.enable_input_require_grads()
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     return peft_model
+
+
+# transformers.Trainer must treat our PeftModel as a peft model (adapter checkpoints, resume, quantized bases).
+trainer_integration.install()

@@ -37,10 +37,15 @@ def matches(key: str, target_modules: list[str] | str, layers_to_transform=None,
     """Whether module `key` is selected by `target_modules` (and `layers_to_transform`)."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, key) is not None
-    found = key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
-    if found and layers_to_transform:
-        return _layer_index(key, layers_pattern) in set(layers_to_transform)
-    return found
+    if key in target_modules:  # a full name is taken as is, without the layer filter (peft's rule)
+        return True
+    found = any(key.endswith(f".{t}") for t in target_modules)
+    return found and in_layers(key, layers_to_transform, layers_pattern)
+
+
+def in_layers(key: str, layers_to_transform: list[int] | None, layers_pattern=None) -> bool:
+    """Whether `key` lies in one of the layers listed (always true when none are listed)."""
+    return not layers_to_transform or _layer_index(key, layers_pattern) in set(layers_to_transform)
 
 
 def is_module_to_save(key: str, modules_to_save: Iterable[str] | None) -> bool:
@@ -56,43 +61,74 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads if h is not None)}
 
 
+def adapter_internal_names(model: nn.Module) -> set[str]:
+    """Names of modules that live inside adapter layers or trainable copies (never targets themselves)."""
+    from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
+
+    inside = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            inside.update(f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix)
+    return inside
+
+
+def _is_linear_target(module: nn.Module) -> bool:
+    """A linear-like layer, or an adapter layer already wrapped around one (a second adapter on the model)."""
+    from deltatune.layers import AdapterLayer
+
+    if isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return is_linear_like(module)
+
+
 def all_linear_names(model: nn.Module) -> list[str]:
-    """Every linear-like module except the output head (peft's "all-linear")."""
-    skip = output_layer_names(model)
-    return sorted(n for n, m in model.named_modules() if is_linear_like(m) and n not in skip)
+    """Every linear-like module except the output head, in model order (peft's "all-linear")."""
+    skip = output_layer_names(model) | adapter_internal_names(model)
+    return [n for n, m in model.named_modules() if n and n not in skip and _is_linear_target(m)]
 
 
 def weight_module_names(model: nn.Module, limit: int = 25) -> str:
     """A short list of leaf names of modules with weights, to show in 'matched nothing' errors."""
-    names = {n.split(".")[-1] for n, m in model.named_modules() if n and getattr(m, "weight", None) is not None}
+    inside = adapter_internal_names(model)
+    names = {n.split(".")[-1] for n, m in model.named_modules()
+             if n and n not in inside and getattr(m, "weight", None) is not None}  # fmt: skip
     names = sorted(names)
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]) -> list[str]:
-    """Names of the modules `config` selects, with a clear error when it selects none."""
-    targets = config.target_modules
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in default_targets:
-            raise ValueError(
-                f"target_modules is not set and deltatune has no default for model_type={model_type!r}; "
-                f"pass target_modules=[...] with some of: {weight_module_names(model)}"
-            )
-        targets = config.target_modules = list(default_targets[model_type])
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        found = all_linear_names(model)
-    else:
-        found = [
-            name
-            for name, _ in model.named_modules()
-            if name
-            and not is_module_to_save(name, config.modules_to_save)
-            and matches(name, targets, config.layers_to_transform, config.layers_pattern)
-        ]
-    if not found:
+def _resolve_target_modules(model: nn.Module, config, default_targets: dict[str, list[str]]) -> list[str] | str:
+    """`config.target_modules`, or the architecture's defaults (written back into the config, as peft does)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in default_targets:
         raise ValueError(
-            f"target_modules={targets!r} matched no module of {type(model).__name__}; "
+            f"target_modules is not set and deltatune has no default for model_type={model_type!r}; "
+            f"pass target_modules=[...] with some of: {weight_module_names(model)}"
+        )
+    config.target_modules = list(default_targets[model_type])
+    return config.target_modules
+
+
+def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]) -> list[str]:
+    """Names of the modules `config` selects, in model order, with a clear error when it selects none."""
+    targets = _resolve_target_modules(model, config, default_targets)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_names(model)  # full names (config refuses layers_to_transform with a string)
+    inside = adapter_internal_names(model)
+    found = [
+        name
+        for name, _ in model.named_modules()
+        if name
+        and name not in inside
+        and not is_module_to_save(name, config.modules_to_save)
+        and matches(name, targets, config.layers_to_transform, config.layers_pattern)
+    ]
+    if not found:
+        shown = config.target_modules
+        layers = f" in layers {config.layers_to_transform}" if config.layers_to_transform else ""
+        raise ValueError(
+            f"target_modules={shown!r}{layers} matched no module of {type(model).__name__}; "
             f"modules with weights here include: {weight_module_names(model)}"
         )
     return found
@@ -105,25 +141,27 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(parent, child, new_module)
 
 
+# Task heads that `PeftModel` adds to `modules_to_save` for classifiers / QA (as peft); a model has one or none.
+OPTIONAL_MODULES_TO_SAVE = {"classifier", "score", "qa_outputs"}
+
+
 def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
-    """Give each module named in `modules_to_save` a trainable copy for `adapter_name`."""
+    """Give each module named in `modules_to_save` (name or dotted suffix) a trainable copy for `adapter_name`."""
     from deltatune.layers import ModulesToSaveWrapper
 
     wanted = list(modules_to_save or [])
+    inside = adapter_internal_names(model)
     matched = set()
     for name, module in list(model.named_modules()):
-        if not name or not any(name == m or name.endswith(f".{m}") for m in wanted):
+        if not name or name in inside or not any(name == m or name.endswith(f".{m}") for m in wanted):
             continue
-        if isinstance(module, (ModulesToSaveWrapper,)) or ".modules_to_save." in name or ".original_module" in name:
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add(adapter_name)
-                matched.add(name)
-            continue
-        wrapper = ModulesToSaveWrapper(module)
-        wrapper.add(adapter_name)
-        replace_module(model, name, wrapper)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            replace_module(model, name, module)
+        module.add(adapter_name)
         matched.add(name)
-    missing = [m for m in wanted if not any(n == m or n.endswith(f".{m}") for n in matched)]
+    missing = [m for m in wanted if m not in OPTIONAL_MODULES_TO_SAVE
+               and not any(n == m or n.endswith(f".{m}") for n in matched)]  # fmt: skip
     if missing:
         raise ValueError(
             f"modules_to_save={missing!r} matched no module; modules with weights here include: "

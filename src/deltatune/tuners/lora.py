@@ -112,9 +112,9 @@ class LoraAdapter(nn.Module):
         self.kind = kind
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if kind == "embedding":
-            self.lora_embedding_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, vocab)
-            self.lora_embedding_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (dim, r)
+        if kind == "embedding":  # drawn with randn as peft does, so one seed gives both libraries the same values
+            self.lora_embedding_A = nn.Parameter(torch.randn(r, in_features).to(dtype))  # (r, vocab)
+            self.lora_embedding_B = nn.Parameter(torch.randn(out_features, r).to(dtype))  # (dim, r)
         else:
             self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype)
             self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype)
@@ -122,10 +122,7 @@ class LoraAdapter(nn.Module):
 
     def reset(self, init: bool | str) -> None:
         """peft's initialisation, so that the same seed gives the same weights."""
-        if init is False:
-            if self.kind == "embedding":
-                nn.init.normal_(self.lora_embedding_A)
-                nn.init.normal_(self.lora_embedding_B)
+        if init is False:  # keep the random draws: A and B both non-zero
             return
         if self.kind == "embedding":
             nn.init.zeros_(self.lora_embedding_A)
@@ -230,6 +227,8 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
 
 def lora_bias_is_trainable(param_name: str, config: LoraConfig) -> bool:
     """LoRA's `bias` option: which base biases train beside the adapter."""
+    if ".original_module." in param_name:  # the frozen original of a modules_to_save copy stays frozen (as peft)
+        return False
     if config.bias == "all":
         return param_name.endswith("bias")
     if config.bias == "lora_only":
