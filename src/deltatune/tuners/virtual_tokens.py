@@ -40,12 +40,6 @@ from deltatune.targeting import wrap_modules_to_save
 
 logger = logging.getLogger(__name__)
 
-# Heads that a classifier task trains in full next to the prompt (peft adds them to modules_to_save).
-TASK_HEADS = {
-    TaskType.SEQ_CLS: ["classifier", "score"],
-    TaskType.TOKEN_CLS: ["classifier", "score"],
-    TaskType.QUESTION_ANS: ["qa_outputs"],
-}
 # Tasks whose token_type_ids are kept (peft drops them for the others).
 KEEPS_TOKEN_TYPES = {TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS}
 
@@ -61,8 +55,8 @@ class PromptLearningConfig(PeftConfig):
         num_transformer_submodules: 2 for encoder-decoder models (peft keeps a second set of rows), else 1.
         num_attention_heads: heads the prefix is split into; None takes the model's (key/value) heads.
         num_layers: layers that get a prefix; None takes the model's layer count.
-        modules_to_save: modules trained in full beside the prompt; classifier heads are added for
-            SEQ_CLS / TOKEN_CLS / QUESTION_ANS, as peft does.
+        modules_to_save: modules trained in full beside the prompt; `PeftModel` adds the classifier heads
+            for SEQ_CLS / TOKEN_CLS / QUESTION_ANS, as peft does.
     """
 
     num_virtual_tokens: int | None = None
@@ -138,20 +132,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def prepare_model(model: nn.Module, config: PromptLearningConfig, adapter_name: str, kv_heads: bool = False) -> None:
-    """What every prompt method does before building its encoder: check the task, size the config, and give the
-    task's head (and any `modules_to_save`) a trainable copy."""
+    """What every prompt method does before building its encoder: check the task, size the config, and give
+    `modules_to_save` (PeftModel has added the task's head there, as peft does) a trainable copy."""
     if config.task_type is None:
         known = ", ".join(t.value for t in TaskType)
         raise ValueError(
             f"{type(config).__name__} needs task_type (one of: {known}): it decides where the virtual tokens go"
         )
     prepare_config(config, model, kv_heads)
-    heads = TASK_HEADS.get(config.task_type, [])
-    config.modules_to_save = list(dict.fromkeys(list(config.modules_to_save or []) + heads)) or None
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    # A head the model does not have ("score" on BERT) is skipped, as in peft; names the user gave must exist.
-    wanted = [m for m in config.modules_to_save or [] if m not in heads or m in present]
-    wrap_modules_to_save(model, wanted, adapter_name)
+    wrap_modules_to_save(model, config.modules_to_save, adapter_name)
 
 
 # ---- the encoder base class --------------------------------------------------------------------------------
