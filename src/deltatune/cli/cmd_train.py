@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entr
 from deltatune.cli.models import load_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, prepare_output
-from deltatune.files import atomic_write_text, load_weights
+from deltatune.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +54,6 @@ class TrainResult:
         return 100 * self.trainable_params / self.all_params
 
 
-class AdapterTrainer(Trainer):
-    """`Trainer` whose checkpoints hold the adapter only, in peft's two files (not the whole model)."""
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        peft_model = self.accelerator.unwrap_model(model or self.model)
-        weights = load_weights(resume_from_checkpoint)
-        peft_model.load_adapter_weights(weights, peft_model.active_adapter, source=resume_from_checkpoint)
-
-
 def as_options(options: TrainOptions | dict[str, Any]) -> TrainOptions:
     return options if isinstance(options, TrainOptions) else make_options(options)
 
@@ -87,18 +73,20 @@ def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: 
     return train, data_mod.tokenize_rows(eval_rows, tokenizer, options.template, options.max_length, eval_source)
 
 
-def build_model(options: TrainOptions, device: str | None = None):
-    """The base model (quantized if asked) wrapped with the method's adapter, and its tokenizer."""
-    peft_config = build_peft_config(options.method, options.method_options)
-    loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit, device)
-    model = loaded.model
+def total_steps(options: TrainOptions, examples: int, processes: int) -> int:
+    """The optimizer steps Trainer will run (what AdaLoRA lays its rank schedule over)."""
+    if options.max_steps:
+        return options.max_steps
+    batches = math.ceil(examples / (options.batch_size * processes))
+    return max(math.ceil(options.epochs * max(batches // options.grad_accum, 1)), 1)
+
+
+def wrap_model(model: torch.nn.Module, options: TrainOptions, total_step: int):
+    """The base model (prepared for training if quantized) wrapped with the method's adapter."""
     if options.load_in_4bit or options.load_in_8bit:
-        prepare = getattr(deltatune, "prepare_model_for_kbit_training", None)
-        if prepare is not None:
-            model = prepare(model)
+        model = deltatune.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     set_seed(options.seed)  # the adapter's initial weights depend on it
-    peft_model = get_peft_model(model, peft_config)
-    return peft_model, loaded.tokenizer, loaded.path
+    return get_peft_model(model, build_peft_config(options.method, options.method_options, total_step))
 
 
 def training_arguments(options: TrainOptions) -> TrainingArguments:
@@ -136,19 +124,23 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     from accelerate import PartialState
 
     options = as_options(options)
-    build_peft_config(options.method, options.method_options)  # bad method options fail before any work
+    build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
-    peft_model, tokenizer, model_path = build_model(options)
+    loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit)
+    tokenizer = loaded.tokenizer
     train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
+    peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
     if state.is_main_process:
         peft_model.print_trainable_parameters()
-        write_run_files(options, model_path)
+        write_run_files(options, loaded.path)
     timer, stopper = StepTimer(), StopOnInterrupt()
-    trainer = AdapterTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
-                             data_collator=data_mod.Collator(tokenizer.pad_token_id), callbacks=[timer, stopper, *(callbacks or [])])  # fmt: skip
+    method_callbacks = [make() for make in method_entry(options.method).callbacks]
+    trainer = Trainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
+                      data_collator=data_mod.Collator(tokenizer.pad_token_id),
+                      callbacks=[timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
     with PeakMemory() as memory, stopper.installed():
         try:
             trainer.train(resume_from_checkpoint=resume_from)

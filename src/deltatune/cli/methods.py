@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune import (AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+from deltatune import (AdaLoraCallback, AdaLoraConfig, AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
                        PromptTuningConfig, TaskType)  # fmt: skip
 
 CAUSAL_LM = TaskType.CAUSAL_LM
@@ -26,6 +26,8 @@ METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
     "preset": ("houlsby", "adapter placement: houlsby (after attention and feed-forward) or pfeiffer (feed-forward only)"),
     "reduction_factor": (16.0, "adapter bottleneck = hidden size / reduction_factor"),
     "bottleneck_size": (None, "adapter bottleneck units, instead of --reduction-factor"),
+    "init_r": (12, "adalora: the rank every module starts with"),
+    "target_r": (8, "adalora: the average rank per module left at the end"),
 }
 OPTION_TYPES: dict[str, type] = {"bottleneck_size": int}  # for options whose default (None) does not tell
 
@@ -38,11 +40,15 @@ class MethodEntry:
         options: the method options (keys of METHOD_OPTIONS) this method reads; others are refused.
         build: options getter -> the library config.
         lr: the default learning rate for a short run (prompt methods need larger steps than LoRA).
+        callbacks: TrainerCallback classes the method needs during training (AdaLoRA's rank allocation).
+
+    Besides METHOD_OPTIONS, the options getter answers "total_step": the run's number of optimizer steps.
     """
 
     options: tuple[str, ...]
     build: Callable[[Callable[[str], Any]], PeftConfig]
     lr: float
+    callbacks: tuple[type, ...] = ()
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -67,6 +73,13 @@ METHODS: dict[str, MethodEntry] = {
                                 target_modules=o("target_modules")),  # fmt: skip
         lr=2e-3,
     ),
+    "adalora": MethodEntry(
+        ("init_r", "target_r", "alpha", "dropout", "target_modules"),
+        lambda o: AdaLoraConfig(task_type=CAUSAL_LM, init_r=o("init_r"), target_r=o("target_r"), lora_alpha=o("alpha"),
+                                lora_dropout=o("dropout"), target_modules=o("target_modules"), total_step=o("total_step")),  # fmt: skip
+        lr=2e-3,
+        callbacks=(AdaLoraCallback,),
+    ),
 }
 
 
@@ -77,7 +90,7 @@ def method_entry(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-def build_peft_config(name: str, given: dict[str, Any]) -> PeftConfig:
+def build_peft_config(name: str, given: dict[str, Any], total_step: int) -> PeftConfig:
     """The library config for method `name` from the method options the user gave (others: defaults).
 
     Raises:
@@ -93,6 +106,8 @@ def build_peft_config(name: str, given: dict[str, Any]) -> PeftConfig:
         raise ValueError(f"{flags} does not apply to --method {name} (it reads: {reads}); {where}")
 
     def option(key: str) -> Any:
+        if key == "total_step":
+            return total_step
         value = given.get(key)
         return METHOD_OPTIONS[key][0] if value is None else value
 
