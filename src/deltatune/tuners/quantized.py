@@ -89,7 +89,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     Returns:
         The same model, changed in place.
     """
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    # peft's default (reentrant checkpointing), said explicitly: torch warns when it is left implicit.
+    kwargs = dict(gradient_checkpointing_kwargs) if gradient_checkpointing_kwargs is not None else {"use_reentrant": True}
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
