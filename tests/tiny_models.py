@@ -93,3 +93,32 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 3, scale: float = 0.1)
 def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **kwargs).logits
+
+
+def lora_pair(arch: str, seed: int = 5, task: str | None = None, **lora_kwargs):
+    """(deltatune model, peft model) with the same base and the same LoRA settings, built from the same seed."""
+    import peft
+
+    import deltatune
+
+    task = task or DEFAULT_TASK.get(arch, "CAUSAL_LM")
+    ours_base, peft_base = twins(arch, task)
+    torch.manual_seed(seed)
+    ours = deltatune.get_peft_model(ours_base, deltatune.LoraConfig(task_type=task, **copy.deepcopy(lora_kwargs)))
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(peft_base, peft.LoraConfig(task_type=task, **copy.deepcopy(lora_kwargs)))
+    return ours, theirs
+
+
+def copy_to_peft(ours, theirs) -> None:
+    """Put deltatune's adapter values into the peft model, through peft's own loader (checks the key names)."""
+    import peft
+
+    result = peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict())
+    assert not result.unexpected_keys, result.unexpected_keys
+
+
+def wrapped_names(model, layer_class) -> list[str]:
+    """Names (relative to the transformers model) of modules wrapped in `layer_class`."""
+    prefix = "base_model.model."
+    return sorted(n[len(prefix):] for n, m in model.named_modules() if isinstance(m, layer_class))

@@ -195,6 +195,11 @@ class PeftModel(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}")
+        if self.active_peft_config.peft_type == PeftType.BITFIT and "__base__" in adapter_names:
+            raise ValueError(
+                "BitFit trains the base biases in place, so one batch cannot mix BitFit rows with '__base__' rows; "
+                "run the base rows in a separate pass inside `with model.disable_adapter():`"
+            )
         modules = list(self._adapter_modules())
         for module in modules:
             module.row_adapters = list(adapter_names)
@@ -228,22 +233,20 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block."""
-        if self.active_peft_config.peft_type == PeftType.BITFIT:
-            from deltatune.tuners.bitfit import swap_bitfit_biases
+        from deltatune.tuners.bitfit import swap_bitfit_biases
 
-            swap_bitfit_biases(self.get_base_model())
-            try:
-                yield
-            finally:
-                swap_bitfit_biases(self.get_base_model())
-            return
+        bitfit = self.active_peft_config.peft_type == PeftType.BITFIT  # BitFit trains biases in place: swap them
         modules = list(self._adapter_modules())
         for module in modules:
             module.disabled = True
         self._adapters_disabled = True
+        if bitfit:
+            swap_bitfit_biases(self.get_base_model())
         try:
             yield
         finally:
+            if bitfit:
+                swap_bitfit_biases(self.get_base_model())
             self._adapters_disabled = False
             for module in modules:
                 module.disabled = False
@@ -285,15 +288,17 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Return the transformers model without any adapter (base weights as before)."""
-        self.unmerge_adapter()
-        if self.active_peft_config.peft_type == PeftType.BITFIT:
-            from deltatune.tuners.bitfit import swap_bitfit_biases
+        from deltatune.tuners.bitfit import remove_bitfit
 
-            swap_bitfit_biases(self.get_base_model())
+        self.unmerge_adapter()
+        remove_bitfit(self.get_base_model(), keep_trained=False)
         return self._unwrap_all()
 
     def _unwrap_all(self) -> nn.Module:
+        from deltatune.tuners.bitfit import remove_bitfit
+
         model = self.get_base_model()
+        remove_bitfit(model, keep_trained=True)  # after merge_and_unload the trained biases are the model's
         for name, module in list(model.named_modules()):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 replace_module(model, name, module.unwrap())
@@ -350,43 +355,48 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip
-        """Add adapter `adapter_name` from a folder written by deltatune or peft."""
+        """Add adapter `adapter_name` from a folder written by deltatune or peft (not activated: `set_adapter`).
+
+        If `adapter_name` exists already, its values are replaced in place, as peft does (this is how Trainer's
+        `resume_from_checkpoint` and `load_best_model_at_end` load a checkpoint; an optimizer keeps working).
+        """
         folder = str(model_id)
-        if adapter_name not in self.peft_config:
+        weights = load_weights(folder)  # file errors first, before the model is touched
+        created = adapter_name not in self.peft_config
+        if created:
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config)
-        # else, as peft: new values for an adapter that exists (Trainer's resume_from_checkpoint and best model);
-        # copied in place, so an optimizer holding these parameters keeps working.
-        self.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
+        try:
+            self.load_adapter_weights(weights, adapter_name, source=folder)
+        except Exception:
+            if created:  # leave no half-loaded adapter behind
+                self.delete_adapter(adapter_name)
+            raise
         self._set_trainable()
         if not is_trainable:
             self.eval()  # as peft does: no adapter dropout at inference
 
-    def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
-        """Copy peft-keyed tensors into adapter `adapter_name`, checking every key and shape."""
-        method = method_for(self.peft_config[adapter_name])
-        if method.from_file:  # the method loads what is special to its file layout first
-            weights = method.from_file(self, weights, adapter_name, source)
+    def _place_file_tensors(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str):
+        """Pair each file tensor with the model tensor it goes into; raise on any unknown key or shape."""
         targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
         everything = self.state_dict(keep_vars=True)
-        unexpected = []
-        with torch.no_grad():
-            for key, value in weights.items():
-                if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
-                    continue
-                # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
-                target = targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
-                if target is None:
-                    unexpected.append(key)
-                    continue
-                if target.shape != value.shape:
-                    raise ValueError(
-                        f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but "
-                        f"{tuple(target.shape)} in this model; the adapter was trained on a different base model "
-                        "(load it onto the model it was made for)"
-                    )
-                target.copy_(value.to(target.dtype))
+        pairs, unexpected = [], []
+        for key, value in weights.items():
+            if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
+                continue
+            # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
+            target = targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
+            if target is None:
+                unexpected.append(key)
+            elif target.shape != value.shape:
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but "
+                    f"{tuple(target.shape)} in this model; the adapter was trained on a different base model "
+                    "(load it onto the model it was made for)"
+                )
+            else:
+                pairs.append((target, value))
         if unexpected:
             raise ValueError(
                 f"{source}: {len(unexpected)} tensors in the adapter file have no place in this model, e.g. "
@@ -395,6 +405,17 @@ class PeftModel(nn.Module):
         missing = sorted(set(targets) - set(weights))
         if missing:
             logger.warning("%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3])
+        return pairs
+
+    def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
+        """Copy peft-keyed tensors into adapter `adapter_name`; every key and shape is checked before any copy."""
+        method = method_for(self.peft_config[adapter_name])
+        if method.from_file:  # the method loads what is special to its file layout first
+            weights = method.from_file(self, weights, adapter_name, source)
+        pairs = self._place_file_tensors(weights, adapter_name, source)
+        with torch.no_grad():
+            for target, value in pairs:
+                target.copy_(value.to(target.dtype))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -402,10 +423,11 @@ class PeftModel(nn.Module):
         """Wrap `model` and load the adapter saved in folder `model_id` (frozen unless `is_trainable`)."""
         folder = str(model_id)
         config = config or PeftConfig.from_pretrained(folder)
+        weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         peft_model = model_class(model, config, adapter_name)
-        peft_model.load_adapter_weights(load_weights(folder), adapter_name, source=folder)
+        peft_model.load_adapter_weights(weights, adapter_name, source=folder)
         if not is_trainable:
             peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout
         return peft_model

@@ -70,7 +70,7 @@ def register(method: Method) -> None:
 
 
 register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
-register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable))
+register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable, can_merge=True))  # trained in place
 register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
 register(Method(PeftType.ADALORA, AdaLoraConfig, add_adalora, lora_bias_is_trainable, can_merge=True,
                 after_forward=add_orthogonal_regularizer, to_file=pruned_tensors, from_file=load_rank_pattern))

@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
+from deltatune.targeting import wrap_modules_to_save
+
+# Parameters of a `modules_to_save` wrapper: its frozen original and its trainable copies are not base biases.
+_WRAPPER_PARTS = (".original_module.", ".modules_to_save.")
 
 
 @dataclass
@@ -26,9 +30,13 @@ class BitFitConfig(PeftConfig):
         bias_pattern: None trains every bias; a list keeps biases whose module name ends with one of the
             entries (e.g. ``["query_key_value", "dense"]``); a string is a regex matched against the full
             parameter name (e.g. ``r".*attention.*bias"``).
+        modules_to_save: modules trained in full beside the biases. The paper trains the new task head too;
+            for SEQ_CLS / TOKEN_CLS / QUESTION_ANS the head ("classifier", "score", "qa_outputs") is added for
+            you, as for LoRA.
     """
 
     bias_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.BITFIT
@@ -36,7 +44,7 @@ class BitFitConfig(PeftConfig):
 
     def selects(self, param_name: str) -> bool:
         """Whether `param_name` is a bias this config trains."""
-        if not param_name.endswith("bias"):
+        if not param_name.endswith("bias") or any(part in param_name for part in _WRAPPER_PARTS):
             return False
         if self.bias_pattern is None:
             return True
@@ -53,13 +61,14 @@ def add_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> Non
             "this model already has a BitFit adapter; BitFit trains the base biases in place, so only one "
             "BitFit adapter fits on one base (load the other onto a fresh copy of the model)"
         )
-    selected = {n: p.detach().clone() for n, p in model.named_parameters() if config.selects(n)}
-    if not selected:
+    if not any(config.selects(n) for n, _ in model.named_parameters()):
         pattern = f" matching bias_pattern={config.bias_pattern!r}" if config.bias_pattern is not None else ""
         names = sorted({n.rsplit(".", 1)[0].split(".")[-1] for n, _ in model.named_parameters() if n.endswith("bias")})
         hint = f"modules with a bias here: {', '.join(names[:20])}" if names else "this model has no bias at all"
         raise ValueError(f"BitFit found no bias parameter{pattern} in {type(model).__name__}; {hint}")
-    model._bitfit_original_biases = selected
+    wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+    # Selected after wrapping: a bias inside a modules_to_save copy trains as part of that copy instead.
+    model._bitfit_original_biases = {n: p.detach().clone() for n, p in model.named_parameters() if config.selects(n)}
 
 
 def swap_bitfit_biases(model: nn.Module) -> None:
@@ -71,6 +80,15 @@ def swap_bitfit_biases(model: nn.Module) -> None:
             trained = params[name].detach().clone()
             params[name].copy_(saved)
             original[name] = trained
+
+
+def remove_bitfit(model: nn.Module, keep_trained: bool) -> None:
+    """Forget the BitFit record; the biases keep their trained values (merge) or get the originals back (unload)."""
+    if getattr(model, "_bitfit_original_biases", None) is None:
+        return
+    if not keep_trained:
+        swap_bitfit_biases(model)
+    del model._bitfit_original_biases
 
 
 def bitfit_is_trainable(param_name: str, config: BitFitConfig) -> bool:

@@ -1,0 +1,441 @@
+"""LoRA against HF peft (the oracle) on tiny random models: same modules, counts, initial values, logits, files.
+
+Adapters are made non-zero (init_lora_weights=False, then every trainable tensor randomised), so a forward
+that ignored the update, or a key that loaded into the wrong place, would change the logits.
+"""
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from tiny_models import (
+    CONFIGS,
+    DEFAULT_TASK,
+    copy_to_peft,
+    logits,
+    lora_pair,
+    randomize_adapter,
+    tiny_inputs,
+    tiny_model,
+    wrapped_names,
+)
+
+import deltatune
+from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
+
+PARITY_ARCHS = ["llama", "bloom", "gpt2", "opt", "t5", "bert"]
+ATOL = 1e-5
+
+
+def parity_kwargs(arch: str) -> dict:
+    kwargs = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    if arch == "bert":
+        kwargs["modules_to_save"] = ["classifier"]
+    return kwargs
+
+
+def trained_pair(arch: str, **kwargs):
+    """(ours, peft) with the same random adapter values in both."""
+    ours, theirs = lora_pair(arch, **{**parity_kwargs(arch), **kwargs})
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    return ours, theirs
+
+
+def assert_same_logits(a, b, inputs, **kwargs):
+    torch.testing.assert_close(logits(a, inputs, **kwargs), logits(b, inputs, **kwargs), rtol=0, atol=ATOL)
+
+
+# ---- parity with peft, per architecture ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", PARITY_ARCHS)
+def test_same_weights_give_peft_logits_and_counts(arch):
+    ours, theirs = trained_pair(arch)
+    inputs = tiny_inputs(arch)
+    assert_same_logits(ours, theirs, inputs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs))
+    with ours.disable_adapter():  # the adapter really changes the output
+        assert (logits(ours, inputs) - logits(theirs, inputs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", PARITY_ARCHS)
+def test_adapter_files_load_across_libraries(arch, tmp_path):
+    ours, theirs = trained_pair(arch)
+    inputs = tiny_inputs(arch)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    peft_reads_ours = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
+    we_read_peft = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft")
+    assert type(we_read_peft) is deltatune.peft_model.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
+    assert_same_logits(peft_reads_ours, ours, inputs)
+    assert_same_logits(we_read_peft, theirs, inputs)
+    assert we_read_peft.get_nb_trainable_parameters()[0] == 0  # loaded for inference: frozen
+
+
+@pytest.mark.parametrize("arch", PARITY_ARCHS)
+def test_merged_equals_unmerged_and_unmerge_restores_the_base(arch):
+    ours, _ = trained_pair(arch)
+    inputs = tiny_inputs(arch)
+    base_weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    expected = logits(ours, inputs)
+    ours.merge_adapter()
+    assert any(not torch.equal(p, base_weights[n]) for n, p in ours.named_parameters() if n in base_weights)
+    torch.testing.assert_close(logits(ours, inputs), expected, rtol=0, atol=ATOL)
+    ours.unmerge_adapter()
+    for name, param in ours.named_parameters():
+        if name in base_weights:
+            torch.testing.assert_close(param, base_weights[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(ours, inputs), expected, rtol=0, atol=ATOL)
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=ATOL)
+
+
+def two_adapter_model(arch):
+    """Adapters "default" and "other" (different random values) on one base, as in peft."""
+    ours, _ = trained_pair(arch)
+    config = LoraConfig(task_type=DEFAULT_TASK.get(arch, "CAUSAL_LM"), **parity_kwargs(arch))
+    ours.add_adapter("other", config)
+    ours.set_adapter("other")
+    randomize_adapter(ours, seed=11)
+    ours.set_adapter("default")
+    return ours
+
+
+def run_alone(model, name, fn):
+    if name == "__base__":
+        with model.disable_adapter():
+            return fn()
+    model.set_adapter(name)
+    try:
+        return fn()
+    finally:
+        model.set_adapter("default")
+
+
+@pytest.mark.parametrize("arch", PARITY_ARCHS)
+def test_mixed_batch_rows_equal_each_adapter_alone(arch):
+    model = two_adapter_model(arch)
+    inputs = tiny_inputs(arch)
+    names = ["other", "__base__", "default"]
+    mixed = logits(model, inputs, adapter_names=names)
+    for row, name in enumerate(names):
+        alone = run_alone(model, name, lambda: logits(model, inputs))
+        torch.testing.assert_close(mixed[row], alone[row], rtol=0, atol=ATOL)
+    assert not torch.allclose(mixed[0], run_alone(model, "default", lambda: logits(model, inputs))[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch, num_beams", [("llama", 1), ("llama", 2), ("bloom", 1), ("gpt2", 1), ("opt", 1),
+                                             ("t5", 1)])  # fmt: skip
+def test_mixed_batch_generate_rows_equal_each_adapter_alone(arch, num_beams):
+    model = two_adapter_model(arch)
+    inputs = {k: v for k, v in tiny_inputs(arch).items() if k != "decoder_input_ids"}
+    names = ["default", "__base__", "other"]
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
+
+    def generate(**extra):
+        with torch.no_grad():
+            return model.generate(**inputs, **settings, **extra)
+
+    mixed = generate(adapter_names=names)
+    for row, name in enumerate(names):
+        alone = run_alone(model, name, generate)
+        assert torch.equal(mixed[row], alone[row]), f"row {row} ({name})"
+
+
+def test_mixed_batch_rejects_unknown_names_and_wrong_row_count():
+    model = two_adapter_model("llama")
+    inputs = tiny_inputs("llama")
+    with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]; known: default, other"):
+        model(**inputs, adapter_names=["default", "nope", "other"])
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3 rows; give one per row"):
+        model(**inputs, adapter_names=["default", "other"])
+
+
+# ---- which modules are adapted ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, target_modules",
+    [
+        ("llama", ["q_proj", "down_proj"]),  # names
+        ("llama", ["self_attn.v_proj", "model.layers.1.mlp.up_proj"]),  # dotted suffix, full name
+        ("bloom", r".*\.1.*query_key_value"),  # the seeds' regex (full match)
+        ("llama", r".*layers\.0\.(self_attn|mlp)\.(q|up)_proj"),
+        ("llama", "all-linear"),
+        ("gpt2", "all-linear"),
+        ("t5", "all-linear"),
+        ("bert", "all-linear"),
+        ("opt", "all-linear"),
+    ],
+)  # fmt: skip
+def test_target_modules_select_the_same_modules_as_peft(arch, target_modules):
+    ours, theirs = lora_pair(arch, target_modules=target_modules)
+    expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
+    assert expected and wrapped_names(ours, LoraLayer) == expected
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_all_linear_leaves_the_lm_head_and_adds_a_second_adapter_to_the_same_layers():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules="all-linear", r=2))
+    first = wrapped_names(model, LoraLayer)
+    assert "lm_head" not in first and len(first) == 2 * 7
+    model.add_adapter("second", LoraConfig(target_modules="all-linear", r=2))
+    assert wrapped_names(model, LoraLayer) == first  # no LoRA inside LoRA (lora_A is an nn.Linear too)
+    assert all("second" in model.get_submodule(f"base_model.model.{n}").adapters for n in first)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_default_targets_per_architecture_equal_peft(arch):
+    model_type = CONFIGS[arch]().model_type
+    assert DEFAULT_TARGET_MODULES[model_type] == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
+    ours, theirs = lora_pair(arch)
+    expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
+    assert expected and wrapped_names(ours, LoraLayer) == expected
+    assert ours.active_peft_config.target_modules == DEFAULT_TARGET_MODULES[model_type]  # written into the config
+
+
+@pytest.mark.parametrize("layers, pattern", [([1], None), (0, "layers"), ([0, 1], ["layers"])])
+def test_layers_to_transform_like_peft(layers, pattern):
+    ours, theirs = lora_pair("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=layers,
+                             layers_pattern=pattern)  # fmt: skip
+    expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
+    assert wrapped_names(ours, LoraLayer) == expected
+    wanted = [layers] if isinstance(layers, int) else layers
+    assert {int(n.split(".")[2]) for n in expected} == set(wanted)
+
+
+def test_modules_to_save_makes_a_trainable_copy_saved_with_the_adapter():
+    ours, theirs = lora_pair("bloom", modules_to_save=["word_embeddings"], target_modules=["query_key_value"])
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    wrapper = ours.get_base_model().transformer.word_embeddings
+    assert wrapper.original_module.weight.requires_grad is False
+    assert wrapper.modules_to_save["default"].weight.requires_grad is True
+    keys = set(ours.get_adapter_state_dict())
+    assert keys == set(peft.get_peft_model_state_dict(theirs))
+    assert "base_model.model.transformer.word_embeddings.weight" in keys
+
+
+# ---- options ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_init_lora_weights_draws_what_peft_draws(init):
+    ours, theirs = lora_pair("llama", init_lora_weights=init, target_modules=["q_proj", "embed_tokens"], r=4)
+    mine, reference = ours.get_adapter_state_dict(), peft.get_peft_model_state_dict(theirs)
+    assert set(mine) == set(reference) - {"base_model.model.model.embed_tokens.base_layer.weight"}
+    for key in mine:
+        assert torch.equal(mine[key], reference[key]), key
+    inputs = tiny_inputs("llama")
+    with ours.disable_adapter():
+        base = logits(ours, inputs)
+    if init is False:
+        assert (logits(ours, inputs) - base).abs().max() > 1e-3
+        assert all(v.abs().sum() > 0 for v in mine.values())
+    else:  # B (or embedding A) starts at zero: the adapted model starts equal to the base
+        assert torch.equal(logits(ours, inputs), base)
+        a = mine["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+        if init == "gaussian":
+            assert 0.1 < a.std().item() < 0.5  # normal with std 1/r = 0.25
+        else:
+            assert a.abs().max() <= 1 / math.sqrt(32)  # Kaiming-uniform bound with a=sqrt(5): 1/sqrt(fan_in)
+
+
+@pytest.mark.parametrize("use_rslora, expected_scale", [(False, 16 / 4), (True, 16 / 2)])
+def test_use_rslora_scale(use_rslora, expected_scale):
+    ours, theirs = lora_pair("llama", r=4, lora_alpha=16, use_rslora=use_rslora, init_lora_weights=False)
+    layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.adapters["default"].scaling == expected_scale
+    copy_to_peft(ours, theirs)
+    assert_same_logits(ours, theirs, tiny_inputs("llama"))
+
+
+def test_rank_and_alpha_patterns_like_peft():
+    ours, theirs = lora_pair("llama", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False,
+                             rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                             alpha_pattern={"q_proj": 24})  # fmt: skip
+    for name in wrapped_names(ours, LoraLayer):
+        adapter = ours.get_base_model().get_submodule(name).adapters["default"]
+        reference = theirs.get_base_model().get_submodule(name)
+        assert adapter.lora_A.weight.shape == reference.lora_A["default"].weight.shape, name
+        assert adapter.scaling == reference.scaling["default"], name
+    layers = ours.get_base_model().model.layers
+    assert [layers[i].self_attn.q_proj.adapters["default"].lora_A.out_features for i in (0, 1)] == [4, 6]
+    assert layers[0].self_attn.v_proj.adapters["default"].lora_A.out_features == 2
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    assert_same_logits(ours, theirs, tiny_inputs("llama"))
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+@pytest.mark.parametrize("arch", ["bloom", "opt"])
+def test_bias_option_counts_and_saved_keys_like_peft(arch, bias):
+    ours, theirs = trained_pair(arch, bias=bias)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    keys = set(ours.get_adapter_state_dict())
+    assert keys == set(peft.get_peft_model_state_dict(theirs))
+    bias_keys = {k for k in keys if k.endswith("bias")}
+    assert (len(bias_keys) > 0) == (bias != "none")
+    assert_same_logits(ours, theirs, tiny_inputs(arch))
+
+
+def test_bias_all_with_a_classifier_head_counts_like_peft():
+    """peft also writes the frozen head's bias and a second copy of the trained one; we write neither but read both."""
+    ours, theirs = trained_pair("bert", bias="all")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    peft_only = {"base_model.model.classifier.original_module.bias", "base_model.model.classifier.modules_to_save.bias"}
+    assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs)) - peft_only
+
+
+def test_embedding_lora_matches_peft_and_files_load_both_ways(tmp_path):
+    ours, theirs = trained_pair("llama", target_modules=["embed_tokens", "v_proj"])
+    layer = ours.get_base_model().model.embed_tokens
+    assert isinstance(layer, LoraLayer) and layer.kind == "embedding"
+    inputs = tiny_inputs("llama")
+    assert_same_logits(ours, theirs, inputs)
+    theirs.save_pretrained(tmp_path / "peft")  # peft adds the base embedding matrix to such files
+    ours.save_pretrained(tmp_path / "ours")
+    assert_same_logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "peft"), ours, inputs)
+    assert_same_logits(peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours"), ours, inputs)
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=ATOL)
+
+
+def test_gpt2_conv1d_sets_fan_in_fan_out_and_matches_peft():
+    ours, theirs = trained_pair("gpt2", target_modules=["c_attn", "c_proj", "c_fc"])
+    assert {ours.get_base_model().get_submodule(n).kind for n in wrapped_names(ours, LoraLayer)} == {"conv1d"}
+    assert_same_logits(ours, theirs, tiny_inputs("gpt2"))
+
+
+def test_lora_dropout_only_in_training_mode():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(lora_dropout=0.5, init_lora_weights=False))
+    inputs = tiny_inputs("llama")
+    model.eval()
+    assert torch.equal(logits(model, inputs), logits(model, inputs))
+    model.train()
+    assert not torch.equal(logits(model, inputs), logits(model, inputs))
+
+
+# ---- the wrapper's adapter management ----------------------------------------------------------------------------
+def test_disable_adapter_runs_the_base_model():
+    ours, _ = trained_pair("llama")
+    inputs = tiny_inputs("llama")
+    adapted = logits(ours, inputs)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=0)
+    assert torch.equal(logits(ours, inputs), adapted)
+
+
+def test_unload_gives_back_the_base_model():
+    ours, _ = trained_pair("llama")
+    inputs = tiny_inputs("llama")
+    ours.merge_adapter()
+    base = ours.unload()
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
+    torch.testing.assert_close(logits(base, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=1e-5)
+
+
+def test_several_named_adapters_like_peft(tmp_path):
+    ours = two_adapter_model("llama")
+    inputs = tiny_inputs("llama")
+    default_logits = logits(ours, inputs)
+    ours.set_adapter("other")
+    other_logits = logits(ours, inputs)
+    assert not torch.allclose(default_logits, other_logits, atol=1e-3)
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.other." in n for n in trainable)  # only the active adapter trains
+    ours.save_pretrained(tmp_path)  # peft's layout: "default" in the folder, others in sub-folders
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    theirs.load_adapter(tmp_path / "other", "other")
+    torch.testing.assert_close(logits(theirs, inputs), default_logits, rtol=0, atol=ATOL)
+    theirs.set_adapter("other")
+    torch.testing.assert_close(logits(theirs, inputs), other_logits, rtol=0, atol=ATOL)
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path / "other", "other")
+    assert loaded.active_adapter == "default"  # load_adapter does not activate (as peft)
+    torch.testing.assert_close(logits(loaded, inputs), default_logits, rtol=0, atol=ATOL)
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded, inputs), other_logits, rtol=0, atol=ATOL)
+    loaded.delete_adapter("other")
+    assert list(loaded.peft_config) == ["default"] and loaded.active_adapter == "default"
+    assert not any("other" in n for n, _ in loaded.named_parameters())
+    torch.testing.assert_close(logits(loaded, inputs), default_logits, rtol=0, atol=ATOL)
+
+
+def test_adapter_management_errors():
+    model = two_adapter_model("llama")
+    with pytest.raises(ValueError, match="an adapter named 'other' exists already; pick another adapter_name"):
+        model.add_adapter("other", LoraConfig())
+    with pytest.raises(ValueError, match="no adapter named 'nope'; this model has: default, other"):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model.delete_adapter("nope")
+    model.delete_adapter("other")
+    with pytest.raises(ValueError, match="cannot delete the only adapter; use unload"):
+        model.delete_adapter("default")
+
+
+def test_print_trainable_parameters_prints_peft_line(capsys):
+    ours, theirs = lora_pair("bloom")
+    theirs.print_trainable_parameters()
+    expected = capsys.readouterr().out
+    ours.print_trainable_parameters()
+    assert capsys.readouterr().out == expected
+    trainable, total = ours.get_nb_trainable_parameters()
+    assert expected.strip() == f"trainable params: {trainable:,d} || all params: {total:,d} || " \
+                               f"trainable%: {100 * trainable / total:.4f}"  # fmt: skip
+
+
+# ---- bad settings --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("r", [0, -2])
+def test_rank_must_be_positive(r):
+    with pytest.raises(ValueError, match=rf"r={r} must be a positive integer \(the LoRA rank\); try r=8"):
+        LoraConfig(r=r)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_dropout_must_be_in_zero_one(dropout):
+    with pytest.raises(ValueError, match=rf"lora_dropout={dropout} is outside \[0.0, 1.0\); use a dropout probability"):
+        LoraConfig(lora_dropout=dropout)
+
+
+def test_unknown_task_type_lists_the_known_ones():
+    with pytest.raises(ValueError, match="task_type='CAUSAL' is not known; use one of: SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"):
+        LoraConfig(task_type="CAUSAL")
+
+
+def test_unknown_bias_and_init_are_refused():
+    with pytest.raises(ValueError, match="bias='some' is not known; use 'none', 'all' or 'lora_only'"):
+        LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'; use True, False or 'gaussian'"):
+        LoraConfig(init_lora_weights="pissa")
+
+
+def test_target_matching_nothing_lists_the_module_names():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError) as error:
+        get_peft_model(model, LoraConfig(target_modules=["query_key_value"]))
+    message = str(error.value)
+    assert message.startswith("target_modules=['query_key_value'] matched no module of LlamaForCausalLM;")
+    for name in ("q_proj", "v_proj", "down_proj", "embed_tokens"):
+        assert name in message
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # nothing half-applied
+
+
+def test_layers_to_transform_with_a_regex_is_refused():
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used with a string target_modules"):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+
+
+def test_modules_to_save_matching_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] matched no module; modules with weights"):
+        get_peft_model(tiny_model("llama"), LoraConfig(modules_to_save=["head"]))
+
+
+def test_unsupported_target_type_is_named():
+    with pytest.raises(TypeError, match="LoRA supports nn.Linear, Conv1D, nn.Embedding .* not LlamaRMSNorm"):
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
+
