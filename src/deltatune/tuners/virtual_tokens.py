@@ -230,13 +230,15 @@ def cache_length(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
-def adjust_ids(inputs: dict[str, Any], task: TaskType, n: int, prefix: bool) -> None:
-    """position_ids and token_type_ids as peft treats them (see the module docstring)."""
+def adjust_ids(inputs: dict[str, Any], task: TaskType, n: int, prefix: bool, warn: bool = True) -> None:
+    """position_ids and token_type_ids as peft treats them (see the module docstring). `warn`: say so when the
+    caller's ids are dropped (not for the ones `generate` makes itself)."""
     if inputs.get("position_ids") is not None:
         if prefix:
             inputs["position_ids"] = inputs["position_ids"] + n  # real tokens come after the n prefix positions
         else:
-            _warn_once("position_ids are not used with prompt tuning / P-tuning (as in peft); ignoring them")
+            if warn:
+                _warn_once("position_ids are not used with prompt tuning / P-tuning (as in peft); ignoring them")
             inputs.pop("position_ids")
     if inputs.get("token_type_ids") is not None:
         if task not in KEEPS_TOKEN_TYPES:
@@ -261,7 +263,7 @@ def prompt_table(peft_model: nn.Module, n: int) -> torch.Tensor:
     return peft_model.prompt_encoder[peft_model.active_adapter].table()[:n]
 
 
-def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any], warn: bool = True) -> dict[str, Any]:
     """Rewrite model inputs for prompt tuning / P-tuning: [prompt ; token embeddings], masks and targets extended.
 
     A causal LM that continues from a non-empty KV cache already holds the prompt there, so only its attention
@@ -270,7 +272,7 @@ def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any]) -> dic
     inputs = dict(inputs)
     config = peft_model.active_peft_config
     task, n = config.task_type, config.num_virtual_tokens
-    adjust_ids(inputs, task, n, prefix=False)
+    adjust_ids(inputs, task, n, prefix=False, warn=warn)
     inputs["attention_mask"] = prepend(inputs.get("attention_mask"), n, 1)
     if inputs["attention_mask"] is None:
         del inputs["attention_mask"]
@@ -339,7 +341,7 @@ def prompt_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
         return model.generate(**kwargs)
     if getattr(model.config, "is_encoder_decoder", False):
         return model.generate(**with_prompt_embeddings(peft_model, kwargs))
-    with rewritten_forward(model, lambda inputs: with_prompt_embeddings(peft_model, inputs)):
+    with rewritten_forward(model, lambda inputs: with_prompt_embeddings(peft_model, inputs, warn=False)):
         return model.generate(**kwargs)
 
 
