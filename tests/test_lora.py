@@ -326,6 +326,36 @@ def test_disable_adapter_runs_the_base_model():
     assert torch.equal(logits(ours, inputs), adapted)
 
 
+def test_disable_adapter_while_merged_still_runs_the_base_model():
+    ours, _ = trained_pair("llama")
+    inputs = tiny_inputs("llama")
+    adapted = logits(ours, inputs)
+    ours.merge_adapter()
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(ours, inputs), adapted, rtol=0, atol=ATOL)  # merged again after the block
+    with pytest.raises(ValueError, match=r"adapter_names cannot be used while an adapter is merged .* unmerge_adapter"):
+        ours(**inputs, adapter_names=["default", "__base__", "default"])
+
+
+def test_merge_a_named_adapter():
+    model = two_adapter_model("llama")
+    inputs = tiny_inputs("llama")
+    model.set_adapter("other")
+    other = logits(model, inputs)
+    model.set_adapter("default")
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    model.merge_adapter(["other"])  # folded in, while "default" stays active beside it
+    model.set_adapter("other")
+    torch.testing.assert_close(logits(model, inputs), other, rtol=0, atol=ATOL)  # not applied twice
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), base, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match=r"cannot merge unknown adapters \['nope'\]; this model has: default, other"):
+        model.merge_adapter(["nope"])
+
+
 def test_unload_gives_back_the_base_model():
     ours, _ = trained_pair("llama")
     inputs = tiny_inputs("llama")

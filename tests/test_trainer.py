@@ -27,8 +27,12 @@ def examples(n: int = 8, length: int = 12) -> list[dict[str, torch.Tensor]]:
 
 def batch_loss(model) -> float:
     batch = {k: torch.stack([e[k] for e in examples()]) for k in ("input_ids", "attention_mask", "labels")}
+    training = model.training
+    model.eval()  # (no checkpointing of a no-grad pass)
     with torch.no_grad():
-        return model(**batch).loss.item()
+        loss = model(**batch).loss.item()
+    model.train(training)
+    return loss
 
 
 def lora_model(config=None):
@@ -122,11 +126,13 @@ def test_load_best_model_at_end_reloads_the_adapter(tmp_path):
         assert torch.equal(value, best[key])
 
 
-def test_trainer_with_gradient_checkpointing(tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_trainer_with_gradient_checkpointing(tmp_path, reentrant):
     model = lora_model()
     loss_before, base_before, adapter_before = batch_loss(model), base_snapshot(model), adapter_snapshot(model)
-    trainer = Trainer(model=model, args=training_args(tmp_path, gradient_checkpointing=True, save_strategy="no"),
-                      train_dataset=examples())  # fmt: skip
+    args = training_args(tmp_path, gradient_checkpointing=True, save_strategy="no",
+                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=examples())
     trainer.train()
     assert model.get_base_model().is_activation_checkpointing
     assert batch_loss(model) < loss_before - 0.05
@@ -143,8 +149,11 @@ def test_trainer_with_bitfit(tmp_path):
     assert saved and all(k.endswith(".bias") for k in saved)
 
 
-def test_plain_pytorch_loop():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plain_pytorch_loop(checkpointing):
     model = lora_model()
+    if checkpointing:  # peft's call; reentrant checkpointing needs inputs that require grad (frozen embeddings)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     loss_before, base_before, adapter_before = batch_loss(model), base_snapshot(model), adapter_snapshot(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -195,6 +195,16 @@ class PeftModel(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}")
+        if self.active_peft_config.is_prompt_learning:
+            raise ValueError(
+                "adapter_names (one adapter per row) is for layer adapters such as LoRA; a prompt method puts one "
+                "prompt before the whole batch: call set_adapter(name) and run each adapter's rows separately"
+            )
+        if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in self._adapter_modules()):
+            raise ValueError(
+                "adapter_names cannot be used while an adapter is merged into the base weights (every row would "
+                "see it); call unmerge_adapter() first"
+            )
         if self.active_peft_config.peft_type == PeftType.BITFIT and "__base__" in adapter_names:
             raise ValueError(
                 "BitFit trains the base biases in place, so one batch cannot mix BitFit rows with '__base__' rows; "
@@ -237,6 +247,10 @@ class PeftModel(nn.Module):
 
         bitfit = self.active_peft_config.peft_type == PeftType.BITFIT  # BitFit trains biases in place: swap them
         modules = list(self._adapter_modules())
+        # A merged update lives in the base weight: take it out for the block, fold it back in after.
+        merged = {m: list(m.merged_adapters) for m in modules if isinstance(m, AdapterLayer) and m.merged_adapters}
+        for module in merged:
+            module.unmerge()
         for module in modules:
             module.disabled = True
         self._adapters_disabled = True
@@ -247,6 +261,8 @@ class PeftModel(nn.Module):
         finally:
             if bitfit:
                 swap_bitfit_biases(self.get_base_model())
+            for module, names in merged.items():
+                module.merge(names)
             self._adapters_disabled = False
             for module in modules:
                 module.disabled = False
@@ -262,6 +278,9 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it."""
         self._check_mergeable()
+        unknown = sorted(set(adapter_names or ()) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapters {unknown}; this model has: {', '.join(self.peft_config)}")
         for module in self._adapter_modules():
             if isinstance(module, AdapterLayer):
                 module.merge(adapter_names)

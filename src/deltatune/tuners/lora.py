@@ -183,7 +183,7 @@ class LoraLayer(AdapterLayer):
         return delta.T if self.kind == "conv1d" else delta
 
     def merge(self, names=None) -> None:
-        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
         weight = self.base_layer.weight
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
             from deltatune.tuners.quantized import merge_into_quantized
