@@ -205,3 +205,16 @@ def test_text_init_needs_a_tokenizer_and_a_text():
 def test_a_task_type_is_required():
     with pytest.raises(ValueError, match="PromptTuningConfig needs task_type"):
         get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
+
+
+def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(tmp_path):
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path, adapter_name="copy")
+    ids, mask = batch("llama")
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        model.set_adapter("copy")
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, first)
+    with pytest.raises(ValueError, match="adapter_names .* is for layer adapters such as LoRA; a prompt method"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=["default", "copy"])
