@@ -308,3 +308,12 @@ def test_compare_in_separate_processes(tiny, tmp_path, held_out):
     [row] = compare(options, methods=["lora"], isolate=True)
     assert row.error is None and row.trainable_params == 2 * 4 * ((32 + 32) + (32 + 16))  # r=4 on q_proj (32->32), v_proj (32->16), 2 layers
     assert row.peak_memory_mb > 50  # a fresh process holding torch and the model
+
+
+def test_main_resume_reads_the_runs_own_options(tiny, tmp_path, held_out):
+    out = str(tmp_path / "run")
+    common = ["--model", tiny, "--eval-data", held_out, "--output", out, "--batch-size", "4"]
+    assert main(["train", *common, "--method", "adapter", "--max-steps", "2", "--save-steps", "2"]) == 0
+    assert main(["train", "--output", out, "--resume", "--max-steps", "3"]) == 0  # no --method: the run's own
+    history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
+    assert history["summary"]["method"] == "adapter" and history["summary"]["steps"] == 3

@@ -18,7 +18,10 @@ import os
 import sys
 from typing import Any
 
-from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES
+# bitsandbytes warns on import that an optional CPU kernel package is missing; the CPU path works without it.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES  # noqa: E402
 
 __all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_logging"]
 
@@ -115,9 +118,13 @@ def _run(args: argparse.Namespace) -> None:
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods", "in_process")}
     if args.command == "train":
-        from deltatune.cli.options import load_options
+        from deltatune.cli.options import RUN_FILE, load_options
 
-        result = cli.train(load_options(args.config, flags))
+        config = args.config
+        saved = os.path.join(flags.get("output", "deltatune-run"), RUN_FILE)
+        if config is None and flags.get("resume") and os.path.isfile(saved):
+            config = saved  # --resume continues the run as it was set up; flags given now still win
+        result = cli.train(load_options(config, flags))
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one reports
             print(f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
                   f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step")  # fmt: skip
