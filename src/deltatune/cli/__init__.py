@@ -18,10 +18,7 @@ import os
 import sys
 from typing import Any
 
-# bitsandbytes warns on import that an optional CPU kernel package is missing; the CPU path works without it.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES  # noqa: E402
+from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES
 
 __all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_logging"]
 
