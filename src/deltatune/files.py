@@ -6,6 +6,7 @@ are renamed over the target, so a failed save leaves the previous adapter intact
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from collections.abc import Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
@@ -73,3 +76,44 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{path} could not be read ({err}); the file is truncated or damaged, save the adapter again"
         ) from None
+
+
+def _target_of(key: str, targets: dict[str, torch.Tensor], everything: dict[str, torch.Tensor]):
+    """The model tensor a file key goes into: an adapter tensor, else any model tensor (trained biases)."""
+    # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
+    return targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
+
+
+def place_tensors(weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                  everything: dict[str, torch.Tensor], source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Pair each tensor of an adapter file with the model tensor it goes into, checking every key and shape.
+
+    Args:
+        weights: the file's tensors under peft's keys.
+        targets: the adapter's own tensors under the same keys.
+        everything: the whole model state dict (keep_vars), for base tensors an adapter trains (biases).
+        source: the folder, named in errors.
+    """
+    pairs, unexpected = [], []
+    for key, value in weights.items():
+        if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
+            continue
+        target = _target_of(key, targets, everything)
+        if target is None:
+            unexpected.append(key)
+        elif target.shape != value.shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but {tuple(target.shape)} in "
+                "this model; the adapter was trained on a different base model (load it onto the model it was made for)"
+            )
+        else:
+            pairs.append((target, value))
+    if unexpected:
+        raise ValueError(
+            f"{source}: {len(unexpected)} tensors in the adapter file have no place in this model, e.g. "
+            f"{unexpected[:3]}; the adapter was made for another architecture or another config"
+        )
+    missing = sorted(set(targets) - set(weights))
+    if missing:
+        logger.warning("%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3])
+    return pairs

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, TaskType
-from deltatune.files import load_weights, save_weights
+from deltatune.files import load_weights, place_tensors, save_weights
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune import trainer_integration
 from deltatune.targeting import replace_module
@@ -396,42 +396,13 @@ class PeftModel(nn.Module):
         if not is_trainable:
             self.eval()  # as peft does: no adapter dropout at inference
 
-    def _place_file_tensors(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str):
-        """Pair each file tensor with the model tensor it goes into; raise on any unknown key or shape."""
-        targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
-        everything = self.state_dict(keep_vars=True)
-        pairs, unexpected = [], []
-        for key, value in weights.items():
-            if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
-                continue
-            # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
-            target = targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
-            if target is None:
-                unexpected.append(key)
-            elif target.shape != value.shape:
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but "
-                    f"{tuple(target.shape)} in this model; the adapter was trained on a different base model "
-                    "(load it onto the model it was made for)"
-                )
-            else:
-                pairs.append((target, value))
-        if unexpected:
-            raise ValueError(
-                f"{source}: {len(unexpected)} tensors in the adapter file have no place in this model, e.g. "
-                f"{unexpected[:3]}; the adapter was made for another architecture or another config"
-            )
-        missing = sorted(set(targets) - set(weights))
-        if missing:
-            logger.warning("%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3])
-        return pairs
-
     def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
         """Copy peft-keyed tensors into adapter `adapter_name`; every key and shape is checked before any copy."""
         method = method_for(self.peft_config[adapter_name])
         if method.from_file:  # the method loads what is special to its file layout first
             weights = method.from_file(self, weights, adapter_name, source)
-        pairs = self._place_file_tensors(weights, adapter_name, source)
+        targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
+        pairs = place_tensors(weights, targets, self.state_dict(keep_vars=True), source)
         with torch.no_grad():
             for target, value in pairs:
                 target.copy_(value.to(target.dtype))
