@@ -95,6 +95,22 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_base(arch):
     torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
+    """fp32 adapters over a half-precision base (as peft); a merge adds in fp32 and rounds once, like peft."""
+    base = tiny_model("llama").to(dtype)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"))
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs("llama")
+    assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
+
+
 def two_adapter_model(arch):
     """Adapters "default" and "other" (different random values) on one base, as in peft."""
     ours, _ = trained_pair(arch)

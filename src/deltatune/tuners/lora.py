@@ -193,7 +193,7 @@ class LoraLayer(AdapterLayer):
         else:
             with torch.no_grad():
                 for name in names:
-                    weight.data += self._base_weight_delta(name).to(weight.dtype)
+                    weight.data += self._base_weight_delta(name)  # summed in fp32, rounded once (as peft)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
@@ -206,7 +206,7 @@ class LoraLayer(AdapterLayer):
         else:
             with torch.no_grad():
                 for name in reversed(self.merged_adapters):
-                    weight.data -= self._base_weight_delta(name).to(weight.dtype)
+                    weight.data -= self._base_weight_delta(name)
         self.merged_adapters = []
 
 
