@@ -476,6 +476,12 @@ def test_layers_to_transform_with_a_regex_is_refused():
         LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
 
 
+def test_layers_pattern_needs_layers_to_transform():
+    with pytest.raises(ValueError, match=r"layers_pattern='layers' only tells where the layer index is; give "
+                                         r"layers_to_transform=\[...\] too"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+
+
 def test_modules_to_save_matching_nothing_is_refused():
     with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] matched no module; modules with weights"):
         get_peft_model(tiny_model("llama"), LoraConfig(modules_to_save=["head"]))

@@ -158,7 +158,12 @@ class PeftConfigWithTargets(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                f"layers_pattern={self.layers_pattern!r} only tells where the layer index is; give "
+                "layers_to_transform=[...] too (the indices to adapt), or drop layers_pattern"
+            )
+        if (self.layers_to_transform is not None or self.layers_pattern) and isinstance(self.target_modules, str):
             raise ValueError(
                 "layers_to_transform cannot be used with a string target_modules (a regex or 'all-linear'); "
                 "list the module names instead, or put the layer index in the regex"
