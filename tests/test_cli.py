@@ -317,3 +317,16 @@ def test_main_resume_reads_the_runs_own_options(tiny, tmp_path, held_out):
     assert main(["train", "--output", out, "--resume", "--max-steps", "3"]) == 0  # no --method: the run's own
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
     assert history["summary"]["method"] == "adapter" and history["summary"]["steps"] == 3
+
+
+def test_qlora_run_on_a_4bit_base(tmp_path, run_options):
+    pytest.importorskip("bitsandbytes")
+    tiny = make_tiny_model(str(tmp_path / "model"), hidden_size=64)  # bitsandbytes' CPU 4-bit kernels need >= 64
+    out = tmp_path / "run"
+    result = train(run_options(tiny, out, max_steps=2, load_in_4bit=True))
+    assert result.steps == 2 and "load_in_4bit: true" in (out / "run.yaml").read_text()
+    peft_model, _, _ = __import__("deltatune.cli.models", fromlist=["x"]).load_adapter_model(str(out))
+    assert any(type(m).__name__ == "Linear4bit" for m in peft_model.modules())  # reloaded on a 4-bit base
+    merge(str(out), str(tmp_path / "merged"))  # merged onto the full-precision base
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())

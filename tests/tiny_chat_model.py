@@ -40,11 +40,11 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def make_tiny_model(folder: str, chat_template: bool = True, seed: int = 0) -> str:
+def make_tiny_model(folder: str, chat_template: bool = True, seed: int = 0, hidden_size: int = 32) -> str:
     """Save a tiny random Llama (attention biases on, so BitFit has something to train) and its tokenizer."""
     tokenizer = make_tokenizer(chat_template)
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), attention_bias=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512)  # fmt: skip
