@@ -16,8 +16,10 @@ time and memory, above 1 for tokens/s). *Bound* = the frozen base model's forwar
 no adapter (its embedding output requires grad), the cost no LoRA implementation can go under; *overhead* =
 case - bound. *lean loss* = `deltatune.ops.lean_causal_lm_loss` (chunked lm_head + cross-entropy, no full
 logits) instead of `model(..., labels=...).loss`; it is opt-in, so it has its own rows and its own bound.
-Memory: CPU = peak RSS of a fresh process per case; GPU = `torch.cuda.max_memory_allocated` of a fresh
-process per case (model weights included in both; overheads are differences).
+Memory: CPU = peak RSS (VmHWM) of a fresh process per case, reset after the model is built and the
+allocator trimmed, so it is the training peak (weights and the torch runtime included); GPU = how far
+`torch.cuda.max_memory_allocated` rises above the memory already allocated over the first three steps of
+each case (activations, gradients and AdamW state). Overheads are differences to the bound either way.
 """
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,7 +197,8 @@ def train_section(args, base, name: str) -> list[dict]:
         cases["bound+lean_loss"] = make_step(models["bound"], ids, lean_loss)
         cases["deltatune+lean_loss"] = make_step(models["deltatune"], ids, lean_loss)
         med = alternate(cases, args.device, args.rounds, args.inner, args.warmup)
-        mem = {case: memory_of(args, name, case, dropout) for case in cases} if args.memory else {}
+        probe = name in args.memory_models.split(",")
+        mem = {case: memory_of(args, name, case, dropout) for case in cases} if probe else {}
         rows.append({"model": name, "dropout": dropout, "time": med, "memory": mem})
         print(f"[{name}] train dropout={dropout}: " + bench_report.train_line(rows[-1]), flush=True)
         del models, cases
@@ -226,15 +226,26 @@ def worker(args) -> None:
     model = frozen_bound(base) if lib == "bound" else wrap(lib, base, args.dropout)
     step = make_step(model, ids, lean_loss if case.endswith("lean_loss") else hf_loss)
     if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        return print(f"PEAK {cuda_step_peak(step)}")
+    # Loading briefly holds a second copy of the weights: hand freed memory back to the OS and reset the
+    # high-water mark, so the peak read below is the training steps' own.
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     for _ in range(3):
         step()
-    sync(args.device)
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(f"PEAK {peak}")
+    print(f"PEAK {vm_status('VmHWM')}")
+
+
+def vm_status(field: str) -> int:
+    """A size in bytes from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        line = next(s for s in f if s.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # reported in kB
 
 
 def generate_section(args, base, name: str) -> dict:
@@ -334,7 +345,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--inner", type=int, default=1, help="calls per timed sample (use ~10 on a GPU)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process memory probes")
+    p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--json-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from --json-dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -342,29 +353,30 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+def run_all(args) -> None:
+    """Every section for every model; the JSON file is rewritten after each, so a cut-off run keeps its figures."""
+    results = {"env": environment(args), "train": [], "generate": [], "mixed": [], "prompt": []}
+    os.makedirs(args.json_dir, exist_ok=True)
+    path = os.path.join(args.json_dir, f"{args.device}-{args.dtype}.json")
+    sections = {"train": train_section, "generate": generate_section, "mixed": mixed_section, "prompt": prompt_section}
+    for name in args.models.split(","):
+        base = load_base(name, args.device, getattr(torch, args.dtype))
+        for section in args.sections.split(","):
+            out = sections[section](args, base, name)
+            results[section] += out if isinstance(out, list) else [out]
+            results["env"]["load_after"] = os.getloadavg()[0]
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+    print(bench_report.render_one(results))
+
+
 def main() -> None:
     args = parse()
     if args.worker:
         return worker(args)
     if not args.render:
-        results = {"env": environment(args), "train": [], "generate": [], "mixed": [], "prompt": []}
-        for name in args.models.split(","):
-            base = load_base(name, args.device, getattr(torch, args.dtype))
-            sections = args.sections.split(",")
-            if "train" in sections:
-                results["train"] += train_section(args, base, name)
-            if "generate" in sections:
-                results["generate"].append(generate_section(args, base, name))
-            if "mixed" in sections:
-                results["mixed"].append(mixed_section(args, base, name))
-            if "prompt" in sections:
-                results["prompt"] += prompt_section(args, base, name)
-        results["env"]["load_after"] = os.getloadavg()[0]
-        os.makedirs(args.json_dir, exist_ok=True)
-        path = os.path.join(args.json_dir, f"{args.device}-{args.dtype}.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        print(bench_report.render_one(results))
+        run_all(args)
     bench_report.write_results(args.json_dir)
 
 

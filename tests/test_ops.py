@@ -25,6 +25,10 @@ def close(a, b, tol=1e-5):
     return torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
 
 
+def relative_error(a, b):
+    return (torch.linalg.norm((a - b).float()) / torch.linalg.norm(b.float())).item()
+
+
 def tiny_llama(seed=0, device="cpu"):
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -74,11 +78,11 @@ def test_lora_linear_half_precision_base_fp32_adapter(device):
     out = lora_linear(x, weight, None, a, b, 0.5)
     ref = reference_lora(x, weight, None, a, b, 0.5, None, 1.0)
     assert out.dtype == torch.bfloat16
-    assert close(out.float(), ref.float(), 1e-2)[0]
+    assert relative_error(out, ref) < 1e-2  # bf16 rounding: one rounding here, two in the reference
     got = torch.autograd.grad(out.float().square().sum(), [x, a, b])
     want = torch.autograd.grad(ref.float().square().sum(), [x, a, b])
     for g, w in zip(got, want):
-        assert torch.linalg.norm((g - w).float()) / torch.linalg.norm(w.float()) < 2e-2
+        assert relative_error(g, w) < 2e-2
 
 
 def test_lora_linear_refuses_trainable_base_weight():

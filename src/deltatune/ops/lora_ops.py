@@ -41,8 +41,8 @@ def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     after_a = F.linear(_low_rank_input(x2, mask, lora_a.dtype), lora_a)  # (N, r)
     if out.dtype == lora_b.dtype:
         out.addmm_(after_a, lora_b.T, alpha=scaling)
-    else:  # half-precision base, fp32 adapter: round the update once, like the reference
-        out += F.linear(after_a, lora_b).mul_(scaling).to(out.dtype)
+    else:  # half-precision base, fp32 adapter: one in-place add, promoted to fp32 and rounded once
+        out.add_(F.linear(after_a, lora_b), alpha=scaling)
     return out, after_a
 
 
@@ -79,8 +79,10 @@ class _LoraLinear(torch.autograd.Function):
             if mask is None and grad_x.dtype == lora_a.dtype:
                 grad_x.addmm_(g_after_a, lora_a, alpha=s)
             else:
-                low = (g_after_a @ lora_a).mul_(s)  # (N, in)
-                grad_x += (low.mul_(mask.reshape(low.shape)) if mask is not None else low).to(grad_x.dtype)
+                low = g_after_a @ lora_a  # (N, in) in the adapter dtype
+                if mask is not None:
+                    low.mul_(mask.reshape(low.shape))
+                grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
             grad_x = grad_x.view(x.shape)
         if need_bias:
             grad_bias = g.sum(0)
