@@ -211,8 +211,8 @@ def check_files_both_ways(ours_config, peft_config, arch: str, task: str, tmp_pa
 
 
 def check_generate_matches_no_cache(config, arch: str, steps: int = 6) -> None:
-    """Greedy generate (KV cache on) == re-running the whole sequence each step, on a left-padded batch; and every
-    step after the first feeds the model one new token (the cache is really used)."""
+    """Greedy generate (KV cache on) == re-running the whole sequence each step, on a left-padded batch; every step
+    after the first feeds the model one new token (the cache is really used); generate(use_cache=False) agrees."""
     task = TASK_OF[arch]
     model = deltatune.get_peft_model(tiny_model(arch, task), config).eval()
     ids, mask = batch(arch)
@@ -226,6 +226,8 @@ def check_generate_matches_no_cache(config, arch: str, steps: int = 6) -> None:
         hook.remove()
     reference = decode_without_cache(model, ids, mask, steps, encoder_decoder=arch == "t5")
     assert torch.equal(out, reference), (out, reference)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, reference), (uncached, reference)
     assert fed[-(steps - 1):] == [1] * (steps - 1), fed
 
 

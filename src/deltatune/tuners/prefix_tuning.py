@@ -118,9 +118,10 @@ def prefix_cache(peft_model: nn.Module, batch: int) -> DynamicCache | EncoderDec
     return EncoderDecoderCache(self_attention, DynamicCache())
 
 
-def with_prefix(peft_model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+def with_prefix(peft_model: nn.Module, inputs: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
     """Rewrite model inputs for prefix tuning: an empty (or no) cache becomes the prefix cache; the attention mask
-    of the layers that see the prefix grows by n; position_ids move past the prefix."""
+    of the layers that see the prefix grows by n; position_ids move past the prefix. `fresh`: always start from
+    the prefix alone (generating without a cache re-runs the whole sequence at every step)."""
     inputs = dict(inputs)
     config = peft_model.active_peft_config
     n = config.num_virtual_tokens
@@ -128,7 +129,7 @@ def with_prefix(peft_model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]
     mask_key = "decoder_attention_mask" if config.num_transformer_submodules == 2 else "attention_mask"
     if inputs.get(mask_key) is not None:
         inputs[mask_key] = prepend(inputs[mask_key], n, 1)
-    if cache_length(inputs.get("past_key_values")) == 0:
+    if fresh or cache_length(inputs.get("past_key_values")) == 0:
         inputs["past_key_values"] = prefix_cache(peft_model, batch_size(inputs))
     return inputs
 
@@ -156,7 +157,11 @@ def prefix_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
     kwargs = generate_inputs(args, kwargs)
     if peft_model._adapters_disabled:
         return model.generate(**kwargs)
-    with rewritten_forward(model, lambda inputs: with_prefix(peft_model, inputs)):
+    # Without a cache, models such as Llama and T5 still hand back the cache they were given, and generate would
+    # feed it in again with the whole sequence: start from the bare prefix at every step instead.
+    config = kwargs.get("generation_config") or model.generation_config
+    fresh = not kwargs.get("use_cache", getattr(config, "use_cache", True))
+    with rewritten_forward(model, lambda inputs: with_prefix(peft_model, inputs, fresh)):
         return model.generate(**kwargs)
 
 
