@@ -19,8 +19,10 @@ Behaviour follows peft 0.21.2, including what the returned tensors look like:
 - token_type_ids are kept for SEQ_CLS, TOKEN_CLS and QUESTION_ANS (zeros over the virtual tokens) and dropped
   with a warning for the other tasks.
 Where peft 0.21.2 is broken we do the evident thing instead: TOKEN_CLS labels are padded with -100 (peft's loss
-crashes on the length mismatch), QUESTION_ANS start/end positions are shifted by n (peft scores them against the
-wrong tokens) and its token_type_ids/position_ids are used (peft silently drops them).
+crashes on the length mismatch); QUESTION_ANS start/end positions are shifted by n (peft scores them against the
+wrong tokens), and QUESTION_ANS keeps token_type_ids (and, for prefix tuning, position_ids) as the other
+classifier tasks do (peft silently drops both there). Inference-loaded adapters count 0 trainable parameters
+(peft leaves the loaded prompt trainable).
 """
 
 from __future__ import annotations
