@@ -482,9 +482,24 @@ def test_layers_pattern_needs_layers_to_transform():
         LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
 
 
-def test_modules_to_save_matching_nothing_is_refused():
+def test_modules_to_save_matching_nothing_is_refused_before_any_change():
+    model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"modules_to_save=\['head'\] matched no module; modules with weights"):
-        get_peft_model(tiny_model("llama"), LoraConfig(modules_to_save=["head"]))
+        get_peft_model(model, LoraConfig(modules_to_save=["head"]))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_a_failed_add_adapter_leaves_the_model_as_it_was():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2))
+    names = {n for n, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match="modules_to_save"):
+        model.add_adapter("second", LoraConfig(modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="matched no module"):
+        model.add_adapter("second", LoraConfig(target_modules=["nope"]))
+    with pytest.raises(TypeError, match="not LlamaRMSNorm"):  # fails after q_proj got its adapter: undone
+        model.add_adapter("second", LoraConfig(target_modules=["q_proj", "input_layernorm"]))
+    assert list(model.peft_config) == ["default"]
+    assert {n for n, _ in model.named_parameters()} == names
 
 
 def test_unsupported_target_type_is_named():

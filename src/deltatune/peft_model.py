@@ -145,6 +145,8 @@ class PeftModel(nn.Module):
                     self.prompt_encoder = nn.ModuleDict()
                 self.prompt_encoder[adapter_name] = beside
         except Exception:
+            for module in self._adapter_modules():  # undo what the method did before it failed
+                module.delete_adapter(adapter_name)
             del self.peft_config[adapter_name]
             raise
         self._set_trainable()

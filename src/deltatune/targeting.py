@@ -145,25 +145,29 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 OPTIONAL_MODULES_TO_SAVE = {"classifier", "score", "qa_outputs"}
 
 
-def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
-    """Give each module named in `modules_to_save` (name or dotted suffix) a trainable copy for `adapter_name`."""
-    from deltatune.layers import ModulesToSaveWrapper
-
+def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    """Names of the modules `modules_to_save` selects (name or dotted suffix); an error if an entry finds none."""
     wanted = list(modules_to_save or [])
     inside = adapter_internal_names(model)
-    matched = set()
-    for name, module in list(model.named_modules()):
-        if not name or name in inside or not any(name == m or name.endswith(f".{m}") for m in wanted):
-            continue
-        if not isinstance(module, ModulesToSaveWrapper):
-            module = ModulesToSaveWrapper(module)
-            replace_module(model, name, module)
-        module.add(adapter_name)
-        matched.add(name)
+    found = [name for name, _ in model.named_modules()
+             if name and name not in inside and any(name == m or name.endswith(f".{m}") for m in wanted)]  # fmt: skip
     missing = [m for m in wanted if m not in OPTIONAL_MODULES_TO_SAVE
-               and not any(n == m or n.endswith(f".{m}") for n in matched)]  # fmt: skip
+               and not any(n == m or n.endswith(f".{m}") for n in found)]  # fmt: skip
     if missing:
         raise ValueError(
             f"modules_to_save={missing!r} matched no module; modules with weights here include: "
             f"{weight_module_names(model)}"
         )
+    return found
+
+
+def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
+    """Give each module named in `modules_to_save` a trainable copy for `adapter_name`."""
+    from deltatune.layers import ModulesToSaveWrapper
+
+    for name in modules_to_save_names(model, modules_to_save):
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            replace_module(model, name, module)
+        module.add(adapter_name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.targeting import wrap_modules_to_save
+from deltatune.targeting import modules_to_save_names, wrap_modules_to_save
 
 # Parameters of a `modules_to_save` wrapper: its frozen original and its trainable copies are not base biases.
 _WRAPPER_PARTS = (".original_module.", ".modules_to_save.")
@@ -61,6 +61,7 @@ def add_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> Non
             "this model already has a BitFit adapter; BitFit trains the base biases in place, so only one "
             "BitFit adapter fits on one base (load the other onto a fresh copy of the model)"
         )
+    modules_to_save_names(model, config.modules_to_save)  # checked before anything is changed
     if not any(config.selects(n) for n, _ in model.named_parameters()):
         pattern = f" matching bias_pattern={config.bias_pattern!r}" if config.bias_pattern is not None else ""
         names = sorted({n.rsplit(".", 1)[0].split(".")[-1] for n, _ in model.named_parameters() if n.endswith("bias")})

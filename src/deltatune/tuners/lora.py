@@ -23,7 +23,7 @@ from torch import nn
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
-from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
+from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -212,7 +212,9 @@ class LoraLayer(AdapterLayer):
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module of `model` in a `LoraLayer` and give it adapter `adapter_name`."""
-    for name in find_targets(model, config, DEFAULT_TARGET_MODULES):
+    targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
+    modules_to_save_names(model, config.modules_to_save)  # checked before any layer is changed
+    for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             if isinstance(module, AdapterLayer):
