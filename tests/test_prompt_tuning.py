@@ -218,3 +218,18 @@ def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, first)
     with pytest.raises(ValueError, match="adapter_names .* is for layer adapters such as LoRA; a prompt method"):
         model(input_ids=ids, attention_mask=mask, adapter_names=["default", "copy"])
+
+
+def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
+    n = 4
+    model = get_peft_model(tiny_model("bert", "QUESTION_ANS"), PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=n)).eval()
+    ids, mask = batch("bert")
+    segments = torch.ones_like(ids)  # the context segment, as a QA tokenizer marks it
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, token_type_ids=segments).start_logits
+        base = model.get_base_model()
+        embeds = torch.cat((model.prompt_encoder["default"].table().expand(2, -1, -1), base.get_input_embeddings()(ids)), dim=1)
+        expected = base(inputs_embeds=embeds, attention_mask=torch.cat((torch.ones(2, n, dtype=mask.dtype), mask), 1),
+                        token_type_ids=torch.cat((torch.zeros(2, n, dtype=ids.dtype), segments), 1)).start_logits  # fmt: skip
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours, model(input_ids=ids, attention_mask=mask).start_logits)  # the segments matter
