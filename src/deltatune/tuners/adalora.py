@@ -2,7 +2,8 @@
 
 Each adapted weight W (out x in) gets an update in SVD form, whose rank AdaLoRA shrinks where it matters least::
 
-    h = W x + (alpha / (r_0 + 1e-5)) * P diag(Λ) Q x        Q = lora_A: (r x in), Λ = lora_E: (r x 1), P = lora_B: (out x r)
+    h = W x + (alpha / (r_0 + 1e-5)) * P diag(Λ) Q x
+    Q = lora_A: (r x in), Λ = lora_E: (r x 1), P = lora_B: (out x r), r_0 = init_r
 
 Λ starts at zero (the model starts equal to the base); P and Q start small and random. Training adds an
 orthogonality penalty mean(||QQᵀ - I||_F, ||PᵀP - I||_F) to the loss so that P and Q stay near-orthogonal and
@@ -89,7 +90,9 @@ class AdaLoraConfig(LoraConfig):
                 "which the rank budget schedule is laid out; e.g. total_step=len(train_dataloader) * num_epochs"
             )
         if self.init_r <= 0 or not 0 <= self.target_r <= self.init_r:
-            raise ValueError(f"need 0 <= target_r <= init_r and init_r > 0; got target_r={self.target_r}, init_r={self.init_r}")
+            raise ValueError(
+                f"need 0 <= target_r <= init_r and init_r > 0; got target_r={self.target_r}, init_r={self.init_r}"
+            )
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
                 f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no budget phase "
@@ -150,7 +153,8 @@ class SVDLayer(AdapterLayer):
         self.in_features, self.out_features = _in_out(base_layer)
 
     def add(self, name: str, rank: int, config: AdaLoraConfig) -> None:
-        self.adapters[name] = SVDAdapter(self.in_features, self.out_features, rank, config, self.base_layer.weight.device)
+        device = self.base_layer.weight.device
+        self.adapters[name] = SVDAdapter(self.in_features, self.out_features, rank, config, device)
 
     def resize(self, name: str, rank: int) -> None:
         """Rebuild adapter `name` at `rank` (the values are loaded next); ranknum stays init_r."""
@@ -290,7 +294,9 @@ def _trainable_adapter(model: nn.Module) -> tuple[str, AdaLoraConfig, list[tuple
     adapters = _adapters(model, name)
     config = adapters[0][1].config
     if config.inference_mode:
-        raise ValueError(f"AdaLoRA adapter {name!r} was loaded for inference; load it with is_trainable=True to train it")
+        raise ValueError(
+            f"AdaLoRA adapter {name!r} was loaded for inference; load it with is_trainable=True to train it"
+        )
     return name, config, adapters
 
 
@@ -371,7 +377,7 @@ def _module_of(pattern_key: str, adapter_name: str) -> str:
     return key.removesuffix(".lora_E")
 
 
-def pruned_tensors(peft_model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def pruned_tensors(peft_model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict:
     """For the file: keep only the triplets the rank pattern keeps (peft's layout)."""
     config = peft_model.peft_config[adapter_name]
     if not config.rank_pattern:

@@ -82,11 +82,14 @@ class AdapterConfig(PeftConfigWithTargets):
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not a known adapter preset; use one of: {', '.join(PRESETS)}")
         if self.bottleneck_size is None and not self.reduction_factor > 0:
-            raise ValueError(f"reduction_factor={self.reduction_factor} must be > 0 (hidden size // it = bottleneck); try 16")
+            raise ValueError(
+                f"reduction_factor={self.reduction_factor} must be > 0 (hidden size // it = bottleneck); try 16"
+            )
         if self.bottleneck_size is not None and self.bottleneck_size < 1:
             raise ValueError(f"bottleneck_size={self.bottleneck_size} must be a positive number of units; try 64")
         if self.non_linearity not in NON_LINEARITIES:
-            raise ValueError(f"non_linearity={self.non_linearity!r} is not known; use one of: {', '.join(NON_LINEARITIES)}")
+            known = ", ".join(NON_LINEARITIES)
+            raise ValueError(f"non_linearity={self.non_linearity!r} is not known; use one of: {known}")
         check_range("adapter_dropout", self.adapter_dropout, 0.0, 1.0, "use a dropout probability such as 0.1")
 
     def hidden_units(self, hidden_size: int, where: str = "") -> int:
@@ -96,7 +99,8 @@ class AdapterConfig(PeftConfigWithTargets):
         units = int(hidden_size // self.reduction_factor)
         if units < 1:
             raise ValueError(
-                f"reduction_factor={self.reduction_factor} leaves no hidden unit in the adapter after {where or 'a layer'} "
+                f"reduction_factor={self.reduction_factor} leaves no hidden unit in the adapter after "
+                f"{where or 'a layer'} "
                 f"(hidden size {hidden_size} // {self.reduction_factor} = 0); use reduction_factor <= {hidden_size} "
                 "or set bottleneck_size"
             )

@@ -90,7 +90,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         The same model, changed in place.
     """
     # peft's default (reentrant checkpointing), said explicitly: torch warns when it is left implicit.
-    kwargs = dict(gradient_checkpointing_kwargs) if gradient_checkpointing_kwargs is not None else {"use_reentrant": True}
+    kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
