@@ -3,6 +3,7 @@ Ctrl-C, bad input, and the `deltatune` entry point itself."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -71,9 +72,12 @@ def test_train_save_load_chat_eval_merge(method, tiny, tmp_path, run_options):
     assert scores.base_eval_loss != pytest.approx(scores.eval_loss, rel=1e-6)  # the adapter changes the model
     assert scores.examples == 8 and 0.0 <= scores.exact_match <= 1.0 and len(scores.answers) == 8
     # chat: one prompt, with the base answer beside the tuned one
+    stream = io.StringIO()
     turns = chat(adapter=str(out), prompt="Normalize the date to YYYY-MM-DD.\n5 March 2024", compare_base=True,
-                 max_new_tokens=6, out=None)  # fmt: skip
+                 max_new_tokens=6, out=stream)  # fmt: skip
     assert len(turns) == 1 and isinstance(turns[0].answer, str) and isinstance(turns[0].base_answer, str)
+    streamed = stream.getvalue()  # "[base]  <streamed base answer>\n[tuned] <streamed tuned answer>\n"
+    assert streamed.index(turns[0].base_answer) < streamed.index("[tuned]") < streamed.rindex(turns[0].answer)
     # merge: a plain transformers model with the adapter folded in, for methods that can merge
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(out))
     ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
@@ -243,8 +247,6 @@ def test_main_reports_errors_without_a_traceback(tiny, tmp_path, capsys):
 
 
 def test_chat_repl_streams_and_keeps_history(tiny, tmp_path, run_options):
-    import io
-
     out = tmp_path / "run"
     train(run_options(tiny, out, max_steps=1))
     lines = iter(["Normalize the date to YYYY-MM-DD.\n1 May 2001", "and again", "/reset", "third", "/quit"])
