@@ -86,6 +86,11 @@ class StopOnInterrupt(TrainerCallback):
         self.requested = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # under torchrun every rank must stop at the same step, or the others wait forever in all-reduce
+            flag = torch.tensor([int(self.requested)], device=args.device)  # NCCL wants it on the GPU
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(flag.item())
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
