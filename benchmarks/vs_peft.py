@@ -198,11 +198,28 @@ def train_section(args, base, name: str) -> list[dict]:
         cases["deltatune+lean_loss"] = make_step(models["deltatune"], ids, lean_loss)
         med = alternate(cases, args.device, args.rounds, args.inner, args.warmup)
         probe = name in args.memory_models.split(",")
-        mem = {case: memory_of(args, name, case, dropout) for case in cases} if probe else {}
+        if args.device == "cuda":  # in-process: the steps' peak above what was allocated before them
+            mem = {case: cuda_step_peak(step) for case, step in cases.items()} if probe else {}
+        else:
+            mem = {case: memory_of(args, name, case, dropout) for case in cases} if probe else {}
         rows.append({"model": name, "dropout": dropout, "time": med, "memory": mem})
         print(f"[{name}] train dropout={dropout}: " + bench_report.train_line(rows[-1]), flush=True)
         del models, cases
     return rows
+
+
+def cuda_step_peak(step) -> float:
+    """Bytes `torch.cuda.max_memory_allocated` rises above the resident memory over three first steps."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - before)
 
 
 def memory_of(args, name: str, case: str, dropout: float) -> float:
