@@ -64,8 +64,10 @@ METHODS: dict[str, MethodEntry] = {
         task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-2),
     "p-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PromptEncoderConfig(
         task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-3),
+    # Prefixes start at zero: peft's default N(0, 1) start swamps a trained model's attention (on SmolLM2 the
+    # held-out loss starts at 4.38 instead of the base's 0.73; at zero it starts at 0.79).
     "prefix-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PrefixTuningConfig(
-        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=1e-2),
+        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens"), init_weights="zero"), lr=1e-2),
     "adapter": MethodEntry(
         ("preset", "reduction_factor", "bottleneck_size", "dropout", "target_modules"),
         lambda o: AdapterConfig(task_type=CAUSAL_LM, preset=o("preset"), reduction_factor=o("reduction_factor"),
