@@ -225,7 +225,7 @@ def cuda_step_peak(step) -> float:
 def memory_of(args, name: str, case: str, dropout: float) -> float:
     """Peak bytes of `case` measured in a fresh process (RSS on CPU, max_memory_allocated on CUDA)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--models", name, "--device", args.device,
-           "--dtype", args.dtype, "--dropout", str(dropout)]  # fmt: skip
+           "--dtype", args.dtype, "--dropout", str(dropout), "--threads", str(args.threads)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [s for s in out.stdout.splitlines() if s.startswith("PEAK ")]
     if not line:
@@ -361,6 +361,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per case (median taken)")
     p.add_argument("--inner", type=int, default=1, help="calls per timed sample (use ~10 on a GPU)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--json-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -390,6 +391,8 @@ def run_all(args) -> None:
 
 def main() -> None:
     args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args)
     if not args.render:

@@ -69,7 +69,8 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype; no copy when they agree
         g_after_a = g_low @ lora_b  # (N, r), unscaled
-        grad_b = torch.addmm(lora_b, g_low.T, after_a, beta=0, alpha=s) if need_b else None  # (out, r)
+        # (out, r) computed as ((A x)^T g)^T: the skinny operand first is about twice as fast on CPU BLAS
+        grad_b = torch.addmm(lora_b.T, after_a.T, g_low, beta=0, alpha=s).T if need_b else None
         grad_a = grad_x = grad_bias = None
         if need_a:
             x_low = _low_rank_input(x.reshape(-1, x.shape[-1]), mask, lora_a.dtype)  # (N, in)
