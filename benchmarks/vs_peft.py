@@ -336,6 +336,16 @@ def prompt_section(args, base, name: str) -> list[dict]:
 
 
 # ---- driver --------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The processor model and core count (Linux /proc/cpuinfo; the architecture elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def environment(args) -> dict:
     import peft
     import transformers
@@ -345,7 +355,7 @@ def environment(args) -> dict:
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": args.device,
            "dtype": args.dtype, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,
-           "deltatune": getattr(deltatune, "__version__", "repo"), "cpu": platform.processor() or platform.machine(),
+           "deltatune": getattr(deltatune, "__version__", "repo"), "cpu": cpu_name(),
            "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "rounds": args.rounds}  # fmt: skip
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
