@@ -60,7 +60,8 @@ def mixed_line(row: dict) -> str:
     t = row["tokens_per_s"]
     return (f"generate peft {t['peft generate']:.1f} / deltatune {t['deltatune generate']:.1f} tok/s "
             f"(x{_ratio(t['deltatune generate'], t['peft generate'])}); forward 8x128 peft {t['peft forward']:.0f} / "
-            f"deltatune {t['deltatune forward']:.0f} tok/s (x{_ratio(t['deltatune forward'], t['peft forward'])})")  # fmt: skip
+            f"deltatune {t['deltatune forward']:.0f} tok/s (x{_ratio(t['deltatune forward'], t['peft forward'])})"
+            + (f"; base model alone {t['base generate']:.1f} / {t['base forward']:.0f} tok/s" if "base generate" in t else ""))  # fmt: skip
 
 
 def _train_tables(rows: list[dict]) -> list[str]:
@@ -105,15 +106,25 @@ def _generate_table(rows: list[dict]) -> list[str]:
 
 def _mixed_table(rows: list[dict]) -> list[str]:
     out = ["### 4. Mixed batch, 8 rows with 8 different adapters (`adapter_names`), tokens/s", "",
-           "| model | peft generate | dt generate | dt/peft | peft forward 8x128 | dt forward 8x128 | dt/peft "
-           "| same tokens |", "|" + "---|" * 8]  # fmt: skip
+           "*base* = the same 8 rows through the base model with no adapter; *base/peft* is the most any "
+           "implementation could gain over peft (a mixed batch that cost nothing).", "",
+           "| model | base generate | peft generate | dt generate | dt/peft | base/peft | base forward 8x128 "
+           "| peft forward | dt forward | dt/peft | base/peft | same tokens |", "|" + "---|" * 12]  # fmt: skip
     for r in rows:
         t = r["tokens_per_s"]
-        out.append(f"| {r['model']} | {t['peft generate']:.1f} | {t['deltatune generate']:.1f} "
-                   f"| {_ratio(t['deltatune generate'], t['peft generate'])} | {t['peft forward']:.0f} "
-                   f"| {t['deltatune forward']:.0f} | {_ratio(t['deltatune forward'], t['peft forward'])} "
-                   f"| {r['same_tokens']} |")  # fmt: skip
+        base_gen, base_fwd = t.get("base generate"), t.get("base forward")
+        out.append(f"| {r['model']} | {_opt(base_gen, '.1f')} | {t['peft generate']:.1f} | {t['deltatune generate']:.1f} "
+                   f"| {_ratio(t['deltatune generate'], t['peft generate'])} "
+                   f"| {_ratio(base_gen, t['peft generate']) if base_gen else 'n/a'} | {_opt(base_fwd, '.0f')} "
+                   f"| {t['peft forward']:.0f} | {t['deltatune forward']:.0f} "
+                   f"| {_ratio(t['deltatune forward'], t['peft forward'])} "
+                   f"| {_ratio(base_fwd, t['peft forward']) if base_fwd else 'n/a'} | {r['same_tokens']} |")  # fmt: skip
     return out
+
+
+def _opt(value: float | None, spec: str) -> str:
+    """A figure, or 'n/a' for runs made before the column existed."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _prompt_table(rows: list[dict]) -> list[str]:

@@ -294,20 +294,24 @@ def mixed_section(args, base, name: str) -> dict:
     long_batch = batch(base, 8, 128, args.device, seed=3)
     names = [f"a{i}" for i in range(8)]
     models = {lib: wrap(lib, copy.deepcopy(base), adapters=8).eval() for lib in ("peft", "deltatune")}
+    models["base"] = copy.deepcopy(base)  # no adapters at all: the ceiling any mixed batch can reach
     new = args.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     outs = {}
 
+    def rows(lib):
+        return {} if lib == "base" else {"adapter_names": names}
+
     def gen(lib):
         def run():
             with torch.no_grad():
-                outs[lib] = models[lib].generate(input_ids=prompts, adapter_names=names, **kw)
+                outs[lib] = models[lib].generate(input_ids=prompts, **rows(lib), **kw)
         return run
 
     def fwd(lib):
         def run():
             with torch.no_grad():
-                models[lib](input_ids=long_batch, adapter_names=names)
+                models[lib](input_ids=long_batch, **rows(lib))
         return run
 
     cases = {f"{lib} generate": gen(lib) for lib in models} | {f"{lib} forward": fwd(lib) for lib in models}
@@ -407,7 +411,10 @@ def main() -> None:
         return worker(args)
     if not args.render:
         run_all(args)
-    bench_report.write_results(args.json_dir)
+    default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    # a scratch --json-dir gets its own RESULTS.md, so trial runs never overwrite the committed one
+    target = None if os.path.abspath(args.json_dir) == default_dir else os.path.join(args.json_dir, "RESULTS.md")
+    bench_report.write_results(args.json_dir, *([target] if target else []))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_lora_linear_matches_reference(device, dropout, with_bias):
     x, a, b = leaves((2, 5, 16), (4, 16), (24, 4), device=device)
     weight = torch.randn(24, 16, device=device)
     bias = torch.randn(24, device=device, requires_grad=True) if with_bias else None
-    mask = dropout_mask(x, dropout) if dropout else None
+    mask = dropout_mask(x, dropout)[0] if dropout else None
     keep = 1 / (1 - dropout)
     out = lora_linear(x, weight, bias, a, b, 2.0, dropout, mask=mask)
     ref = reference_lora(x, weight, bias, a, b, 2.0, mask, keep)
@@ -94,11 +94,40 @@ def test_lora_linear_refuses_trainable_base_weight():
 def test_dropout_mask_keeps_one_minus_p_and_follows_the_seed():
     x = torch.empty(400, 500)
     torch.manual_seed(3)
-    first, second = dropout_mask(x, 0.2), dropout_mask(x, 0.2)
-    assert abs(first.float().mean().item() - 0.8) < 0.01
+    (first, keep), (second, _) = dropout_mask(x, 0.2), dropout_mask(x, 0.2)
+    assert first.dtype == torch.bool and first.shape == x.shape
+    assert keep == 1 - round(0.2 * 65536) / 65536  # the lane threshold's exact keep probability
+    assert abs(keep - 0.8) <= 1 / 131072
+    assert abs(first.float().mean().item() - keep) < 0.004  # 200,000 draws: 5 standard deviations
     assert not torch.equal(first, second)  # each layer / call draws its own mask
     torch.manual_seed(3)
-    assert torch.equal(dropout_mask(x, 0.2), first)
+    assert torch.equal(dropout_mask(x, 0.2)[0], first)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (1, 1, 2)])
+def test_dropout_mask_lanes_cover_odd_sizes_with_independent_quarters(shape):
+    torch.manual_seed(4)
+    mask, _ = dropout_mask(torch.empty(*shape), 0.5)
+    assert mask.shape == shape
+    big, keep = dropout_mask(torch.empty(4 * 100_000), 0.05)
+    for lane in range(4):  # each 16-bit lane of a 64-bit draw keeps at the same rate
+        assert abs(big.view(-1, 4)[:, lane].float().mean().item() - keep) < 0.004
+
+
+def test_dropout_mask_falls_back_to_bernoulli_outside_the_lane_resolution():
+    x = torch.empty(100, 100)
+    mask, keep = dropout_mask(x, 1e-6)  # round(p * 65536) == 0: drawn exactly
+    assert keep == 1 - 1e-6 and mask.all()
+
+
+def test_lora_linear_with_drawn_dropout_is_unbiased():
+    torch.manual_seed(5)
+    x = torch.randn(64, 32).repeat(200, 1)  # each row many times: the mean over draws approaches no-dropout
+    weight, a, b = torch.zeros(8, 32), torch.randn(4, 32), torch.randn(8, 4)
+    out = lora_linear(x, weight, None, a, b, 1.0, dropout=0.3).view(200, 64, 8).mean(0)
+    exact = x[:64] @ a.T @ b.T
+    assert (out - exact).abs().max().item() < 0.15 * exact.abs().max().item()
+    assert not torch.allclose(lora_linear(x[:64], weight, None, a, b, 1.0, dropout=0.3), exact)
 
 
 def saved_bytes(fn):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.ops.lora_ops import lora_linear
+from deltatune.ops.lora_ops import lora_linear, lora_linear_inference
 from deltatune.ops.mixed_batch import mixed_lora_linear, row_index, stack_lora_weights
 
 _ENABLED = [True]
@@ -60,7 +60,7 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     base = layer._modules["base_layer"]
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
-    weight, bias = base.weight, base.bias
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
     if weight.requires_grad or x.dtype != weight.dtype or torch._C._is_any_autocast_enabled():
         return None
     pending = () if state["disabled"] else _pending(state)
@@ -69,8 +69,24 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     if len(pending) != 1:
         return None
     adapter = layer._modules["adapters"]._modules[pending[0]]
-    lora_a, lora_b = adapter._modules["lora_A"].weight, adapter._modules["lora_B"].weight
-    return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, _dropout_p(adapter))
+    lora_a = adapter._modules["lora_A"]._parameters["weight"]
+    lora_b = adapter._modules["lora_B"]._parameters["weight"]
+    dropout = _dropout_p(adapter)
+    recording = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                             or (bias is not None and bias.requires_grad))  # fmt: skip
+    if dropout == 0 and not recording:
+        return lora_linear_inference(x, weight, bias, lora_a, _b_transposed(adapter, lora_b), adapter.scaling)
+    return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
+
+
+def _b_transposed(adapter: nn.Module, lora_b: torch.Tensor) -> torch.Tensor:
+    """B^T, contiguous, cached on the adapter until B changes (an optimizer step or a load bumps its version)."""
+    key = (lora_b.data_ptr(), lora_b._version, lora_b.dtype)
+    cached = adapter.__dict__.get("_b_transposed")
+    if cached is None or cached[0] != key:
+        cached = (key, lora_b.detach().t().contiguous())
+        adapter.__dict__["_b_transposed"] = cached
+    return cached[1]
 
 
 def _stacks(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,5 +119,5 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
         return None
     if any(_dropout_p(layer.adapters[n]) > 0 for n in names) or torch.is_autocast_enabled(x.device.type):
         return None
-    a_stack, b_stack = _stacks(layer, names)
-    return mixed_lora_linear(x, result, _rows(layer, names, x.shape[0], x.device), a_stack, b_stack)
+    a_stack, bt_stack = _stacks(layer, names)
+    return mixed_lora_linear(x, result, _rows(layer, names, x.shape[0], x.device), a_stack, bt_stack)

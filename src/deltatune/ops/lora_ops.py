@@ -23,9 +23,23 @@ import torch
 import torch.nn.functional as F
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A keep-mask shaped like `x` (True = keep, probability 1 - p), one byte per element."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+def dropout_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A keep-mask shaped like `x` (True = keep, one byte per element) and its exact keep probability.
+
+    On CPU, `bernoulli_` draws one 32-bit number per element (about 6 ns each, the largest cost of LoRA
+    dropout on CPU). Here each 64-bit draw serves four elements as 16-bit lanes, compared with a threshold:
+    about 3.5x faster. The drop probability becomes round(p * 65536) / 65536 (within 1 / 131072 of p), and
+    the keep probability returned is that exact value, so scaling by its inverse keeps the layer unbiased.
+    """
+    drops = round(p * _LANES)
+    if x.device.type != "cpu" or not 0 < drops < _LANES:
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p), 1.0 - p
+    n = x.numel()
+    lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
+    return (lanes >= drops - _LANES // 2).view(x.shape), 1.0 - drops / _LANES
+
+
+_LANES = 2**16  # values of a 16-bit lane
 
 
 def _low_rank_input(x2: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -82,12 +96,30 @@ class _LoraLinear(torch.autograd.Function):
             else:
                 low = g_after_a @ lora_a  # (N, in) in the adapter dtype
                 if mask is not None:
-                    low.mul_(mask.reshape(low.shape))
-                grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
+                    grad_x.addcmul_(low, mask.reshape(low.shape), value=s)  # masked and added in one pass
+                else:
+                    grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
             grad_x = grad_x.view(x.shape)
         if need_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_linear_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b_t: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+    """`lora_linear` with nothing recorded and no dropout: the per-token path of `generate`.
+
+    At one token per step every launch counts: the input keeps its shape (no reshape), and B comes
+    transposed and contiguous (`lora_b_t`, (r, out)), which makes the in-place ``addmm_`` about three times
+    faster on CPU BLAS than with ``B.T`` for a single row.
+    """
+    out = F.linear(x, weight, bias)  # (..., out), fresh and contiguous
+    after_a = F.linear(x if x.dtype == lora_a.dtype else x.to(lora_a.dtype), lora_a)  # (..., r)
+    if out.dtype == lora_b_t.dtype:
+        out.view(-1, out.shape[-1]).addmm_(after_a.view(-1, after_a.shape[-1]), lora_b_t, alpha=scaling)
+    else:  # half-precision base, fp32 adapter: promoted in place, rounded once
+        out.add_(after_a @ lora_b_t, alpha=scaling)
+    return out
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -110,9 +142,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad "
                          "(freeze it, or use LoraLayer.adapter_forward, which trains through the base layer)")
-    if dropout > 0:  # kept values are scaled by 1/(1-p): fold that into the scaling
-        mask = dropout_mask(x, dropout) if mask is None else mask
-        scaling = scaling / (1.0 - dropout)
+    if dropout > 0:  # kept values are scaled by 1 / (keep probability): fold that into the scaling
+        mask, keep = dropout_mask(x, dropout) if mask is None else (mask, 1.0 - dropout)
+        scaling = scaling / keep
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                     or (bias is not None and bias.requires_grad)):  # fmt: skip
         return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask)

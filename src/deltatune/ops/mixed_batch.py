@@ -3,7 +3,7 @@
 The reference (`AdapterLayer.mixed_forward`, and peft) loops over the distinct adapters of the batch, each
 time gathering its rows, running two matmuls, scaling and scattering the rows back: about five launches per
 adapter per layer. Here all adapters of a layer are stacked once, ``(n + 1, r_max, in)`` and
-``(n + 1, out, r_max)`` with the scaling folded into B and a zero slot for rows that use no adapter, so a
+``(n + 1, r_max, out)`` (B transposed, scaling folded in) and a zero slot for rows that use no adapter, so a
 layer costs two gathers and two batched matmuls whatever the number of adapters. Adapters of a smaller rank
 are padded with zeros, which adds exact zeros.
 """
@@ -36,36 +36,36 @@ def stack_lora_weights(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float
     """Stack (A (r, in), B (out, r), scaling) of each adapter, zero-padded to the largest rank.
 
     Returns:
-        A stack (n + 1, r_max, in) and scaled-B stack (n + 1, out, r_max); the last slot is all zeros.
+        A stack (n + 1, r_max, in) and scaled B^T stack (n + 1, r_max, out); the last slot is all zeros.
         Both stay differentiable with respect to every A and B.
     """
     r_max = max(a.shape[0] for a, _, _ in factors)
     a_list = [F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _, _ in factors]  # (r_max, in) each
-    b_list = [F.pad(b * s, (0, r_max - b.shape[1])) for _, b, s in factors]  # (out, r_max) each
+    bt_list = [F.pad((b * s).T, (0, 0, 0, r_max - b.shape[1])) for _, b, s in factors]  # (r_max, out) each
     a_list.append(torch.zeros_like(a_list[0]))
-    b_list.append(torch.zeros_like(b_list[0]))
-    return torch.stack(a_list), torch.stack(b_list)
+    bt_list.append(torch.zeros_like(bt_list[0]))
+    return torch.stack(a_list), torch.stack(bt_list)
 
 
 def mixed_lora_linear(x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor, a_stack: torch.Tensor,
-                      b_stack: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                      bt_stack: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """`result` plus each row's own low-rank update.
 
     Args:
         x: layer input (batch, ..., in).
         result: base layer output (batch, ..., out); updated in place when no gradient is recorded.
         rows: (batch,) slot of each row in the stacks (see `row_index`).
-        a_stack: (n + 1, r, in). b_stack: (n + 1, out, r), scaling folded in.
+        a_stack: (n + 1, r, in). bt_stack: (n + 1, r, out), scaled B^T.
     """
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)  # (batch, T, in)
     a_rows = a_stack.index_select(0, rows)  # (batch, r, in)
-    b_rows = b_stack.index_select(0, rows)  # (batch, out, r)
+    bt_rows = bt_stack.index_select(0, rows)  # (batch, r, out)
     after_a = torch.bmm(x3, a_rows.transpose(1, 2))  # (batch, T, r)
     out3 = result.view(batch, -1, result.shape[-1]) if result.is_contiguous() else None
-    recording = torch.is_grad_enabled() and (result.requires_grad or after_a.requires_grad or b_rows.requires_grad)
-    if out3 is not None and not recording and result.dtype == b_rows.dtype:
-        out3.baddbmm_(after_a, b_rows.transpose(1, 2))  # in place: no (batch, T, out) temporary
+    recording = torch.is_grad_enabled() and (result.requires_grad or after_a.requires_grad or bt_rows.requires_grad)
+    if out3 is not None and not recording and result.dtype == bt_rows.dtype:
+        out3.baddbmm_(after_a, bt_rows)  # in place: no (batch, T, out) temporary
         return result
-    low = torch.bmm(after_a, b_rows.transpose(1, 2))  # (batch, T, out)
+    low = torch.bmm(after_a, bt_rows)  # (batch, T, out)
     return result + low.to(result.dtype).view(result.shape)
