@@ -3,6 +3,7 @@
 Tiny random models; the CUDA cases run only where a GPU is present (the device machine).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from deltatune import LoraConfig, get_peft_model
 from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy, lora_linear
 from deltatune.ops.cross_entropy import ce_chunk_torch
-from deltatune.ops.lora_dispatch import use_fast_paths
+from deltatune.ops.lora_dispatch import use_fast_paths, weights_fixed
 from deltatune.ops.lora_ops import dropout_mask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -221,9 +222,9 @@ def test_mixed_batch_fast_equals_reference_loop(device):
         assert (g is None) == (w is None)
         if g is not None:
             assert close(g, w)[0], close(g, w)[1]
-    with torch.no_grad():  # the cached, in-place inference path
+    with torch.no_grad(), weights_fixed():  # the cached, in-place inference path (as inside generate)
         assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]
-        assert "_mixed_stacks" in model.get_base_model().model.layers[1].self_attn.v_proj.__dict__
+        assert model.get_base_model().model.layers[1].self_attn.v_proj.__dict__["_mixed_stacks"] is not None
         model.set_adapter("b")
         alone = model(input_ids=ids[:1]).logits
         assert close(model(input_ids=ids, adapter_names=names).logits[:1], alone)[0]
@@ -292,3 +293,37 @@ def test_lean_causal_lm_loss_refuses_a_wrapped_head():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="output head is a plain nn.Linear; LlamaForCausalLM has LoraLayer"):
         lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_sees_every_optimizer_step(fused):
+    """Fused AdamW updates weights without bumping their version: no cache may outlive a weight change."""
+    model = lora_model(names=("a", "b"))
+    model.set_adapter("a")
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad(), weights_fixed():  # fill the caches
+        model(input_ids=ids)
+        model(input_ids=ids, adapter_names=["a", "b"])
+    params = [p for n, p in model.named_parameters() if ".adapters.a." in n]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=fused)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with use_fast_paths(False), torch.no_grad():
+        want_single, want_mixed = model(input_ids=ids).logits, model(input_ids=ids, adapter_names=["a", "b"]).logits
+    for scope in (contextlib.nullcontext, weights_fixed):  # a plain forward, and a new generate-like block
+        with torch.no_grad(), scope():
+            assert close(model(input_ids=ids).logits, want_single)[0]
+            assert close(model(input_ids=ids, adapter_names=["a", "b"]).logits, want_mixed)[0]
+
+
+def test_generate_caches_b_transposed_only_for_its_own_call():
+    model = lora_model().eval()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    adapter = layer.adapters[model.active_adapter]
+    ids = torch.randint(0, 100, (1, 4))
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    first_key = adapter.__dict__["_b_transposed"][0]
+    with use_fast_paths(False):
+        assert torch.equal(out, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert adapter.__dict__["_b_transposed"][0] != first_key  # a new call rebuilt it

@@ -18,6 +18,7 @@ from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.files import load_weights, place_tensors, save_weights
+from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune import trainer_integration
 from deltatune.targeting import replace_module
@@ -237,7 +238,7 @@ class PeftModel(nn.Module):
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's `generate`, with the active adapter (or one adapter per row)."""
         method = method_for(self.active_peft_config)
-        with self._rows_use(adapter_names):
+        with self._rows_use(adapter_names), weights_fixed():  # no weight changes mid-generate: layers may cache
             if method.generate:
                 return method.generate(self, *args, **kwargs)
             return self.get_base_model().generate(*args, **kwargs)

@@ -20,6 +20,28 @@ from deltatune.ops.lora_ops import lora_linear, lora_linear_inference
 from deltatune.ops.mixed_batch import mixed_lora_linear, row_index, stack_lora_weights
 
 _ENABLED = [True]
+# Tensors derived from adapter weights (B^T, mixed-batch stacks) are cached only inside `weights_fixed()`,
+# which `PeftModel.generate` enters: no optimizer runs during a generate call. Outside it they are rebuilt
+# on every call, because a version counter is no proof that a weight is unchanged (fused AdamW updates
+# parameters in place without bumping it).
+_FIXED = {"depth": 0, "epoch": 0}
+
+
+@contextlib.contextmanager
+def weights_fixed() -> Iterator[None]:
+    """Promise that no adapter weight changes inside the block, so layers may cache what they derive from them."""
+    if _FIXED["depth"] == 0:
+        _FIXED["epoch"] += 1  # a new block: whatever was cached before may be stale
+    _FIXED["depth"] += 1
+    try:
+        yield
+    finally:
+        _FIXED["depth"] -= 1
+
+
+def _cache_epoch() -> int | None:
+    """The current fixed-weights block, or None outside one (nothing may be cached)."""
+    return _FIXED["epoch"] if _FIXED["depth"] else None
 
 
 @contextlib.contextmanager
@@ -80,8 +102,11 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
 
 
 def _b_transposed(adapter: nn.Module, lora_b: torch.Tensor) -> torch.Tensor:
-    """B^T, contiguous, cached on the adapter until B changes (an optimizer step or a load bumps its version)."""
-    key = (lora_b.data_ptr(), lora_b._version, lora_b.dtype)
+    """B^T (r, out); contiguous and cached on the adapter inside `weights_fixed()`, a strided view outside."""
+    epoch = _cache_epoch()
+    if epoch is None:
+        return lora_b.T
+    key = (epoch, lora_b.data_ptr(), lora_b.dtype)
     cached = adapter.__dict__.get("_b_transposed")
     if cached is None or cached[0] != key:
         cached = (key, lora_b.detach().t().contiguous())
@@ -90,16 +115,18 @@ def _b_transposed(adapter: nn.Module, lora_b: torch.Tensor) -> torch.Tensor:
 
 
 def _stacks(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked A / scaled B of `names`; cached while no gradient is recorded and no weight has changed."""
+    """Stacked A / scaled B^T of `names`; cached inside `weights_fixed()` while no gradient is recorded."""
     params = [p for n in names for p in (layer.adapters[n].lora_A.weight, layer.adapters[n].lora_B.weight)]
-    recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    key = (tuple(names), tuple((id(p), p._version) for p in params), tuple(layer.adapters[n].scaling for n in names))
+    epoch = _cache_epoch()
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        epoch = None
+    key = (epoch, tuple(names), tuple(p.data_ptr() for p in params), tuple(layer.adapters[n].scaling for n in names))
     cached = layer.__dict__.get("_mixed_stacks")
-    if not recording and cached is not None and cached[0] == key:
+    if epoch is not None and cached is not None and cached[0] == key:
         return cached[1]
     stacks = stack_lora_weights([(layer.adapters[n].lora_A.weight, layer.adapters[n].lora_B.weight,
                                   layer.adapters[n].scaling) for n in names])  # fmt: skip
-    layer.__dict__["_mixed_stacks"] = None if recording else (key, stacks)
+    layer.__dict__["_mixed_stacks"] = None if epoch is None else (key, stacks)
     return stacks
 
 
