@@ -24,7 +24,7 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from deltatune.tuners.adalora import AdaLoraCallback, AdaLoraConfig
+from deltatune.tuners.adalora import AdaLoraConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.bottleneck import AdapterConfig
 from deltatune.tuners.lora import LoraConfig
@@ -34,6 +34,16 @@ from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.tuners.quantized import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # AdaLoraCallback needs transformers' Trainer utilities: imported on first use, not with the package.
+    if name == "AdaLoraCallback":
+        from deltatune.tuners.adalora_callback import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
 
 __all__ = [
     "AdaLoraCallback",

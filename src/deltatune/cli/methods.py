@@ -11,10 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune import (AdaLoraCallback, AdaLoraConfig, AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
+from deltatune import (AdaLoraConfig, AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
                        PromptTuningConfig, TaskType)  # fmt: skip
 
 CAUSAL_LM = TaskType.CAUSAL_LM
+
+
+def _adalora_callback() -> Any:
+    from deltatune.tuners.adalora_callback import AdaLoraCallback  # imports the Trainer's utilities: only when used
+
+    return AdaLoraCallback()
 
 # Every method option: name -> (default, help). The same names are keys in --config run.yaml.
 METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
@@ -40,7 +46,7 @@ class MethodEntry:
         options: the method options (keys of METHOD_OPTIONS) this method reads; others are refused.
         build: options getter -> the library config.
         lr: the default learning rate for a short run (prompt methods need larger steps than LoRA).
-        callbacks: TrainerCallback classes the method needs during training (AdaLoRA's rank allocation).
+        callbacks: makers of the TrainerCallbacks the method needs during training (AdaLoRA's rank allocation).
 
     Besides METHOD_OPTIONS, the options getter answers "total_step": the run's number of optimizer steps.
     """
@@ -48,7 +54,7 @@ class MethodEntry:
     options: tuple[str, ...]
     build: Callable[[Callable[[str], Any]], PeftConfig]
     lr: float
-    callbacks: tuple[type, ...] = ()
+    callbacks: tuple[Callable[[], Any], ...] = ()
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -80,7 +86,7 @@ METHODS: dict[str, MethodEntry] = {
         lambda o: AdaLoraConfig(task_type=CAUSAL_LM, init_r=o("init_r"), target_r=o("target_r"), lora_alpha=o("alpha"),
                                 lora_dropout=o("dropout"), target_modules=o("target_modules"), total_step=o("total_step")),  # fmt: skip
         lr=2e-3,
-        callbacks=(AdaLoraCallback,),
+        callbacks=(_adalora_callback,),
     ),
 }
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from deltatune.config import PeftType, check_range
 from deltatune.layers import AdapterLayer
@@ -331,26 +330,6 @@ def update_and_allocate(model: nn.Module, global_step: int) -> int:
     else:
         mask_by_pattern(adapters, config.rank_pattern)
     return target_budget
-
-
-class AdaLoraCallback(TrainerCallback):
-    """Runs AdaLoRA's `update_and_allocate` inside `transformers.Trainer`.
-
-    It runs right after each optimizer step, while the gradients are still there, with step numbers 1, 2, ...
-    so that a run with `max_steps == total_step` ends on the final allocation. Pass it as
-    `Trainer(..., callbacks=[AdaLoraCallback()])`.
-    """
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _, config, _ = _trainable_adapter(_transformers_model(model))
-        if state.max_steps and state.max_steps != config.total_step:
-            logger.warning(
-                "AdaLoRA total_step=%d but the Trainer runs %d optimizer steps; the rank budget schedule assumes "
-                "total_step (set total_step to the run's number of steps)", config.total_step, state.max_steps
-            )
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        update_and_allocate(model, state.global_step + 1)
 
 
 # ---- PeftModel hooks: the orthogonality penalty and the pruned file layout -----------------------------------
