@@ -224,7 +224,8 @@ def test_mixed_batch_fast_equals_reference_loop(device):
             assert close(g, w)[0], close(g, w)[1]
     with torch.no_grad(), weights_fixed():  # the cached, in-place inference path (as inside generate)
         assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]
-        assert model.get_base_model().model.layers[1].self_attn.v_proj.__dict__["_mixed_stacks"] is not None
+        assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]  # the second call: the plan
+        assert model.get_base_model().model.layers[1].self_attn.v_proj.__dict__["_mixed_plan"] is not None
         model.set_adapter("b")
         alone = model(input_ids=ids[:1]).logits
         assert close(model(input_ids=ids, adapter_names=names).logits[:1], alone)[0]

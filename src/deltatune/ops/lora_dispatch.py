@@ -10,6 +10,7 @@ bitsandbytes layers, a trainable base weight, several active adapters) takes the
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.ops.lora_ops import lora_linear, lora_linear_inference
-from deltatune.ops.mixed_batch import mixed_lora_linear, row_index, stack_lora_weights
+from deltatune.ops.mixed_batch import apply_row_factors, gather_row_factors, mixed_lora_linear, row_index, stack_lora_weights
 
 _ENABLED = [True]
 # Tensors derived from adapter weights (B^T, mixed-batch stacks) are cached only inside `weights_fixed()`,
@@ -115,36 +116,37 @@ def _b_transposed(adapter: nn.Module, lora_b: torch.Tensor) -> torch.Tensor:
 
 
 def _stacks(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked A / scaled B^T of `names`; cached inside `weights_fixed()` while no gradient is recorded."""
-    params = [p for n in names for p in (layer.adapters[n].lora_A.weight, layer.adapters[n].lora_B.weight)]
-    epoch = _cache_epoch()
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        epoch = None
-    key = (epoch, tuple(names), tuple(p.data_ptr() for p in params), tuple(layer.adapters[n].scaling for n in names))
-    cached = layer.__dict__.get("_mixed_stacks")
-    if epoch is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    stacks = stack_lora_weights([(layer.adapters[n].lora_A.weight, layer.adapters[n].lora_B.weight,
-                                  layer.adapters[n].scaling) for n in names])  # fmt: skip
-    layer.__dict__["_mixed_stacks"] = None if epoch is None else (key, stacks)
-    return stacks
-
-
-def _rows(layer: nn.Module, names: list[str], batch: int, device: torch.device) -> torch.Tensor:
-    key = (tuple(layer.row_adapters), tuple(names), batch, device)
-    cached = layer.__dict__.get("_mixed_rows")
-    if cached is None or cached[0] != key:
-        cached = (key, row_index(layer.row_adapters, names, batch, device))
-        layer.__dict__["_mixed_rows"] = cached
-    return cached[1]
+    """Stacked A (n + 1, r, in) and scaled B^T (n + 1, r, out) of `names` (see `stack_lora_weights`)."""
+    adapters = [layer.adapters[n] for n in names]
+    return stack_lora_weights([(a.lora_A.weight, a.lora_B.weight, a.scaling) for a in adapters])
 
 
 def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
-    """Every row with its own adapter in two batched matmuls, or None when the reference loop must run."""
+    """Every row with its own adapter in two batched matmuls, or None when the reference loop must run.
+
+    Inside `weights_fixed()` (a generate call) the checks and each row's factors are worked out on the first
+    step and kept as a plan, so later decoding steps run only the two batched matmuls. The plan holds
+    batch x r x (in + out) numbers per layer: no more than the stacks when the batch is at most the number of
+    adapters + 1; larger batches keep the stacks and gather at every step instead.
+    """
+    epoch = _cache_epoch()
+    key = (epoch, id(layer.row_adapters), x.shape[0], x.device, x.dtype, _ENABLED[0])
+    plan = layer.__dict__.get("_mixed_plan")
+    if epoch is not None and plan is not None and plan[0] == key and not torch.is_grad_enabled():
+        return plan[1](x, result)
     names = list(layer.adapters)
     if not _ENABLED[0] or not names or not _plain_frozen_linear(layer.base_layer):
         return None
     if any(_dropout_p(layer.adapters[n]) > 0 for n in names) or torch.is_autocast_enabled(x.device.type):
         return None
-    a_stack, bt_stack = _stacks(layer, names)
-    return mixed_lora_linear(x, result, _rows(layer, names, x.shape[0], x.device), a_stack, bt_stack)
+    rows, (a_stack, bt_stack) = row_index(layer.row_adapters, names, x.shape[0], x.device), _stacks(layer, names)
+    if epoch is None or torch.is_grad_enabled():
+        return mixed_lora_linear(x, result, rows, a_stack, bt_stack)
+    if x.shape[0] <= a_stack.shape[0]:
+        a_rows_t, bt_rows = gather_row_factors(rows, a_stack, bt_stack)
+        run = functools.partial(apply_row_factors, a_rows_t=a_rows_t, bt_rows=bt_rows)
+    else:
+        run = functools.partial(mixed_lora_linear, rows=rows, a_stack=a_stack, bt_stack=bt_stack)
+    layer.__dict__["_mixed_plan"] = (key, run)
+    return run(x, result)
+

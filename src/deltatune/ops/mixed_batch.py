@@ -47,6 +47,25 @@ def stack_lora_weights(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float
     return torch.stack(a_list), torch.stack(bt_list)
 
 
+def gather_row_factors(rows: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's own factors: A^T (batch, in, r) and scaled B^T (batch, r, out)."""
+    return a_stack.index_select(0, rows).transpose(1, 2), bt_stack.index_select(0, rows)
+
+
+def apply_row_factors(x: torch.Tensor, result: torch.Tensor, a_rows_t: torch.Tensor, bt_rows: torch.Tensor) -> torch.Tensor:
+    """`result` plus x_i A_i^T B_i^T for every row i, in two batched matmuls (in place when nothing records)."""
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(a_rows_t.dtype)  # (batch, T, in)
+    after_a = torch.bmm(x3, a_rows_t)  # (batch, T, r)
+    out3 = result.view(batch, -1, result.shape[-1]) if result.is_contiguous() else None
+    recording = torch.is_grad_enabled() and (result.requires_grad or after_a.requires_grad or bt_rows.requires_grad)
+    if out3 is not None and not recording and result.dtype == bt_rows.dtype:
+        out3.baddbmm_(after_a, bt_rows)  # in place: no (batch, T, out) temporary
+        return result
+    low = torch.bmm(after_a, bt_rows)  # (batch, T, out)
+    return result + low.to(result.dtype).view(result.shape)
+
+
 def mixed_lora_linear(x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor, a_stack: torch.Tensor,
                       bt_stack: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """`result` plus each row's own low-rank update.
@@ -57,15 +76,4 @@ def mixed_lora_linear(x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor,
         rows: (batch,) slot of each row in the stacks (see `row_index`).
         a_stack: (n + 1, r, in). bt_stack: (n + 1, r, out), scaled B^T.
     """
-    batch = x.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(a_stack.dtype)  # (batch, T, in)
-    a_rows = a_stack.index_select(0, rows)  # (batch, r, in)
-    bt_rows = bt_stack.index_select(0, rows)  # (batch, r, out)
-    after_a = torch.bmm(x3, a_rows.transpose(1, 2))  # (batch, T, r)
-    out3 = result.view(batch, -1, result.shape[-1]) if result.is_contiguous() else None
-    recording = torch.is_grad_enabled() and (result.requires_grad or after_a.requires_grad or bt_rows.requires_grad)
-    if out3 is not None and not recording and result.dtype == bt_rows.dtype:
-        out3.baddbmm_(after_a, bt_rows)  # in place: no (batch, T, out) temporary
-        return result
-    low = torch.bmm(after_a, bt_rows)  # (batch, T, out)
-    return result + low.to(result.dtype).view(result.shape)
+    return apply_row_factors(x, result, *gather_row_factors(rows, a_stack, bt_stack))
