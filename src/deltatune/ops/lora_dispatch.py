@@ -80,6 +80,9 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     state = layer.__dict__
     if args or kwargs or state["row_adapters"] is not None or not _ENABLED[0]:
         return None
+    plan = state.get("_plan")  # inside generate: the first step's checks and tensors, reused
+    if plan is not None and plan[0] == _cache_epoch() and plan[1] is x.dtype and not torch.is_grad_enabled():
+        return plan[2](x)
     base = layer._modules["base_layer"]
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -98,7 +101,12 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     recording = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                              or (bias is not None and bias.requires_grad))  # fmt: skip
     if dropout == 0 and not recording:
-        return lora_linear_inference(x, weight, bias, lora_a, _b_transposed(adapter, lora_b), adapter.scaling)
+        run = functools.partial(lora_linear_inference, weight=weight, bias=bias, lora_a=lora_a,
+                                lora_b_t=_b_transposed(adapter, lora_b), scaling=adapter.scaling)  # fmt: skip
+        epoch = _cache_epoch()
+        if epoch is not None and not torch.is_grad_enabled():
+            state["_plan"] = (epoch, x.dtype, run)
+        return run(x)
     return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
 
 
