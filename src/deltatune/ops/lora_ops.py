@@ -14,7 +14,8 @@ leaner:
 
 Dropout masks come from the global torch RNG (`torch.manual_seed` reproduces them) but are drawn in a
 different order than `nn.Dropout` would, so a training run with dropout is not bit-identical to the
-reference path; its distribution is the same (independent masks per layer, kept values scaled 1/(1-p)).
+reference path; its distribution is the same (independent masks per layer, kept values scaled by the
+inverse keep probability; on CPU that probability is p rounded to 1/65536, see `dropout_mask`).
 """
 
 from __future__ import annotations
