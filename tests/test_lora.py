@@ -106,6 +106,8 @@ def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
     copy_to_peft(ours, theirs)
     inputs = tiny_inputs("llama")
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
+    kw = dict(input_ids=inputs["input_ids"][:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(**kw), theirs.generate(**kw))  # the per-generate plan, half precision
     ours.merge_adapter()
     theirs.merge_adapter()
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
