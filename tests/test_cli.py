@@ -257,18 +257,29 @@ def test_chat_repl_streams_and_keeps_history(tiny, tmp_path, run_options):
     assert printed.startswith("Type a message") and all(t.answer.strip() in printed for t in turns)
 
 
-def test_two_processes_give_the_same_adapter_as_one(tiny, tmp_path, held_out):
-    """torchrun with 2 CPU processes (gloo), 2 rows each, equals 1 process with batches of 4."""
+# On a machine without GPUs, accelerate's `--multi_gpu` launcher is torch.distributed.run (gloo); its `--cpu`
+# flag would start a single process.
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_give_the_same_adapter_as_one(tiny, tmp_path, held_out, launcher):
+    """2 CPU processes (gloo), 2 rows each, equal 1 process with batches of 4."""
     import subprocess
     import sys
 
     common = ["--model", tiny, "--max-steps", "3", "--dropout", "0", "--eval-data", held_out, "--lr", "1e-2"]
     train(dict(model=tiny, max_steps=3, dropout=0.0, eval_data=held_out, lr=1e-2, batch_size=4, output=str(tmp_path / "one")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deltatune.cli",
-                          "train", *common, "--batch-size", "2", "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)  # fmt: skip
+    two = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "deltatune.cli", "train", *common,
+                          "--batch-size", "2", "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("adapter in") == 1  # one process reports
+    assert "'epoch': '0.03333'" in two.stdout + two.stderr  # 3 steps x 2 processes x 2 rows of 360: two ran
     expected, got = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert expected.keys() == got.keys()
     for key in expected:
