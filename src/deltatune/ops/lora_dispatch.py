@@ -4,7 +4,8 @@ The fast paths cover the common case: a plain, frozen `nn.Linear` (no hooks, no 
 weight's dtype) with one unmerged active adapter (`lora_ops.lora_linear`), or a mixed batch over such a
 layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (Conv1D, embeddings,
 bitsandbytes layers, a trainable base weight, several active adapters) takes the reference path,
-`LoraLayer.adapter_forward`.
+`LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
+checks and the tensors it derived (a plan) and reuses them at every decoding step.
 """
 
 from __future__ import annotations
