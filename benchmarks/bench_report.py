@@ -142,7 +142,8 @@ def render_one(results: dict) -> str:
     lines = [f"## {env['device'].upper()} {env['dtype']}: {where}", "",
              f"{env['date']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"peft {env['peft']}; {env['threads']} threads; load average {env['load_before']:.1f} before, "
-             f"{env.get('load_after', float('nan')):.1f} after; {env['rounds']} rounds per case.", ""]  # fmt: skip
+             f"{env.get('load_after', float('nan')):.1f} after; {env['rounds']} rounds per case"
+             + (f"; memory: median of {env['memory_repeats']} fresh processes." if "memory_repeats" in env else "."), ""]  # fmt: skip
     for key, table in (("train", _train_tables), ("generate", _generate_table), ("mixed", _mixed_table),
                        ("prompt", _prompt_table)):  # fmt: skip
         if results.get(key):

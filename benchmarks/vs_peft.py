@@ -201,7 +201,7 @@ def train_section(args, base, name: str) -> list[dict]:
         if args.device == "cuda":  # in-process: the steps' peak above what was allocated before them
             mem = {case: cuda_step_peak(step) for case, step in cases.items()} if probe else {}
         else:
-            mem = {case: memory_of(args, name, case, dropout) for case in cases} if probe else {}
+            mem = {case: median_memory_of(args, name, case, dropout) for case in cases} if probe else {}
         rows.append({"model": name, "dropout": dropout, "time": med, "memory": mem})
         print(f"[{name}] train dropout={dropout}: " + bench_report.train_line(rows[-1]), flush=True)
         del models, cases
@@ -220,6 +220,11 @@ def cuda_step_peak(step) -> float:
         step()
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated() - before)
+
+
+def median_memory_of(args, name: str, case: str, dropout: float) -> float:
+    """Median of --memory-repeats fresh-process probes: one RSS peak moves by tens of MB run to run."""
+    return statistics.median(memory_of(args, name, case, dropout) for _ in range(args.memory_repeats))
 
 
 def memory_of(args, name: str, case: str, dropout: float) -> float:
@@ -360,7 +365,8 @@ def environment(args) -> dict:
            "dtype": args.dtype, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,
            "deltatune": getattr(deltatune, "__version__", "repo"), "cpu": cpu_name(),
-           "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "rounds": args.rounds}  # fmt: skip
+           "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "rounds": args.rounds,
+           "memory_repeats": args.memory_repeats}  # fmt: skip
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -378,6 +384,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
+    p.add_argument("--memory-repeats", type=int, default=3, help="fresh-process probes per case (median taken)")
     p.add_argument("--json-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from --json-dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
