@@ -40,6 +40,7 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
                      rms_norm_eps=1e-5, tie_word_embeddings=True)  # fmt: skip
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)  # fmt: skip
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ---- models --------------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh-process probes per case (median taken)")
-    p.add_argument("--json-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--json-dir", default=RESULTS_DIR)
     p.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from --json-dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -418,9 +419,8 @@ def main() -> None:
         return worker(args)
     if not args.render:
         run_all(args)
-    default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     # a scratch --json-dir gets its own RESULTS.md, so trial runs never overwrite the committed one
-    target = None if os.path.abspath(args.json_dir) == default_dir else os.path.join(args.json_dir, "RESULTS.md")
+    target = None if os.path.abspath(args.json_dir) == RESULTS_DIR else os.path.join(args.json_dir, "RESULTS.md")
     bench_report.write_results(args.json_dir, *([target] if target else []))
 
 

@@ -317,14 +317,13 @@ def test_inference_sees_every_optimizer_step(fused):
             assert close(model(input_ids=ids, adapter_names=["a", "b"]).logits, want_mixed)[0]
 
 
-def test_generate_caches_b_transposed_only_for_its_own_call():
+def test_generate_keeps_a_plan_only_for_its_own_call():
     model = lora_model().eval()
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
-    adapter = layer.adapters[model.active_adapter]
     ids = torch.randint(0, 100, (1, 4))
     out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    first_key = adapter.__dict__["_b_transposed"][0]
+    first_epoch = layer.__dict__["_plan"][0]
     with use_fast_paths(False):
         assert torch.equal(out, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert adapter.__dict__["_b_transposed"][0] != first_key  # a new call rebuilt it
+    assert layer.__dict__["_plan"][0] != first_epoch  # a new call rebuilt it
