@@ -16,7 +16,7 @@ from deltatune import LoraConfig, get_peft_model
 from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy, lora_linear
 from deltatune.ops.cross_entropy import ce_chunk_torch
 from deltatune.ops.lora_dispatch import use_fast_paths, weights_fixed
-from deltatune.ops.lora_ops import dropout_mask
+from deltatune.ops.lora_ops import dropout_mask, lora_linear_inference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,6 +84,29 @@ def test_lora_linear_half_precision_base_fp32_adapter(device):
     want = torch.autograd.grad(ref.float().square().sum(), [x, a, b])
     for g, w in zip(got, want):
         assert relative_error(g, w) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1, 16), (1, 7, 16), (3, 2, 16), (5, 16), (2, 3, 4, 16)])
+@pytest.mark.parametrize("layout", ["views", "contiguous"])
+def test_lora_linear_inference_matches_reference(device, shape, layout):
+    """The generate path: batched matmuls on a (1, tokens, in) view, with A^T and B^T as views or copies."""
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(*shape, device=device), torch.randn(24, 16, device=device), torch.randn(24, device=device)
+    a, b = torch.randn(4, 16, device=device), torch.randn(24, 4, device=device)
+    a_t, b_t = (a.T[None], b.T[None]) if layout == "views" else (a.T.contiguous()[None], b.T.contiguous()[None])
+    out = lora_linear_inference(x, weight, bias, a_t, b_t, 2.0)
+    assert out.shape == (*shape[:-1], 24)
+    assert close(out, reference_lora(x, weight, bias, a, b, 2.0, None, 1.0))[0]
+
+
+def test_lora_linear_inference_half_precision_base_fp32_adapter():
+    torch.manual_seed(4)
+    x, weight = torch.randn(1, 5, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16)
+    a, b = torch.randn(4, 16), torch.randn(24, 4)
+    out = lora_linear_inference(x, weight, None, a.T[None], b.T.contiguous()[None], 0.5)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, reference_lora(x, weight, None, a, b, 0.5, None, 1.0)) < 1e-2
 
 
 def test_lora_linear_refuses_trainable_base_weight():

@@ -84,7 +84,7 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         return None
     plan = state.get("_plan")  # inside generate: the first step's checks and tensors, reused
     if plan is not None and plan[0] == _cache_epoch() and plan[1] is x.dtype:
-        return plan[2](x)
+        return lora_linear_inference(x, *plan[2])
     base = layer._modules["base_layer"]
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -104,13 +104,12 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
                                              or (bias is not None and bias.requires_grad))  # fmt: skip
     if dropout == 0 and not recording:
         epoch = _cache_epoch()
-        if epoch is None:  # a one-off call: B^T as a strided view, nothing kept
-            return lora_linear_inference(x, weight, bias, lora_a, lora_b.T, adapter.scaling)
-        # B^T made contiguous once for the whole generate call (the 1-row addmm_ is 3x faster with it)
-        run = functools.partial(lora_linear_inference, weight=weight, bias=bias, lora_a=lora_a,
-                                lora_b_t=lora_b.detach().t().contiguous(), scaling=adapter.scaling)  # fmt: skip
-        state["_plan"] = (epoch, x.dtype, run)
-        return run(x)
+        if epoch is None:  # a one-off call: strided views of A^T and B^T, nothing kept
+            return lora_linear_inference(x, weight, bias, lora_a.T[None], lora_b.T[None], adapter.scaling)
+        # B^T made contiguous once for the whole generate call (A^T reads fastest as a view of A)
+        factors = (lora_a.detach().T[None], lora_b.detach().t().contiguous()[None])
+        state["_plan"] = (epoch, x.dtype, (weight, bias, *factors, adapter.scaling))
+        return lora_linear_inference(x, weight, bias, *factors, adapter.scaling)
     return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
 
 
