@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from deltatune import LoraConfig, get_peft_model
+from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy, lora_linear
 from deltatune.ops.cross_entropy import ce_chunk_torch
 from deltatune.ops.lora_dispatch import use_fast_paths, weights_fixed
@@ -154,46 +154,77 @@ def test_lora_linear_with_drawn_dropout_is_unbiased():
     assert not torch.allclose(lora_linear(x[:64], weight, None, a, b, 1.0, dropout=0.3), exact)
 
 
-def saved_bytes(fn):
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs (parameters excluded)."""
-    storages = {}
-
-    def pack(t):
-        if not isinstance(t, nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+def kept_bytes(output: torch.Tensor, model: nn.Module) -> int:
+    """Bytes of the distinct storages that the autograd graph behind `output` keeps for backward (the model's
+    parameters excluded): what backward needs in memory, measured without changing what is kept."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages, seen, stack = {}, set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        saved = [t for t in getattr(node, "saved_tensors", ()) if t is not None]  # custom autograd functions
+        saved += [getattr(node, n) for n in dir(node) if n.startswith("_saved_")]  # built-in nodes
+        for tensor in (t for t in saved if isinstance(t, torch.Tensor)):
+            if tensor.untyped_storage().data_ptr() not in params:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
     return sum(storages.values())
 
 
 def lora_overhead_bytes(build_lora, dropout):
-    """Saved bytes of a LoRA tiny llama above the frozen base (whose embeddings' output needs grad)."""
+    """Bytes a LoRA tiny llama keeps for backward above the frozen base (whose embeddings' output needs grad)."""
     base = tiny_llama(4)
     ids = torch.randint(0, 100, (2, 64))
 
-    def run(model):
+    def kept(model):
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        return lambda: model(inputs_embeds=embeds).logits
+        return kept_bytes(model(inputs_embeds=embeds).logits, model)
 
     for p in base.parameters():
         p.requires_grad_(False)
-    bound = saved_bytes(run(base))
     config = dict(r=4, lora_alpha=8, target_modules=SEVEN, lora_dropout=dropout)
-    return saved_bytes(run(build_lora(copy.deepcopy(base), config).train())) - bound
+    return kept(build_lora(copy.deepcopy(base), config).train()) - kept(base)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_saves_less_for_backward_than_peft(dropout):
+def test_lora_keeps_a_fraction_of_what_peft_keeps_for_backward(dropout):
     peft = pytest.importorskip("peft")
     ours = lora_overhead_bytes(lambda m, c: get_peft_model(m, LoraConfig(**c)), dropout)
     theirs = lora_overhead_bytes(lambda m, c: peft.get_peft_model(m, peft.LoraConfig(**c)), dropout)
     with use_fast_paths(False):
         reference = lora_overhead_bytes(lambda m, c: get_peft_model(m, LoraConfig(**c)), dropout)
     assert reference == theirs  # the reference path keeps what peft keeps
-    # no dropout: only the rank-r products are extra; with dropout, a 1-byte mask instead of fp32 copies
-    assert ours <= (0.95 if dropout == 0 else 0.6) * theirs, (ours, theirs)
+    # peft keeps each layer input (and with dropout an fp32 dropped copy per layer); deltatune keeps the rank-r
+    # products, a 1-byte mask per layer, and no input the graph can remake from factors it keeps anyway
+    assert ours <= 0.25 * theirs, (ours, theirs)
+
+
+def test_inputs_are_remade_only_from_factors_the_graph_keeps():
+    torch.manual_seed(7)
+    a, b, h, w = torch.randn(2, 5, 16, requires_grad=True), *leaves((2, 5, 16), (2, 5, 16)), torch.randn(16)
+    r = torch.rand(2, 5, 1, requires_grad=True)
+    lora_a, lora_b = leaves((4, 16), (8, 4))
+    weight = torch.randn(8, 16)
+    cases = {"act(gate) * up": lambda: torch.sigmoid(a) * b,  # both factors kept by the product's node
+             "weight * (h * r)": lambda: w * (h * r),  # an fp32 RMSNorm: two products deep
+             "matmul": lambda: a @ torch.eye(16),  # nothing to remake from: x is kept
+             "under hooks": lambda: torch.sigmoid(a) * b}  # fmt: skip
+    for name, make in cases.items():
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with hooks if name == "under hooks" else contextlib.nullcontext():
+            x = make()
+            out = lora_linear(x, weight, None, lora_a, lora_b, 2.0)
+        kept_x = out.grad_fn.saved_tensors[0] is not None
+        assert kept_x == (name in ("matmul", "under hooks")), name
+        inputs = [a, b, h, r, lora_a, lora_b]
+        got = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
+        x = make()
+        want = torch.autograd.grad(reference_lora(x, weight, None, lora_a, lora_b, 2.0, None, 1.0).square().sum(),
+                                   inputs, allow_unused=True)  # fmt: skip
+        for g, ref in zip(got, want):
+            assert (g is None) == (ref is None) and (g is None or close(g, ref)[0]), name
 
 
 def lora_model(device="cpu", dropout=0.0, names=("default",), bias="none"):
@@ -317,6 +348,24 @@ def test_lean_causal_lm_loss_refuses_a_wrapped_head():
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="output head is a plain nn.Linear; LlamaForCausalLM has LoraLayer"):
         lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_lean_causal_lm_loss_refuses_adalora_whose_loss_has_a_regulariser():
+    model = get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+    with pytest.raises(ValueError, match="ADALORA adds a term to the model's loss: use model"):
+        lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("divisor", [9, torch.tensor(9)])
+def test_linear_cross_entropy_divides_by_num_items_in_batch(divisor):
+    """transformers' gradient-accumulation form: the summed loss over a count of the whole accumulated batch."""
+    torch.manual_seed(6)
+    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8)
+    labels = torch.tensor([1, 2, -100, 4, 5, 6])
+    got = linear_cross_entropy(hidden, weight, labels, chunk_size=4, num_items_in_batch=divisor)
+    want = F.cross_entropy(hidden @ weight.T, labels, reduction="sum") / 9
+    assert close(got, want)[0]
+    assert close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0])[0]
 
 
 @pytest.mark.parametrize("fused", [False, True])

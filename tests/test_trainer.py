@@ -13,6 +13,7 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import validate_quantization_for_training
 
+import deltatune
 from deltatune import BitFitConfig, LoraConfig, PeftModel, TaskType, get_peft_model
 
 STEPS = 4
@@ -179,3 +180,42 @@ def test_quantized_base_with_adapter_passes_trainers_check(tmp_path):
     model = get_peft_model(quantized, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4))
     validate_quantization_for_training(model)
     Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=examples())  # no error
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_lean_loss_trainer_trains_as_trainer_does(tmp_path, monkeypatch, grad_accum):
+    """Same losses and adapter weights as Trainer's own loss, with the lean loss run at every training step."""
+    import deltatune.lean_loss_trainer as lean_module
+
+    calls = []
+    original = lean_module.lean_causal_lm_loss
+    monkeypatch.setattr(lean_module, "lean_causal_lm_loss", lambda *a, **k: calls.append(k) or original(*a, **k))
+    data = examples()
+    data[1]["labels"][:5] = -100  # rows with different counted tokens: the accumulated mean must weigh them
+    runs = {}
+    for trainer_class in (Trainer, deltatune.LeanLossTrainer):
+        torch.manual_seed(0)
+        model = lora_model()
+        args = training_args(tmp_path / trainer_class.__name__, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=grad_accum, save_strategy="no")  # fmt: skip
+        trainer = trainer_class(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[trainer_class] = losses, adapter_snapshot(model)
+    (losses, weights), (lean_losses, lean_weights) = runs.values()
+    assert len(calls) == STEPS * grad_accum
+    assert all(k["num_items_in_batch"] is not None for k in calls)  # Trainer's divisor, as the model gets it
+    assert lean_losses == pytest.approx(losses, rel=1e-5)
+    for name, tensor in weights.items():
+        assert torch.allclose(lean_weights[name], tensor, atol=1e-5), name
+
+
+def test_lean_loss_trainer_uses_trainers_loss_where_the_lean_one_would_differ(tmp_path, monkeypatch):
+    import deltatune.lean_loss_trainer as lean_module
+
+    monkeypatch.setattr(lean_module, "lean_causal_lm_loss", lambda *a, **k: pytest.fail("lean loss used"))
+    adalora = get_peft_model(tiny_model("llama"), deltatune.AdaLoraConfig(target_modules=["q_proj"], total_step=STEPS))
+    for model, overrides in ((adalora, {}), (lora_model(), {"bf16": True})):
+        trainer = deltatune.LeanLossTrainer(model=model, args=training_args(tmp_path, save_strategy="no", **overrides),
+                                            train_dataset=examples())  # fmt: skip
+        trainer.train()

@@ -37,11 +37,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # AdaLoraCallback needs transformers' Trainer utilities: imported on first use, not with the package.
+    # These need transformers' Trainer: imported on first use, not with the package.
     if name == "AdaLoraCallback":
         from deltatune.tuners.adalora_callback import AdaLoraCallback
 
         return AdaLoraCallback
+    if name == "LeanLossTrainer":
+        from deltatune.lean_loss_trainer import LeanLossTrainer
+
+        return LeanLossTrainer
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
 
 
@@ -57,6 +61,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "BitFitConfig",
+    "LeanLossTrainer",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

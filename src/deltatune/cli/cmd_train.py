@@ -3,7 +3,8 @@
 Steps (the seeds' 1-7): load the base model and tokenizer, build the method's config from the options,
 wrap with `get_peft_model`, tokenize the data (loss on responses only), train with `Trainer` (progress bar,
 logs every `logging_steps`, a checkpoint every `save_steps`), then save the adapter, `run.yaml` and
-`loss_history.json` in the output folder. Works the same under `torchrun`/`accelerate launch`.
+`loss_history.json` in the output folder. Works the same under `torchrun`/`accelerate launch`. The Trainer is
+`LeanLossTrainer`: on a single CPU process it computes the same loss without the full vocabulary logits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from deltatune.cli.models import load_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, prepare_output
 from deltatune.files import atomic_write_text
+from deltatune.lean_loss_trainer import LeanLossTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +139,9 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
         write_run_files(options, loaded.path)
     timer, stopper = StepTimer(), StopOnInterrupt()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
-    trainer = Trainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
-                      data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                      callbacks=[timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
+    trainer = LeanLossTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
+                              data_collator=data_mod.Collator(tokenizer.pad_token_id),
+                              callbacks=[timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
     with PeakMemory() as memory, stopper.installed():
         try:
             trainer.train(resume_from_checkpoint=resume_from)

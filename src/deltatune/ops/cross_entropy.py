@@ -47,9 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T + bias`` against `labels`, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk):
-        n_valid = (labels != ignore_index).sum()
-        scale = 1.0 / n_valid.float()  # mean over counted tokens; 0 of them gives nan, as F.cross_entropy
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk, divisor):
+        counted = (labels != ignore_index).sum() if divisor is None else torch.as_tensor(divisor, device=hidden.device)
+        scale = 1.0 / counted.float()  # mean over counted tokens; 0 of them gives nan, as F.cross_entropy
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V, H)
@@ -77,18 +77,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.dtypes[0]) if grad_w is not None else None
         grad_b = (grad_b * grad_loss).to(ctx.dtypes[1]) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+                         chunk_size: int | None = None, num_items_in_batch: torch.Tensor | int | None = None,
+                         ) -> torch.Tensor:  # fmt: skip
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)`` without the full logits.
 
     Args:
         hidden: (N, H) final hidden states. weight: (V, H) output projection. bias: (V,) or None.
         labels: (N,) class ids; `ignore_index` rows count neither in the loss nor in the mean.
         chunk_size: tokens per chunk; default keeps a chunk's logits near 2**23 elements.
+        num_items_in_batch: divide the summed loss by this instead of the counted tokens (what transformers
+            does with Trainer's count over all gradient-accumulation batches).
 
     Returns:
         The mean loss (fp32 scalar).
@@ -96,32 +99,43 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (N, H) and labels (N,); got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk, num_items_in_batch)
 
 
-def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """(decoder stack, lm_head) of a decoder-only transformers model or a PeftModel around one."""
+def lean_loss_refusal(model: nn.Module) -> str | None:
+    """Why `lean_causal_lm_loss` would not equal the loss of `model(..., labels=...)`, or None when it would."""
     from deltatune.tuners import method_for
 
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        if method_for(model.active_peft_config).forward is not None:
-            raise ValueError(f"lean_causal_lm_loss works for layer methods such as LoRA; "
-                             f"{model.active_peft_config.peft_type.value} changes the inputs, use model(..., labels=...)")  # fmt: skip
+        method, name = method_for(model.active_peft_config), model.active_peft_config.peft_type.value
+        if method.forward is not None:
+            return f"lean_causal_lm_loss works for layer methods such as LoRA; {name} changes the inputs"
+        if method.after_forward is not None:
+            return f"lean_causal_lm_loss computes the cross-entropy alone; {name} adds a term to the model's loss"
         model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     if type(head) is not nn.Linear or getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"lean_causal_lm_loss needs a decoder-only model whose output head is a plain nn.Linear; "
-                         f"{type(model).__name__} has {type(head).__name__} (use model(..., labels=...))")  # fmt: skip
+        return (f"lean_causal_lm_loss needs a decoder-only model whose output head is a plain nn.Linear; "
+                f"{type(model).__name__} has {type(head).__name__}")  # fmt: skip
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        raise ValueError(f"{type(model).__name__} rescales its logits; lean_causal_lm_loss would differ, "
-                         "use model(..., labels=...)")  # fmt: skip
-    return model.base_model, head
+        return f"{type(model).__name__} rescales its logits; lean_causal_lm_loss would differ"
+    return None
+
+
+def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(decoder stack, lm_head) of a decoder-only transformers model or a PeftModel around one."""
+    refusal = lean_loss_refusal(model)
+    if refusal:
+        raise ValueError(f"{refusal}: use model(..., labels=...)")
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model.base_model, model.get_output_embeddings()
 
 
 def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                        **kwargs) -> torch.Tensor:  # fmt: skip
+                        num_items_in_batch: torch.Tensor | int | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
     """The loss `model(input_ids, labels=labels).loss` computes, without materialising the logits.
 
     Same shift as transformers (position t predicts token t + 1; -100 labels are ignored) and the same mean.
@@ -131,6 +145,7 @@ def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch
     Args:
         model: the (Peft)model. input_ids: (B, T). labels: (B, T), usually input_ids with -100 on padding.
         attention_mask: (B, T) or None. chunk_size: tokens per chunk (see `linear_cross_entropy`).
+        num_items_in_batch: the divisor of the summed loss, as transformers takes it (see `linear_cross_entropy`).
         **kwargs: passed to the decoder stack (position_ids, ...).
 
     Returns:
@@ -140,4 +155,5 @@ def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)  # (B, T): token t + 1 at t
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
-    return linear_cross_entropy(flat, head.weight, shifted.reshape(-1), head.bias, chunk_size=chunk_size)
+    return linear_cross_entropy(flat, head.weight, shifted.reshape(-1), head.bias, chunk_size=chunk_size,
+                                num_items_in_batch=num_items_in_batch)

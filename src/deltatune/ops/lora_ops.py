@@ -7,9 +7,12 @@ leaner:
 - forward adds the low-rank product into the base output in place (``addmm_``): no (N, out) temporaries
   for ``* scaling`` and ``+``; backward writes the low-rank input-gradient into the base one the same way;
 - it saves the layer input itself and never a copy. q/k/v (and gate/up) read one tensor, so autograd
-  keeps one copy for all of them. With dropout it saves a 1-byte mask per layer and rebuilds the dropped
-  input in backward (peft keeps a dropped fp32 copy per layer); with a half-precision base it saves the
-  half-precision input and upcasts it again in backward instead of keeping an fp32 copy per layer;
+  keeps one copy for all of them. Where the graph can remake the input from factors it keeps anyway (the
+  MLP's ``act(gate) * up`` before down_proj, an fp32 RMSNorm's output before q/k/v and gate/up), it keeps
+  no input at all and multiplies the factors again in backward (`recorded_product`). With dropout it
+  saves a 1-byte mask per layer and rebuilds the dropped input in backward (peft keeps a dropped fp32
+  copy per layer); with a half-precision base it saves the half-precision input and upcasts it again in
+  backward instead of keeping an fp32 copy per layer;
 - the rank-r product A x is the only other activation saved (N x r).
 
 Dropout masks come from the global torch RNG (`torch.manual_seed` reproduces them) but are drawn in a
@@ -80,6 +83,65 @@ def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     return out, after_a
 
 
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # None: unknown
+
+
+def recorded_product(x: torch.Tensor, depth: int = 2):
+    """How to remake `x` from tensors autograd already keeps, or None.
+
+    A LoRA layer's input is often an element-wise product whose autograd node saves both factors anyway: the
+    MLP's ``act(gate) * up`` in front of down_proj, an RMSNorm's ``weight * (h * rsqrt(var))`` in front of q/k/v
+    and gate/up (fp32). Keeping those factors costs nothing, keeping `x` costs a tensor per layer; backward then
+    multiplies them again, which gives `x` bit for bit. Returns a recipe (nested pairs of tensors and recipes)
+    for `replay_product`; None when `x` was not made that way, when a factor is not kept, or while saved-tensor
+    hooks are active (checkpointing or offloading decide there what is kept).
+    """
+    if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
+        return None
+    recipe = _node_recipe(x.grad_fn, depth)
+    return recipe if recipe is not None and _recipe_meta(recipe) == (x.shape, x.dtype) else None
+
+
+def _node_recipe(node, depth: int):
+    if depth == 0 or node is None or type(node).__name__ != "MulBackward0":
+        return None
+    try:
+        saved = (node._saved_self, node._saved_other)  # the operands, when this node keeps them
+    except RuntimeError:  # released, or modified in place since: nothing to rely on
+        return None
+    pair = []
+    for operand, (producer, _) in zip(saved, node.next_functions):
+        part = operand if operand is not None else _node_recipe(producer, depth - 1)
+        if part is None:
+            return None
+        pair.append(part)
+    return tuple(pair)
+
+
+def _recipe_meta(recipe) -> tuple[torch.Size, torch.dtype]:
+    """Shape and dtype of what the recipe makes (broadcast and promoted, as the multiplication does)."""
+    if isinstance(recipe, torch.Tensor):
+        return recipe.shape, recipe.dtype
+    (shape_a, dtype_a), (shape_b, dtype_b) = _recipe_meta(recipe[0]), _recipe_meta(recipe[1])
+    return torch.broadcast_shapes(shape_a, shape_b), torch.promote_types(dtype_a, dtype_b)
+
+
+def _recipe_leaves(recipe) -> list[torch.Tensor]:
+    return [recipe] if isinstance(recipe, torch.Tensor) else _recipe_leaves(recipe[0]) + _recipe_leaves(recipe[1])
+
+
+def _recipe_shape(recipe):
+    """The recipe's nesting with each tensor replaced by None (the tensors go through save_for_backward)."""
+    return None if isinstance(recipe, torch.Tensor) else (_recipe_shape(recipe[0]), _recipe_shape(recipe[1]))
+
+
+def replay_product(shape, leaves) -> torch.Tensor:
+    """The product a recipe's shape describes, its tensors taken in order from the iterator `leaves`."""
+    if shape is None:
+        return next(leaves)
+    return replay_product(shape[0], leaves) * replay_product(shape[1], leaves)
+
+
 class _LoraLinear(torch.autograd.Function):
     """Autograd node of `lora_linear`; the base weight is frozen (no gradient for it).
 
@@ -90,14 +152,22 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask):
         out, after_a = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, after_a, mask)  # x: the caller's tensor, no copy
-        ctx.scaling = scaling
+        # x is kept for A's gradient: as the caller's tensor (no copy), or not at all when the graph already
+        # keeps the factors of the product that made it (then backward multiplies them again)
+        recipe = recorded_product(x) if lora_a.requires_grad else None
+        leaves = _recipe_leaves(recipe) if recipe is not None else []
+        ctx.save_for_backward(None if recipe is not None else x, weight, lora_a, lora_b, after_a, mask, *leaves)
+        # only the recipe's nesting goes on ctx: a tensor there would outlive backward with the graph
+        ctx.recipe = _recipe_shape(recipe) if recipe is not None else None
+        ctx.x_shape, ctx.scaling = x.shape, scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, after_a, mask = ctx.saved_tensors
+        x, weight, lora_a, lora_b, after_a, mask, *leaves = ctx.saved_tensors
+        if x is None and ctx.needs_input_grad[3]:
+            x = replay_product(ctx.recipe, iter(leaves))
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -106,8 +176,8 @@ class _LoraLinear(torch.autograd.Function):
         # (out, r) computed as ((A x)^T g)^T: the skinny operand first is about twice as fast on CPU BLAS
         grad_b = torch.addmm(lora_b.T, after_a.T, g_low, beta=0, alpha=s).T if need_b else None
         grad_a = grad_x = grad_bias = None
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = None if mask is None else _mask_operand(mask, x2.shape, lora_a.dtype)  # (N, in)
+        n_in = ctx.x_shape[-1]
+        keep = None if mask is None else _mask_operand(mask, (g.shape[0], n_in), lora_a.dtype)  # (N, in)
         if need_x:
             grad_x = g @ weight  # (N, in): the base layer's input-gradient
             if keep is None and grad_x.dtype == lora_a.dtype:
@@ -118,8 +188,9 @@ class _LoraLinear(torch.autograd.Function):
                     grad_x.addcmul_(low, keep, value=s)  # masked and added in one pass
                 else:
                     grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(ctx.x_shape)
         if need_a:
+            x2 = x.reshape(-1, n_in)  # (N, in)
             x_low = x2.to(lora_a.dtype) if keep is None else _masked(x2.to(lora_a.dtype), keep)  # dropped input
             grad_a = torch.addmm(lora_a, g_after_a.T, x_low, beta=0, alpha=s)  # (r, in)
         if need_bias:
