@@ -241,6 +241,50 @@ def loss_and_grads(model, ids, **kwargs):
     return loss, torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype):
+    """RMSNorm as Llama writes it, in fp32 and in bf16 (a cast between the two products)."""
+    torch.manual_seed(8)
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    w, weight = torch.randn(16, dtype=dtype), torch.randn(8, 16, dtype=dtype)
+    lora_a, lora_b = leaves((4, 16), (8, 4))
+
+    def grads(keep_input):
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # hooks: x is kept
+        with hooks if keep_input else contextlib.nullcontext():
+            rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            out = lora_linear(w * (h * rms).to(dtype), weight, None, lora_a, lora_b, 2.0)
+        assert (out.grad_fn.saved_tensors[0] is None) != keep_input
+        return torch.autograd.grad(out.float().square().sum(), [h, lora_a, lora_b])
+
+    for remade, kept in zip(grads(False), grads(True)):
+        assert torch.equal(remade, kept)
+
+
+def test_layers_reading_one_input_remake_it_once(monkeypatch):
+    from deltatune.ops import lora_ops
+
+    remakes = []
+    take = lora_ops.RemadeInput.take
+    counting = lambda self, remake: take(self, lambda: remakes.append(1) or remake())  # noqa: E731
+    monkeypatch.setattr(lora_ops.RemadeInput, "take", counting)
+    torch.manual_seed(9)
+    a, b = leaves((2, 5, 16), (2, 5, 16))
+    factors = [leaves((4, 16), (8, 4)) for _ in range(3)]  # q, k and v
+    weight = torch.randn(8, 16)
+
+    def grads(keep_input):
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with hooks if keep_input else contextlib.nullcontext():
+            x = torch.sigmoid(a) * b
+            total = sum(lora_linear(x, weight, None, la, lb, 2.0).square().sum() for la, lb in factors)
+        return torch.autograd.grad(total, [a, b, *[t for pair in factors for t in pair]])
+
+    for remade, kept in zip(grads(False), grads(True)):
+        assert torch.equal(remade, kept)
+    assert len(remakes) == 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", ["none", "all"])
 def test_model_loss_and_grads_fast_equal_reference(device, bias):

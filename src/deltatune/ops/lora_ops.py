@@ -8,7 +8,7 @@ leaner:
   for ``* scaling`` and ``+``; backward writes the low-rank input-gradient into the base one the same way;
 - it saves the layer input itself and never a copy. q/k/v (and gate/up) read one tensor, so autograd
   keeps one copy for all of them. Where the graph can remake the input from factors it keeps anyway (the
-  MLP's ``act(gate) * up`` before down_proj, an fp32 RMSNorm's output before q/k/v and gate/up), it keeps
+  MLP's ``act(gate) * up`` before down_proj, an RMSNorm's output before q/k/v and gate/up), it keeps
   no input at all and multiplies the factors again in backward (`recorded_product`). With dropout it
   saves a 1-byte mask per layer and rebuilds the dropped input in backward (peft keeps a dropped fp32
   copy per layer); with a half-precision base it saves the half-precision input and upcasts it again in
@@ -22,6 +22,8 @@ inverse keep probability; on CPU that probability is p rounded to 1/65536, see `
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,15 +88,15 @@ def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
 _TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # None: unknown
 
 
-def recorded_product(x: torch.Tensor, depth: int = 2):
+def recorded_product(x: torch.Tensor, depth: int = 3):
     """How to remake `x` from tensors autograd already keeps, or None.
 
     A LoRA layer's input is often an element-wise product whose autograd node saves both factors anyway: the
-    MLP's ``act(gate) * up`` in front of down_proj, an RMSNorm's ``weight * (h * rsqrt(var))`` in front of q/k/v
-    and gate/up (fp32). Keeping those factors costs nothing, keeping `x` costs a tensor per layer; backward then
-    multiplies them again, which gives `x` bit for bit. Returns a recipe (nested pairs of tensors and recipes)
-    for `replay_product`; None when `x` was not made that way, when a factor is not kept, or while saved-tensor
-    hooks are active (checkpointing or offloading decide there what is kept).
+    MLP's ``act(gate) * up`` in front of down_proj, an RMSNorm's ``weight * (h * rsqrt(var)).to(dtype)`` in
+    front of q/k/v and gate/up. Keeping those factors costs nothing, keeping `x` costs a tensor per layer;
+    backward then repeats the products (and casts), which gives `x` bit for bit. Returns a recipe for
+    `replay_product` (a tensor, a `Product` or a `Cast`); None when `x` was not made that way, when a factor is
+    not kept, or while saved-tensor hooks are active (checkpointing or offloading decide there what is kept).
     """
     if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
         return None
@@ -102,44 +104,83 @@ def recorded_product(x: torch.Tensor, depth: int = 2):
     return recipe if recipe is not None and _recipe_meta(recipe) == (x.shape, x.dtype) else None
 
 
+class Product(NamedTuple):
+    left: Any
+    right: Any
+
+
+class Cast(NamedTuple):
+    dtype: torch.dtype
+    inner: Any
+
+
 def _node_recipe(node, depth: int):
-    if depth == 0 or node is None or type(node).__name__ != "MulBackward0":
+    kind = type(node).__name__
+    if depth == 0 or kind not in ("MulBackward0", "ToCopyBackward0"):
         return None
     try:
+        if kind == "ToCopyBackward0":  # a dtype cast on the same device: its output's dtype is in the metadata
+            output = node._input_metadata[0]
+            inner = _node_recipe(node.next_functions[0][0], depth - 1)
+            fits = inner is not None and output.device == _recipe_leaves(inner)[0].device
+            return Cast(output.dtype, inner) if fits else None
         saved = (node._saved_self, node._saved_other)  # the operands, when this node keeps them
-    except RuntimeError:  # released, or modified in place since: nothing to rely on
+    except (RuntimeError, AttributeError):  # released, modified in place since, or an unknown torch
         return None
-    pair = []
-    for operand, (producer, _) in zip(saved, node.next_functions):
-        part = operand if operand is not None else _node_recipe(producer, depth - 1)
-        if part is None:
-            return None
-        pair.append(part)
-    return tuple(pair)
+    parts = [operand if operand is not None else _node_recipe(producer, depth - 1)
+             for operand, (producer, _) in zip(saved, node.next_functions)]  # fmt: skip
+    return None if any(part is None for part in parts) else Product(*parts)
 
 
 def _recipe_meta(recipe) -> tuple[torch.Size, torch.dtype]:
     """Shape and dtype of what the recipe makes (broadcast and promoted, as the multiplication does)."""
     if isinstance(recipe, torch.Tensor):
         return recipe.shape, recipe.dtype
-    (shape_a, dtype_a), (shape_b, dtype_b) = _recipe_meta(recipe[0]), _recipe_meta(recipe[1])
+    if isinstance(recipe, Cast):
+        return _recipe_meta(recipe.inner)[0], recipe.dtype
+    (shape_a, dtype_a), (shape_b, dtype_b) = _recipe_meta(recipe.left), _recipe_meta(recipe.right)
     return torch.broadcast_shapes(shape_a, shape_b), torch.promote_types(dtype_a, dtype_b)
 
 
 def _recipe_leaves(recipe) -> list[torch.Tensor]:
-    return [recipe] if isinstance(recipe, torch.Tensor) else _recipe_leaves(recipe[0]) + _recipe_leaves(recipe[1])
+    if isinstance(recipe, torch.Tensor):
+        return [recipe]
+    if isinstance(recipe, Cast):
+        return _recipe_leaves(recipe.inner)
+    return _recipe_leaves(recipe.left) + _recipe_leaves(recipe.right)
 
 
 def _recipe_shape(recipe):
-    """The recipe's nesting with each tensor replaced by None (the tensors go through save_for_backward)."""
-    return None if isinstance(recipe, torch.Tensor) else (_recipe_shape(recipe[0]), _recipe_shape(recipe[1]))
+    """The recipe with each tensor replaced by None (the tensors go through save_for_backward)."""
+    if isinstance(recipe, torch.Tensor):
+        return None
+    if isinstance(recipe, Cast):
+        return Cast(recipe.dtype, _recipe_shape(recipe.inner))
+    return Product(_recipe_shape(recipe.left), _recipe_shape(recipe.right))
 
 
 def replay_product(shape, leaves) -> torch.Tensor:
-    """The product a recipe's shape describes, its tensors taken in order from the iterator `leaves`."""
+    """What a recipe's shape describes, its tensors taken in order from the iterator `leaves`."""
     if shape is None:
         return next(leaves)
-    return replay_product(shape[0], leaves) * replay_product(shape[1], leaves)
+    if isinstance(shape, Cast):
+        return replay_product(shape.inner, leaves).to(shape.dtype)
+    return replay_product(shape.left, leaves) * replay_product(shape.right, leaves)
+
+
+class RemadeInput:
+    """One remade layer input shared by the layers that read it; it lives from the first of them to need it in
+    backward to the last (a tensor attribute holds it, so it goes with the graph)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.readers = 0
+
+    def take(self, remake) -> torch.Tensor:
+        value = self.value if self.value is not None else remake()
+        self.readers -= 1
+        self.value = value if self.readers > 0 else None
+        return value
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -157,6 +198,9 @@ class _LoraLinear(torch.autograd.Function):
         recipe = recorded_product(x) if lora_a.requires_grad else None
         leaves = _recipe_leaves(recipe) if recipe is not None else []
         ctx.save_for_backward(None if recipe is not None else x, weight, lora_a, lora_b, after_a, mask, *leaves)
+        if recipe is not None:  # q/k/v (gate/up) read one x: the first to need it in backward remakes it for all
+            ctx.shared = x.__dict__.setdefault("_deltatune_remade", RemadeInput())
+            ctx.shared.readers += 1
         # only the recipe's nesting goes on ctx: a tensor there would outlive backward with the graph
         ctx.recipe = _recipe_shape(recipe) if recipe is not None else None
         ctx.x_shape, ctx.scaling = x.shape, scaling
@@ -167,7 +211,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, after_a, mask, *leaves = ctx.saved_tensors
         if x is None and ctx.needs_input_grad[3]:
-            x = replay_product(ctx.recipe, iter(leaves))
+            x = ctx.shared.take(lambda: replay_product(ctx.recipe, iter(leaves)))
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
