@@ -154,6 +154,14 @@ def test_lora_linear_with_drawn_dropout_is_unbiased():
     assert not torch.allclose(lora_linear(x[:64], weight, None, a, b, 1.0, dropout=0.3), exact)
 
 
+@pytest.fixture
+def remake_any_size(monkeypatch):
+    """Tiny test inputs fall under REMAKE_MIN_BYTES: let them be remade as a model-size input would be."""
+    from deltatune.ops import lora_ops
+
+    monkeypatch.setattr(lora_ops, "REMAKE_MIN_BYTES", 0)
+
+
 def kept_bytes(output: torch.Tensor, model: nn.Module) -> int:
     """Bytes of the distinct storages that the autograd graph behind `output` keeps for backward (the model's
     parameters excluded): what backward needs in memory, measured without changing what is kept."""
@@ -189,7 +197,7 @@ def lora_overhead_bytes(build_lora, dropout):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_keeps_a_fraction_of_what_peft_keeps_for_backward(dropout):
+def test_lora_keeps_a_fraction_of_what_peft_keeps_for_backward(dropout, remake_any_size):
     peft = pytest.importorskip("peft")
     ours = lora_overhead_bytes(lambda m, c: get_peft_model(m, LoraConfig(**c)), dropout)
     theirs = lora_overhead_bytes(lambda m, c: peft.get_peft_model(m, peft.LoraConfig(**c)), dropout)
@@ -201,7 +209,7 @@ def test_lora_keeps_a_fraction_of_what_peft_keeps_for_backward(dropout):
     assert ours <= 0.25 * theirs, (ours, theirs)
 
 
-def test_inputs_are_remade_only_from_factors_the_graph_keeps():
+def test_inputs_are_remade_only_from_factors_the_graph_keeps(remake_any_size):
     torch.manual_seed(7)
     a, b, h, w = torch.randn(2, 5, 16, requires_grad=True), *leaves((2, 5, 16), (2, 5, 16)), torch.randn(16)
     r = torch.rand(2, 5, 1, requires_grad=True)
@@ -242,7 +250,7 @@ def loss_and_grads(model, ids, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype):
+def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, remake_any_size):
     """RMSNorm as Llama writes it, in fp32 and in bf16 (a cast between the two products)."""
     torch.manual_seed(8)
     h = torch.randn(2, 5, 16, requires_grad=True)
@@ -261,12 +269,12 @@ def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype):
         assert torch.equal(remade, kept)
 
 
-def test_layers_reading_one_input_remake_it_once(monkeypatch):
+def test_layers_reading_one_input_remake_it_once(monkeypatch, remake_any_size):
     from deltatune.ops import lora_ops
 
     remakes = []
     take = lora_ops.RemadeInput.take
-    counting = lambda self, remake: take(self, lambda: remakes.append(1) or remake())  # noqa: E731
+    counting = lambda self, leaves: remakes.append(self.value is None) or take(self, leaves)  # noqa: E731
     monkeypatch.setattr(lora_ops.RemadeInput, "take", counting)
     torch.manual_seed(9)
     a, b = leaves((2, 5, 16), (2, 5, 16))
@@ -282,7 +290,18 @@ def test_layers_reading_one_input_remake_it_once(monkeypatch):
 
     for remade, kept in zip(grads(False), grads(True)):
         assert torch.equal(remade, kept)
-    assert len(remakes) == 1
+    assert remakes == [True, False, False]  # three readers, one remake
+
+
+def test_only_inputs_of_at_least_remake_min_bytes_are_remade():
+    from deltatune.ops.lora_ops import REMAKE_MIN_BYTES
+
+    lora_a, lora_b = leaves((4, 64), (8, 4))
+    weight = torch.randn(8, 64)
+    for rows, remade in [(REMAKE_MIN_BYTES // 256 - 1, False), (REMAKE_MIN_BYTES // 256, True)]:
+        a, b = leaves((rows, 64), (rows, 64))  # rows x 64 fp32: 256 bytes a row
+        out = lora_linear(torch.sigmoid(a) * b, weight, None, lora_a, lora_b, 2.0)
+        assert (out.grad_fn.saved_tensors[0] is None) == remade, rows
 
 
 @pytest.mark.parametrize("device", DEVICES)

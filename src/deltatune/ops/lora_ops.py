@@ -101,7 +101,7 @@ def recorded_product(x: torch.Tensor, depth: int = 3):
     if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
         return None
     recipe = _node_recipe(x.grad_fn, depth)
-    return recipe if recipe is not None and _recipe_meta(recipe) == (x.shape, x.dtype) else None
+    return recipe if recipe is not None and _recipe_dtype(recipe) == x.dtype else None
 
 
 class Product(NamedTuple):
@@ -132,14 +132,13 @@ def _node_recipe(node, depth: int):
     return None if any(part is None for part in parts) else Product(*parts)
 
 
-def _recipe_meta(recipe) -> tuple[torch.Size, torch.dtype]:
-    """Shape and dtype of what the recipe makes (broadcast and promoted, as the multiplication does)."""
+def _recipe_dtype(recipe) -> torch.dtype:
+    """The dtype of what the recipe makes (its shape is x's by construction: x is the recorded product)."""
     if isinstance(recipe, torch.Tensor):
-        return recipe.shape, recipe.dtype
+        return recipe.dtype
     if isinstance(recipe, Cast):
-        return _recipe_meta(recipe.inner)[0], recipe.dtype
-    (shape_a, dtype_a), (shape_b, dtype_b) = _recipe_meta(recipe.left), _recipe_meta(recipe.right)
-    return torch.broadcast_shapes(shape_a, shape_b), torch.promote_types(dtype_a, dtype_b)
+        return recipe.dtype
+    return torch.promote_types(_recipe_dtype(recipe.left), _recipe_dtype(recipe.right))
 
 
 def _recipe_leaves(recipe) -> list[torch.Tensor]:
@@ -169,18 +168,39 @@ def replay_product(shape, leaves) -> torch.Tensor:
 
 
 class RemadeInput:
-    """One remade layer input shared by the layers that read it; it lives from the first of them to need it in
-    backward to the last (a tensor attribute holds it, so it goes with the graph)."""
+    """How to remake one layer input in backward, shared by the layers that read it (q/k/v, gate/up).
 
-    def __init__(self) -> None:
+    Built once per input tensor (kept in its `__dict__`, so the recipe is looked for once, not per layer).
+    The leaves are the tensors the recipe multiplies: each layer saves them for backward, and this object
+    forgets them once backward starts. The remade value lives from the first reader's backward to the last's.
+    """
+
+    def __init__(self, recipe) -> None:
+        self.shape, self.leaves = _recipe_shape(recipe), _recipe_leaves(recipe)
         self.value: torch.Tensor | None = None
         self.readers = 0
 
-    def take(self, remake) -> torch.Tensor:
-        value = self.value if self.value is not None else remake()
+    def take(self, leaves: list[torch.Tensor]) -> torch.Tensor:
+        self.leaves = []
+        value = self.value if self.value is not None else replay_product(self.shape, iter(leaves))
         self.readers -= 1
         self.value = value if self.readers > 0 else None
         return value
+
+
+REMAKE_MIN_BYTES = 2**18  # smaller inputs are kept: finding a recipe (~30 us) costs more than they weigh
+
+
+def remade_input(x: torch.Tensor) -> RemadeInput | None:
+    """The shared `RemadeInput` of `x`, or None when `x` must be kept (see `recorded_product`)."""
+    if x.numel() * x.element_size() < REMAKE_MIN_BYTES:
+        return None
+    if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
+        return None
+    if "_deltatune_remade" not in x.__dict__:
+        recipe = recorded_product(x)
+        x.__dict__["_deltatune_remade"] = RemadeInput(recipe) if recipe is not None else None
+    return x.__dict__["_deltatune_remade"]
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -195,15 +215,12 @@ class _LoraLinear(torch.autograd.Function):
         out, after_a = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask)
         # x is kept for A's gradient: as the caller's tensor (no copy), or not at all when the graph already
         # keeps the factors of the product that made it (then backward multiplies them again)
-        recipe = recorded_product(x) if lora_a.requires_grad else None
-        leaves = _recipe_leaves(recipe) if recipe is not None else []
-        ctx.save_for_backward(None if recipe is not None else x, weight, lora_a, lora_b, after_a, mask, *leaves)
-        if recipe is not None:  # q/k/v (gate/up) read one x: the first to need it in backward remakes it for all
-            ctx.shared = x.__dict__.setdefault("_deltatune_remade", RemadeInput())
-            ctx.shared.readers += 1
-        # only the recipe's nesting goes on ctx: a tensor there would outlive backward with the graph
-        ctx.recipe = _recipe_shape(recipe) if recipe is not None else None
-        ctx.x_shape, ctx.scaling = x.shape, scaling
+        remade = remade_input(x) if lora_a.requires_grad else None
+        leaves = remade.leaves if remade is not None else ()
+        ctx.save_for_backward(None if remade is not None else x, weight, lora_a, lora_b, after_a, mask, *leaves)
+        if remade is not None:
+            remade.readers += 1
+        ctx.remade, ctx.x_shape, ctx.scaling = remade, x.shape, scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -211,7 +228,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b, after_a, mask, *leaves = ctx.saved_tensors
         if x is None and ctx.needs_input_grad[3]:
-            x = ctx.shared.take(lambda: replay_product(ctx.recipe, iter(leaves)))
+            x = ctx.remade.take(leaves)
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
