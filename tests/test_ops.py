@@ -249,19 +249,22 @@ def loss_and_grads(model, ids, **kwargs):
     return loss, torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, remake_any_size):
-    """RMSNorm as Llama writes it, in fp32 and in bf16 (a cast between the two products)."""
+def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, dropout, remake_any_size):
+    """RMSNorm as Llama writes it, in fp32 and in bf16 (a cast between the two products), with and without a
+    dropout mask (the remade input is masked in backward as the kept one is)."""
     torch.manual_seed(8)
     h = torch.randn(2, 5, 16, requires_grad=True)
     w, weight = torch.randn(16, dtype=dtype), torch.randn(8, 16, dtype=dtype)
     lora_a, lora_b = leaves((4, 16), (8, 4))
+    mask = torch.rand(2, 5, 16) > dropout if dropout else None
 
     def grads(keep_input):
         hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # hooks: x is kept
         with hooks if keep_input else contextlib.nullcontext():
             rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
-            out = lora_linear(w * (h * rms).to(dtype), weight, None, lora_a, lora_b, 2.0)
+            out = lora_linear(w * (h * rms).to(dtype), weight, None, lora_a, lora_b, 2.0, dropout, mask)
         assert (out.grad_fn.saved_tensors[0] is None) != keep_input
         return torch.autograd.grad(out.float().square().sum(), [h, lora_a, lora_b])
 
@@ -306,7 +309,16 @@ def test_only_inputs_of_at_least_remake_min_bytes_are_remade():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", ["none", "all"])
-def test_model_loss_and_grads_fast_equal_reference(device, bias):
+@pytest.mark.parametrize("remake", [False, True])
+def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, monkeypatch):
+    from deltatune.ops import lora_ops
+
+    remakes = []
+    if remake:  # inputs this small are kept; here they are remade as a model-size input would be
+        monkeypatch.setattr(lora_ops, "REMAKE_MIN_BYTES", 0)
+        take = lora_ops.RemadeInput.take
+        monkeypatch.setattr(lora_ops.RemadeInput, "take",
+                            lambda self, leaves: remakes.append(self.value is None) or take(self, leaves))  # fmt: skip
     model = lora_model(device, bias=bias).train()
     ids = torch.randint(0, 100, (2, 12), device=device)
     nodes = []
@@ -316,6 +328,12 @@ def test_model_loss_and_grads_fast_equal_reference(device, bias):
     with use_fast_paths(False):
         ref_loss, ref_grads = loss_and_grads(model, ids)
     assert nodes == ["_LoraLinearBackward", "AddBackward0"]  # the fast path ran, then the reference
+    layers = len(model.get_base_model().model.layers)
+    # per decoder layer 6 readers of 3 remade inputs: normed h (q/k/v), normed h (gate/up), act(gate) * up
+    # (o_proj reads the attention output, no product: kept); the first layer's q/k/v read the norm of frozen
+    # embeddings, which autograd did not record: kept
+    want = (3 * layers - 1, 6 * layers - 3) if remake else (0, 0)
+    assert (remakes.count(True), len(remakes)) == want
     assert close(loss, ref_loss)[0]
     assert len(grads) == len(ref_grads) > 0
     for g, w in zip(grads, ref_grads):
