@@ -340,6 +340,35 @@ def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, monkeyp
         assert close(g, w)[0], close(g, w)[1]
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentrant, remake_any_size, monkeypatch):
+    """Non-reentrant checkpointing decides through saved-tensor hooks what is kept (no input is remade under
+    them); reentrant checkpointing runs the forward again in backward, where inputs are remade as usual."""
+    from deltatune.ops import lora_ops
+
+    ids = torch.randint(0, 100, (2, 12))
+    model = lora_model().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads_by_backward():  # reentrant checkpoints support .backward(), not autograd.grad
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for p in params]
+        model.zero_grad(set_to_none=True)
+        return loss, grads
+
+    loss, grads = loss_and_grads_by_backward()
+    model.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    model.get_base_model().enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+    remakes, take = [], lora_ops.RemadeInput.take
+    monkeypatch.setattr(lora_ops.RemadeInput, "take", lambda self, leaves: remakes.append(1) or take(self, leaves))
+    checkpointed_loss, checkpointed_grads = loss_and_grads_by_backward()
+    assert bool(remakes) == use_reentrant
+    assert torch.equal(loss, checkpointed_loss)
+    for g, c in zip(grads, checkpointed_grads, strict=True):
+        assert torch.equal(g, c)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_batch_fast_equals_reference_loop(device):
     model = lora_model(device, names=("a", "b", "c"))
