@@ -9,7 +9,8 @@ leaner:
 - it saves the layer input itself and never a copy. q/k/v (and gate/up) read one tensor, so autograd
   keeps one copy for all of them. Where the graph can remake the input from factors it keeps anyway (the
   MLP's ``act(gate) * up`` before down_proj, an RMSNorm's output before q/k/v and gate/up), it keeps
-  no input at all and multiplies the factors again in backward (`recorded_product`). With dropout it
+  no input at all and multiplies the factors again in backward (`recorded_product`; inputs of 256 KiB and
+  more, `REMAKE_MIN_BYTES`: looking for the recipe costs more than a smaller input weighs). With dropout it
   saves a 1-byte mask per layer and rebuilds the dropped input in backward (peft keeps a dropped fp32
   copy per layer); with a half-precision base it saves the half-precision input and upcasts it again in
   backward instead of keeping an fp32 copy per layer;
