@@ -369,6 +369,20 @@ def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentr
         assert torch.equal(g, c)
 
 
+def test_torch_compile_gives_the_gradients_of_eager_training(remake_any_size):
+    """Under torch.compile there is no recorded graph to remake inputs from: they are kept, and the compiled
+    model trains as the eager one does."""
+    ids = torch.randint(0, 100, (2, 12))
+    model = lora_model().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, grads = loss_and_grads(model, ids)
+    compiled_loss = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    compiled_grads = torch.autograd.grad(compiled_loss, params)
+    assert close(loss, compiled_loss)[0]
+    for g, c in zip(grads, compiled_grads, strict=True):
+        assert close(g, c)[0], close(g, c)[1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_batch_fast_equals_reference_loop(device):
     model = lora_model(device, names=("a", "b", "c"))

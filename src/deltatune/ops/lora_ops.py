@@ -193,8 +193,11 @@ REMAKE_MIN_BYTES = 2**18  # smaller inputs are kept: finding a recipe (~30 us) c
 
 
 def remade_input(x: torch.Tensor) -> RemadeInput | None:
-    """The shared `RemadeInput` of `x`, or None when `x` must be kept (see `recorded_product`)."""
-    if x.numel() * x.element_size() < REMAKE_MIN_BYTES:
+    """The shared `RemadeInput` of `x`, or None when `x` must be kept (see `recorded_product`).
+
+    Under torch.compile there is no recorded graph to read (AOT autograd decides itself what to save).
+    """
+    if x.numel() * x.element_size() < REMAKE_MIN_BYTES or torch.compiler.is_compiling():
         return None
     if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
         return None
