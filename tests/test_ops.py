@@ -296,6 +296,23 @@ def test_layers_reading_one_input_remake_it_once(monkeypatch, remake_any_size):
     assert remakes == [True, False, False]  # three readers, one remake
 
 
+def test_an_input_changed_in_place_between_readers_is_remade_as_each_read_it(remake_any_size):
+    """The first reader remakes x as it was; a reader after `x.mul_(2)` must not share that recipe."""
+    torch.manual_seed(10)
+    a, b = leaves((2, 5, 16), (2, 5, 16))
+    weight = torch.randn(8, 16)
+    first, second = leaves((4, 16), (8, 4)), leaves((4, 16), (8, 4))
+
+    def grads(doubled_in_place):
+        x = torch.sigmoid(a) * b
+        before = lora_linear(x if doubled_in_place else x.detach(), weight, None, *first, 2.0)
+        after = lora_linear(x.mul_(2) if doubled_in_place else x.detach() * 2, weight, None, *second, 2.0)
+        return torch.autograd.grad(before.square().sum() + after.square().sum(), [*first, *second])
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        assert close(got, want)[0]
+
+
 def test_only_inputs_of_at_least_remake_min_bytes_are_remade():
     from deltatune.ops.lora_ops import REMAKE_MIN_BYTES
 

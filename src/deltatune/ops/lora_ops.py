@@ -171,7 +171,8 @@ def replay_product(shape, leaves) -> torch.Tensor:
 class RemadeInput:
     """How to remake one layer input in backward, shared by the layers that read it (q/k/v, gate/up).
 
-    Built once per input tensor (kept in its `__dict__`, so the recipe is looked for once, not per layer).
+    Built once per input tensor and version (kept in its `__dict__`: the recipe is looked for once, not per
+    layer; an in-place change of the tensor between readers gets a new one).
     The leaves are the tensors the recipe multiplies: each layer saves them for backward, and this object
     forgets them once backward starts. The remade value lives from the first reader's backward to the last's.
     """
@@ -201,10 +202,12 @@ def remade_input(x: torch.Tensor) -> RemadeInput | None:
         return None
     if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
         return None
-    if "_deltatune_remade" not in x.__dict__:
+    version, remade = x.__dict__.get("_deltatune_remade", (None, None))
+    if version != x._version:  # first reader, or x was changed in place since: another product made it
         recipe = recorded_product(x)
-        x.__dict__["_deltatune_remade"] = RemadeInput(recipe) if recipe is not None else None
-    return x.__dict__["_deltatune_remade"]
+        remade = RemadeInput(recipe) if recipe is not None else None
+        x.__dict__["_deltatune_remade"] = (x._version, remade)
+    return remade
 
 
 class _LoraLinear(torch.autograd.Function):
