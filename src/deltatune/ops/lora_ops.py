@@ -190,6 +190,7 @@ class RemadeInput:
         return value
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
 REMAKE_MIN_BYTES = 2**18  # smaller inputs are kept: finding a recipe (~30 us) costs more than they weigh
 
 
@@ -198,7 +199,7 @@ def remade_input(x: torch.Tensor) -> RemadeInput | None:
 
     Under torch.compile there is no recorded graph to read (AOT autograd decides itself what to save).
     """
-    if x.numel() * x.element_size() < REMAKE_MIN_BYTES or torch.compiler.is_compiling():
+    if x.numel() * x.element_size() < REMAKE_MIN_BYTES or _is_compiling():
         return None
     if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
         return None
