@@ -162,6 +162,18 @@ def remake_any_size(monkeypatch):
     monkeypatch.setattr(lora_ops, "REMAKE_MIN_BYTES", 0)
 
 
+@pytest.fixture
+def remakes(monkeypatch):
+    """One entry per layer that takes a remade input in backward: True where it remade it, False where it
+    shared one remade by an earlier reader."""
+    from deltatune.ops import lora_ops
+
+    taken, take = [], lora_ops.RemadeInput.take
+    monkeypatch.setattr(lora_ops.RemadeInput, "take",
+                        lambda self, leaves: taken.append(self.value is None) or take(self, leaves))  # fmt: skip
+    return taken
+
+
 def kept_bytes(output: torch.Tensor, model: nn.Module) -> int:
     """Bytes of the distinct storages that the autograd graph behind `output` keeps for backward (the model's
     parameters excluded): what backward needs in memory, measured without changing what is kept."""
@@ -272,13 +284,7 @@ def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, dro
         assert torch.equal(remade, kept)
 
 
-def test_layers_reading_one_input_remake_it_once(monkeypatch, remake_any_size):
-    from deltatune.ops import lora_ops
-
-    remakes = []
-    take = lora_ops.RemadeInput.take
-    counting = lambda self, leaves: remakes.append(self.value is None) or take(self, leaves)  # noqa: E731
-    monkeypatch.setattr(lora_ops.RemadeInput, "take", counting)
+def test_layers_reading_one_input_remake_it_once(remakes, remake_any_size):
     torch.manual_seed(9)
     a, b = leaves((2, 5, 16), (2, 5, 16))
     factors = [leaves((4, 16), (8, 4)) for _ in range(3)]  # q, k and v
@@ -327,15 +333,9 @@ def test_only_inputs_of_at_least_remake_min_bytes_are_remade():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", ["none", "all"])
 @pytest.mark.parametrize("remake", [False, True])
-def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, monkeypatch):
-    from deltatune.ops import lora_ops
-
-    remakes = []
+def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, remakes, request):
     if remake:  # inputs this small are kept; here they are remade as a model-size input would be
-        monkeypatch.setattr(lora_ops, "REMAKE_MIN_BYTES", 0)
-        take = lora_ops.RemadeInput.take
-        monkeypatch.setattr(lora_ops.RemadeInput, "take",
-                            lambda self, leaves: remakes.append(self.value is None) or take(self, leaves))  # fmt: skip
+        request.getfixturevalue("remake_any_size")
     model = lora_model(device, bias=bias).train()
     ids = torch.randint(0, 100, (2, 12), device=device)
     nodes = []
@@ -358,11 +358,9 @@ def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, monkeyp
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentrant, remake_any_size, monkeypatch):
+def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentrant, remake_any_size, remakes):
     """Non-reentrant checkpointing decides through saved-tensor hooks what is kept (no input is remade under
     them); reentrant checkpointing runs the forward again in backward, where inputs are remade as usual."""
-    from deltatune.ops import lora_ops
-
     ids = torch.randint(0, 100, (2, 12))
     model = lora_model().train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -377,8 +375,7 @@ def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentr
     loss, grads = loss_and_grads_by_backward()
     model.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
     model.get_base_model().enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
-    remakes, take = [], lora_ops.RemadeInput.take
-    monkeypatch.setattr(lora_ops.RemadeInput, "take", lambda self, leaves: remakes.append(1) or take(self, leaves))
+    remakes.clear()  # count only the checkpointed run
     checkpointed_loss, checkpointed_grads = loss_and_grads_by_backward()
     assert bool(remakes) == use_reentrant
     assert torch.equal(loss, checkpointed_loss)
