@@ -383,14 +383,23 @@ def test_gradient_checkpointing_gives_the_gradients_of_plain_training(use_reentr
         assert torch.equal(g, c)
 
 
-def test_torch_compile_gives_the_gradients_of_eager_training(remake_any_size):
-    """Under torch.compile there is no recorded graph to remake inputs from: they are kept, and the compiled
-    model trains as the eager one does."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_torch_compile_traces_lora_in_one_graph_and_trains_as_eager(dropout, remake_any_size, monkeypatch):
+    """Under torch.compile there is no recorded graph to remake inputs from (they are kept), and dropout masks
+    come from `bernoulli_` (dynamo cannot trace the CPU lane trick's `random_`). fullgraph=True: a graph break
+    anywhere in the model fails the test. aot_eager draws the same masks as eager `bernoulli_`, so the eager
+    reference runs with the compile-time choices forced."""
+    from deltatune.ops import lora_ops
+
     ids = torch.randint(0, 100, (2, 12))
-    model = lora_model().train()
+    model = lora_model(dropout=dropout).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    loss, grads = loss_and_grads(model, ids)
-    compiled_loss = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_ops, "_is_compiling", lambda: True)
+        torch.manual_seed(3)
+        loss, grads = loss_and_grads(model, ids)
+    torch.manual_seed(3)
+    compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
     compiled_grads = torch.autograd.grad(compiled_loss, params)
     assert close(loss, compiled_loss)[0]
     for g, c in zip(grads, compiled_grads, strict=True):

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A keep-mask shaped like `x` (True = keep, one byte per element) and its exact keep probability.
 
@@ -37,9 +40,10 @@ def dropout_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     dropout on CPU). Here each 64-bit draw serves four elements as 16-bit lanes, compared with a threshold:
     about 3.5x faster. The drop probability becomes round(p * 65536) / 65536 (within 1 / 131072 of p), and
     the keep probability returned is that exact value, so scaling by its inverse keeps the layer unbiased.
+    Under torch.compile it is `bernoulli_` too (dynamo cannot trace `random_`: a graph break per layer).
     """
     drops = round(p * _LANES)
-    if x.device.type != "cpu" or not 0 < drops < _LANES:
+    if x.device.type != "cpu" or not 0 < drops < _LANES or _is_compiling():
         return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p), 1.0 - p
     n = x.numel()
     lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
@@ -190,7 +194,6 @@ class RemadeInput:
         return value
 
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
 REMAKE_MIN_BYTES = 2**18  # smaller inputs are kept: finding a recipe (~30 us) costs more than they weigh
 
 
