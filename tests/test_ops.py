@@ -154,6 +154,12 @@ def test_lora_linear_with_drawn_dropout_is_unbiased():
     assert not torch.allclose(lora_linear(x[:64], weight, None, a, b, 1.0, dropout=0.3), exact)
 
 
+def inputs_kept(keep: bool):
+    """A block in which LoRA layers keep their inputs (identity saved-tensor hooks: no input is remade under
+    hooks), or, with keep=False, a block that changes nothing."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if keep else contextlib.nullcontext()
+
+
 @pytest.fixture
 def remake_any_size(monkeypatch):
     """Tiny test inputs fall under REMAKE_MIN_BYTES: let them be remade as a model-size input would be."""
@@ -232,8 +238,7 @@ def test_inputs_are_remade_only_from_factors_the_graph_keeps(remake_any_size):
              "matmul": lambda: a @ torch.eye(16),  # nothing to remake from: x is kept
              "under hooks": lambda: torch.sigmoid(a) * b}  # fmt: skip
     for name, make in cases.items():
-        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-        with hooks if name == "under hooks" else contextlib.nullcontext():
+        with inputs_kept(name == "under hooks"):
             x = make()
             out = lora_linear(x, weight, None, lora_a, lora_b, 2.0)
         kept_x = out.grad_fn.saved_tensors[0] is not None
@@ -273,8 +278,7 @@ def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, dro
     mask = torch.rand(2, 5, 16) > dropout if dropout else None
 
     def grads(keep_input):
-        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # hooks: x is kept
-        with hooks if keep_input else contextlib.nullcontext():
+        with inputs_kept(keep_input):
             rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
             out = lora_linear(w * (h * rms).to(dtype), weight, None, lora_a, lora_b, 2.0, dropout, mask)
         assert (out.grad_fn.saved_tensors[0] is None) != keep_input
@@ -291,8 +295,7 @@ def test_layers_reading_one_input_remake_it_once(remakes, remake_any_size):
     weight = torch.randn(8, 16)
 
     def grads(keep_input):
-        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-        with hooks if keep_input else contextlib.nullcontext():
+        with inputs_kept(keep_input):
             x = torch.sigmoid(a) * b
             total = sum(lora_linear(x, weight, None, la, lb, 2.0).square().sum() for la, lb in factors)
         return torch.autograd.grad(total, [a, b, *[t for pair in factors for t in pair]])

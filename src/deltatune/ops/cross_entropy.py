@@ -106,7 +106,7 @@ def lean_loss_refusal(model: nn.Module) -> str | None:
     """Why `lean_causal_lm_loss` would not equal the loss of `model(..., labels=...)`, or None when it would."""
     from deltatune.tuners import method_for
 
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+    if _is_peft_wrapper(model):
         method, name = method_for(model.active_peft_config), model.active_peft_config.peft_type.value
         if method.forward is not None:
             return f"lean_causal_lm_loss works for layer methods such as LoRA; {name} changes the inputs"
@@ -128,9 +128,13 @@ def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     refusal = lean_loss_refusal(model)
     if refusal:
         raise ValueError(f"{refusal}: use model(..., labels=...)")
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+    if _is_peft_wrapper(model):
         model = model.get_base_model()
     return model.base_model, model.get_output_embeddings()
+
+
+def _is_peft_wrapper(model: nn.Module) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
 
 def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

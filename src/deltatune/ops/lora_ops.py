@@ -72,17 +72,19 @@ def _masked(x_low: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return keep.mul_(x_low) if keep.device.type == "cpu" else x_low * keep
 
 
-def _low_rank_input(x2: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """x in the adapter's dtype (cast first, as the reference does), masked; 1/(1-p) rides in the scaling."""
+def _low_rank_input(x2: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x in the adapter's dtype (cast first, as the reference does), times the `_mask_operand` `keep` when
+    there is dropout; 1/(1-p) rides in the scaling."""
     x_low = x2.to(dtype)  # (N, in); no copy when the dtypes agree
-    return _masked(x_low, _mask_operand(mask, x_low.shape, dtype)) if mask is not None else x_low
+    return _masked(x_low, keep) if keep is not None else x_low
 
 
 def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     """(out (N, out), A x (N, r)) with the low-rank product added into the base output in place."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     out = F.linear(x2, weight, bias)  # (N, out)
-    after_a = F.linear(_low_rank_input(x2, mask, lora_a.dtype), lora_a)  # (N, r)
+    keep = _mask_operand(mask, x2.shape, lora_a.dtype) if mask is not None else None
+    after_a = F.linear(_low_rank_input(x2, keep, lora_a.dtype), lora_a)  # (N, r)
     if out.dtype == lora_b.dtype:
         out.addmm_(after_a, lora_b.T, alpha=scaling)
     else:  # half-precision base, fp32 adapter: one in-place add, promoted to fp32 and rounded once
@@ -100,11 +102,9 @@ def recorded_product(x: torch.Tensor, depth: int = 3):
     MLP's ``act(gate) * up`` in front of down_proj, an RMSNorm's ``weight * (h * rsqrt(var)).to(dtype)`` in
     front of q/k/v and gate/up. Keeping those factors costs nothing, keeping `x` costs a tensor per layer;
     backward then repeats the products (and casts), which gives `x` bit for bit. Returns a recipe for
-    `replay_product` (a tensor, a `Product` or a `Cast`); None when `x` was not made that way, when a factor is
-    not kept, or while saved-tensor hooks are active (checkpointing or offloading decide there what is kept).
+    `replay_product` (a tensor, a `Product` or a `Cast`); None when `x` was not made that way or when a factor
+    is not kept. `remade_input` asks only when no saved-tensor hooks are active.
     """
-    if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
-        return None
     recipe = _node_recipe(x.grad_fn, depth)
     return recipe if recipe is not None and _recipe_dtype(recipe) == x.dtype else None
 
@@ -200,7 +200,8 @@ REMAKE_MIN_BYTES = 2**18  # smaller inputs are kept: finding a recipe (~30 us) c
 def remade_input(x: torch.Tensor) -> RemadeInput | None:
     """The shared `RemadeInput` of `x`, or None when `x` must be kept (see `recorded_product`).
 
-    Under torch.compile there is no recorded graph to read (AOT autograd decides itself what to save).
+    Kept also while saved-tensor hooks are active (checkpointing or offloading decide there what is kept) and
+    under torch.compile (no recorded graph to read; AOT autograd decides itself what to save).
     """
     if x.numel() * x.element_size() < REMAKE_MIN_BYTES or _is_compiling():
         return None
@@ -262,8 +263,7 @@ class _LoraLinear(torch.autograd.Function):
                     grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
             grad_x = grad_x.view(ctx.x_shape)
         if need_a:
-            x2 = x.reshape(-1, n_in)  # (N, in)
-            x_low = x2.to(lora_a.dtype) if keep is None else _masked(x2.to(lora_a.dtype), keep)  # dropped input
+            x_low = _low_rank_input(x.reshape(-1, n_in), keep, lora_a.dtype)  # (N, in): the dropped input
             grad_a = torch.addmm(lora_a, g_after_a.T, x_low, beta=0, alpha=s)  # (r, in)
         if need_bias:
             grad_bias = g.sum(0)
