@@ -101,6 +101,12 @@ def _generate_table(rows: list[dict]) -> list[str]:
                    f"| {_ratio(t['peft unmerged'], t['base'])} | {_ratio(t['deltatune unmerged'], t['base'])} "
                    f"| {t['peft merged']:.1f} | {t['deltatune merged']:.1f} | {_ratio(t['deltatune merged'], t['base'])} "
                    f"| {r['same_tokens']} |")  # fmt: skip
+    for r in rows:
+        t = r["tokens_per_s"]
+        if "deltatune unmerged triton" in t:  # --triton-lora: the opt-in fused kernel
+            out.append(f"\n{r['model']}, deltatune unmerged with the Triton kernel (`DELTATUNE_TRITON_LORA=1`): "
+                       f"{t['deltatune unmerged triton']:.1f} tok/s, {_ratio(t['deltatune unmerged triton'], t['base'])} "
+                       f"of the base model; same tokens as without it: {r['triton_same_tokens']}")
     return out
 
 

@@ -282,15 +282,23 @@ def generate_section(args, base, name: str) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     outs = {}
 
-    def case(key):
+    def case(key, triton_kernel=False):
+        model = models[key.replace(" triton", "")]
+
         def run():
+            os.environ["DELTATUNE_TRITON_LORA"] = "1" if triton_kernel else "0"  # read once per generate call
             with torch.no_grad():
-                outs[key] = models[key].generate(input_ids=prompt, **kw)
+                outs[key] = model.generate(input_ids=prompt, **kw)
         return run
 
-    med = alternate({k: case(k) for k in models}, args.device, args.rounds, 1, args.warmup)
+    cases = {k: case(k) for k in models}
+    if args.triton_lora:  # the opt-in fused kernel (deltatune.ops.triton_lora), same model
+        cases["deltatune unmerged triton"] = case("deltatune unmerged triton", triton_kernel=True)
+    med = alternate(cases, args.device, args.rounds, 1, args.warmup)
     same = torch.equal(outs["peft unmerged"], outs["deltatune unmerged"])
     row = {"model": name, "tokens_per_s": {k: new / t for k, t in med.items()}, "same_tokens": same}
+    if args.triton_lora:
+        row["triton_same_tokens"] = torch.equal(outs["deltatune unmerged triton"], outs["deltatune unmerged"])
     print(f"[{name}] generate: " + bench_report.generate_line(row), flush=True)
     return row
 
@@ -384,6 +392,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--triton-lora", action="store_true",
+                   help="also time unmerged generate with the opt-in Triton kernel (CUDA, DELTATUNE_TRITON_LORA=1)")
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh-process probes per case (median taken)")
     p.add_argument("--json-dir", default=RESULTS_DIR)

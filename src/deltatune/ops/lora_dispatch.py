@@ -5,14 +5,16 @@ weight's dtype) with one unmerged active adapter (`lora_ops.lora_linear`), or a 
 layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (Conv1D, embeddings,
 bitsandbytes layers, a trainable base weight, several active adapters) takes the reference path,
 `LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
-checks and the tensors it derived (a plan) and reuses them at every decoding step.
+checks and the tensors it derived (a plan) and reuses them at every decoding step; with
+`DELTATUNE_TRITON_LORA=1` on a CUDA device that plan runs the fused kernel of `triton_lora` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,7 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         return None
     plan = state.get("_plan")  # inside generate: the first step's checks and tensors, reused
     if plan is not None and plan[0] == _cache_epoch() and plan[1] is x.dtype:
-        return lora_linear_inference(x, *plan[2])
+        return plan[2](x, *plan[3])
     base = layer._modules["base_layer"]
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -106,11 +108,22 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         epoch = _cache_epoch()
         if epoch is None:  # a one-off call: strided views of A^T and B^T, nothing kept
             return lora_linear_inference(x, weight, bias, lora_a.T[None], lora_b.T[None], adapter.scaling)
-        # B^T made contiguous once for the whole generate call (A^T reads fastest as a view of A)
-        factors = (lora_a.detach().T[None], lora_b.detach().t().contiguous()[None])
-        state["_plan"] = (epoch, x.dtype, (weight, bias, *factors, adapter.scaling))
-        return lora_linear_inference(x, weight, bias, *factors, adapter.scaling)
+        run, factors = _inference_kernel(x, weight, lora_a, lora_b)
+        state["_plan"] = (epoch, x.dtype, run, (weight, bias, *factors, adapter.scaling))
+        return run(x, weight, bias, *factors, adapter.scaling)
     return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
+
+
+def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                      lora_b: torch.Tensor) -> tuple[Callable, tuple]:  # fmt: skip
+    """The per-token LoRA function for a generate call and the factors it reads, derived once for the call."""
+    if os.environ.get("DELTATUNE_TRITON_LORA") == "1":  # opt-in; imported only then (Triton is slow to import)
+        from deltatune.ops import triton_lora
+
+        if triton_lora.enabled_for(x, weight):
+            return triton_lora.lora_linear_triton, triton_lora.padded_factors(lora_a, lora_b)
+    # B^T made contiguous once for the whole generate call (A^T reads fastest as a view of A)
+    return lora_linear_inference, (lora_a.detach().T[None], lora_b.detach().t().contiguous()[None])
 
 
 def _stacks(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

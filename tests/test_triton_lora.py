@@ -1,0 +1,107 @@
+"""The opt-in Triton LoRA inference kernel against the reference path (`lora_linear_inference`).
+
+Runs where Triton imports: compiled on a CUDA device (the device machine), else on the CPU through Triton's
+interpreter. CPU-only installs of torch have no Triton, so CI skips this file; to run it here:
+`pip install triton` beside the CPU torch (the interpreter needs no GPU).
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (CPU builds of torch come without it)", allow_module_level=True)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated, so before the import below
+
+from deltatune import LoraConfig, get_peft_model  # noqa: E402
+from deltatune.ops import triton_lora  # noqa: E402
+from deltatune.ops.lora_dispatch import use_fast_paths  # noqa: E402
+from deltatune.ops.lora_ops import lora_linear_inference  # noqa: E402
+from tests.test_ops import SEVEN, relative_error, tiny_llama  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int) -> bool:
+    """|got - want| <= ulps units in the last place of `want` (bf16 sums differ in accumulation order)."""
+    unit = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(1.0)
+    return bool(((got.float() - want.float()).abs() <= ulps * unit).all())
+
+
+def factors(n_out, n_in, rank, dtype):
+    return torch.randn(rank, n_in, dtype=dtype, device=DEVICE), torch.randn(n_out, rank, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("shape, n_out, rank", [((1, 1, 40), 50, 8), ((3, 7, 70), 130, 4), ((100, 33), 20, 20)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_reference_fp32(shape, n_out, rank, with_bias):
+    """One token and many, sizes off the 64-wide tiles, ranks padded to 16 and 32, within 1e-5."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape, device=DEVICE), torch.randn(n_out, shape[-1], device=DEVICE)
+    bias = torch.randn(n_out, device=DEVICE) if with_bias else None
+    a, b = factors(n_out, shape[-1], rank, torch.float32)
+    want = lora_linear_inference(x, weight, bias, a.T[None], b.T.contiguous()[None], 0.7)
+    got = triton_lora.lora_linear_triton(x, weight, bias, *triton_lora.padded_factors(a, b), 0.7)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_reference_bf16_base(adapter_dtype):
+    """A bf16 base with a bf16 or an fp32 adapter: near the exact product everywhere; on a GPU within 2 bf16
+    ulps of the reference (Triton's interpreter rounds fp32 -> bf16 by truncation, so not there)."""
+    torch.manual_seed(1)
+    x, weight = torch.randn(2, 9, 40, dtype=torch.bfloat16, device=DEVICE), torch.randn(50, 40, dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
+    a, b = factors(50, 40, 8, adapter_dtype)
+    want = lora_linear_inference(x, weight, bias, a.T[None], b.T.contiguous()[None], 2.0)
+    got = triton_lora.lora_linear_triton(x, weight, bias, *triton_lora.padded_factors(a, b), 2.0)
+    exact = F.linear(x.double(), weight.double(), bias.double()) + 2.0 * x.double() @ a.double().T @ b.double().T
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, exact) < 1e-2
+    if DEVICE == "cuda":
+        assert within_ulps(got, want, 2), (got.float() - want.float()).abs().max()
+
+
+def test_padded_factors_add_zero_rows_only():
+    a, b = torch.randn(5, 12), torch.randn(7, 5)
+    a_pad, bt_pad = triton_lora.padded_factors(a, b)
+    assert a_pad.shape == (16, 12) and bt_pad.shape == (16, 7)
+    assert torch.equal(a_pad[:5], a) and torch.equal(bt_pad[:5], b.T) and not a_pad[5:].any() and not bt_pad[5:].any()
+
+
+def test_kernel_refuses_unpadded_factors():
+    x, weight, a, b = torch.randn(1, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="row-major weight, A and B\\^T; use padded_factors"):
+        triton_lora.lora_linear_triton(x, weight, None, a, b.T, 1.0)
+
+
+def test_kernel_is_opt_in_and_needs_a_row_major_weight(monkeypatch):
+    x, weight = torch.zeros(1, 4, device=DEVICE), torch.zeros(6, 4, device=DEVICE)
+    monkeypatch.delenv("DELTATUNE_TRITON_LORA", raising=False)
+    assert not triton_lora.enabled_for(x, weight)
+    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
+    assert triton_lora.enabled_for(x, weight)
+    assert not triton_lora.enabled_for(x, torch.zeros(4, 6, device=DEVICE).T)  # a transposed view
+
+
+def test_generate_with_the_kernel_gives_the_reference_tokens(monkeypatch):
+    """Opted in, every adapted layer of a tiny llama decodes through the kernel, and the tokens are the same."""
+    model = get_peft_model(tiny_llama(device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the adapter change the output
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.randint(0, 100, (2, 5), device=DEVICE)
+    with use_fast_paths(False):
+        want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    calls = []
+    kernel = triton_lora.lora_linear_triton
+    monkeypatch.setattr(triton_lora, "lora_linear_triton", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
+    got = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert len(calls) == 2 * 7 * 6  # 2 layers x 7 projections x (prefill + 5 decoding steps)
