@@ -74,6 +74,15 @@ def _train_tables(rows: list[dict]) -> list[str]:
                    f"| {_ratio(t['deltatune'], t['peft'])} | {_ms(t['peft'] - t['bound'])} | {_ms(t['deltatune'] - t['bound'])} "
                    f"| {_ratio(t['deltatune'] - t['bound'], t['peft'] - t['bound'])} | {_ms(t['bound+lean_loss'])} "
                    f"| {_ms(t['deltatune+lean_loss'])} | {_ratio(t['deltatune+lean_loss'], t['peft'])} |")  # fmt: skip
+    for r in rows:
+        t, m = r["time"], r.get("memory") or {}
+        if "deltatune+triton" in t:  # --triton-lora: the opt-in fused kernels
+            out.append(f"\n{r['model']}, dropout {r['dropout']}, deltatune with the Triton kernels "
+                       f"(`DELTATUNE_TRITON_LORA=1`): {_ms(t['deltatune+triton'])} ms, "
+                       f"{_ratio(t['deltatune+triton'], t['peft'])} x peft; overhead "
+                       f"{_ratio(t['deltatune+triton'] - t['bound'], t['peft'] - t['bound'])} x peft's"
+                       + (f"; memory overhead {_ratio(m['deltatune+triton'] - m['bound'], m['peft'] - m['bound'])} x peft's"
+                          if "deltatune+triton" in m else ""))  # fmt: skip
     if not any(r.get("memory") for r in rows):
         return out
     out += ["", "### 1-2. Peak training memory, MiB (overhead = case - bound of the same loss)", "",

@@ -2,7 +2,7 @@
 # The GPU checks of issue 6, for the device machine (its python3 has CUDA torch, Triton, transformers, peft).
 # Each part fits one 10-minute device call; results (test log, JSON, RESULTS.md) go to $OUT.
 #   benchmarks/gpu_check.sh tests        # CUDA cases of the fast paths and of both Triton kernels
-#   benchmarks/gpu_check.sh bfloat16     # vs_peft on SmolLM2's shape in bf16, the opt-in Triton LoRA kernel too
+#   benchmarks/gpu_check.sh bfloat16     # vs_peft on SmolLM2's shape in bf16, the opt-in Triton LoRA kernels too
 #   benchmarks/gpu_check.sh float32      # the same in fp32
 set -euo pipefail
 cd "$(dirname "$0")/.."

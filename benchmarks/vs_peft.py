@@ -197,6 +197,8 @@ def train_section(args, base, name: str) -> list[dict]:
         cases = {k: make_step(m, ids) for k, m in models.items()}
         cases["bound+lean_loss"] = make_step(models["bound"], ids, lean_loss)
         cases["deltatune+lean_loss"] = make_step(models["deltatune"], ids, lean_loss)
+        if args.triton_lora:  # the opt-in fused kernels (deltatune.ops.triton_lora), same model
+            cases["deltatune+triton"] = with_triton_kernels(make_step(models["deltatune"], ids))
         med = alternate(cases, args.device, args.rounds, args.inner, args.warmup)
         probe = name in args.memory_models.split(",")
         if args.device == "cuda":  # in-process: the steps' peak above what was allocated before them
@@ -207,6 +209,17 @@ def train_section(args, base, name: str) -> list[dict]:
         print(f"[{name}] train dropout={dropout}: " + bench_report.train_line(rows[-1]), flush=True)
         del models, cases
     return rows
+
+
+def with_triton_kernels(run):
+    """`run` with DELTATUNE_TRITON_LORA=1 (read at every LoRA layer call), and the variable off again after."""
+    def wrapped():
+        os.environ["DELTATUNE_TRITON_LORA"] = "1"
+        try:
+            return run()
+        finally:
+            os.environ["DELTATUNE_TRITON_LORA"] = "0"
+    return wrapped
 
 
 def cuda_step_peak(step) -> float:
@@ -282,18 +295,17 @@ def generate_section(args, base, name: str) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     outs = {}
 
-    def case(key, triton_kernel=False):
+    def case(key):
         model = models[key.replace(" triton", "")]
 
         def run():
-            os.environ["DELTATUNE_TRITON_LORA"] = "1" if triton_kernel else "0"  # read once per generate call
             with torch.no_grad():
                 outs[key] = model.generate(input_ids=prompt, **kw)
         return run
 
     cases = {k: case(k) for k in models}
     if args.triton_lora:  # the opt-in fused kernel (deltatune.ops.triton_lora), same model
-        cases["deltatune unmerged triton"] = case("deltatune unmerged triton", triton_kernel=True)
+        cases["deltatune unmerged triton"] = with_triton_kernels(case("deltatune unmerged triton"))
     med = alternate(cases, args.device, args.rounds, 1, args.warmup)
     same = torch.equal(outs["peft unmerged"], outs["deltatune unmerged"])
     row = {"model": name, "tokens_per_s": {k: new / t for k, t in med.items()}, "same_tokens": same}
@@ -393,7 +405,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--triton-lora", action="store_true",
-                   help="also time unmerged generate with the opt-in Triton kernel (CUDA, DELTATUNE_TRITON_LORA=1)")
+                   help="also time training and unmerged generate with the opt-in Triton kernels "
+                        "(CUDA, DELTATUNE_TRITON_LORA=1)")
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh-process probes per case (median taken)")
     p.add_argument("--json-dir", default=RESULTS_DIR)

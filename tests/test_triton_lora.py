@@ -1,4 +1,4 @@
-"""The opt-in Triton LoRA inference kernel against the reference path (`lora_linear_inference`).
+"""The opt-in Triton LoRA kernels against the PyTorch paths (`lora_linear_inference`, `lora_linear`).
 
 Runs where Triton imports: compiled on a CUDA device (the device machine), else on the CPU through Triton's
 interpreter. CPU-only installs of torch have no Triton, so CI skips this file; to run it here:
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.ops import triton_lora  # noqa: E402
 from deltatune.ops.lora_dispatch import use_fast_paths  # noqa: E402
-from deltatune.ops.lora_ops import lora_linear_inference  # noqa: E402
+from deltatune.ops.lora_ops import dropout_mask, lora_linear, lora_linear_inference  # noqa: E402
 from tests.test_ops import SEVEN, relative_error, tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +47,7 @@ def test_kernel_matches_reference_fp32(shape, n_out, rank, with_bias):
     bias = torch.randn(n_out, device=DEVICE) if with_bias else None
     a, b = factors(n_out, shape[-1], rank, torch.float32)
     want = lora_linear_inference(x, weight, bias, a.T[None], b.T.contiguous()[None], 0.7)
-    got = triton_lora.lora_linear_triton(x, weight, bias, *triton_lora.padded_factors(a, b), 0.7)
+    got = triton_lora.lora_linear_triton(x, weight, bias, a, b, 0.7)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -61,25 +61,12 @@ def test_kernel_matches_reference_bf16_base(adapter_dtype):
     bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
     a, b = factors(50, 40, 8, adapter_dtype)
     want = lora_linear_inference(x, weight, bias, a.T[None], b.T.contiguous()[None], 2.0)
-    got = triton_lora.lora_linear_triton(x, weight, bias, *triton_lora.padded_factors(a, b), 2.0)
+    got = triton_lora.lora_linear_triton(x, weight, bias, a, b, 2.0)
     exact = F.linear(x.double(), weight.double(), bias.double()) + 2.0 * x.double() @ a.double().T @ b.double().T
     assert got.dtype == torch.bfloat16
     assert relative_error(got, exact) < 1e-2
     if DEVICE == "cuda":
         assert within_ulps(got, want, 2), (got.float() - want.float()).abs().max()
-
-
-def test_padded_factors_add_zero_rows_only():
-    a, b = torch.randn(5, 12), torch.randn(7, 5)
-    a_pad, bt_pad = triton_lora.padded_factors(a, b)
-    assert a_pad.shape == (16, 12) and bt_pad.shape == (16, 7)
-    assert torch.equal(a_pad[:5], a) and torch.equal(bt_pad[:5], b.T) and not a_pad[5:].any() and not bt_pad[5:].any()
-
-
-def test_kernel_refuses_unpadded_factors():
-    x, weight, a, b = torch.randn(1, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
-    with pytest.raises(ValueError, match="row-major weight, A and B\\^T; use padded_factors"):
-        triton_lora.lora_linear_triton(x, weight, None, a, b.T, 1.0)
 
 
 def test_kernel_is_opt_in_and_needs_a_row_major_weight(monkeypatch):
@@ -109,6 +96,70 @@ def test_generate_with_the_kernel_gives_the_reference_tokens(monkeypatch):
     assert len(calls) == 2 * 7 * 6  # 2 layers x 7 projections x (prefill + 5 decoding steps)
 
 
+def lora_grads(opted_in, monkeypatch, x, weight, bias, a, b, scaling, mask):
+    """lora_linear's output and the gradients of x, bias, A and B, with the kernels or the PyTorch path."""
+    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1" if opted_in else "0")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, bias, a, b)]
+    out = lora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling, dropout=0.25 if mask is not None
+                      else 0.0, mask=mask)  # fmt: skip
+    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
+    return [out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 40), (70, 33)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_training_kernels_match_the_pytorch_path_fp32(monkeypatch, shape, with_mask):
+    """Forward and input-gradient kernels under autograd: output and all four gradients within 1e-5."""
+    torch.manual_seed(2)
+    x, weight, bias = torch.randn(*shape, device=DEVICE), torch.randn(50, shape[-1], device=DEVICE), torch.randn(50, device=DEVICE)
+    a, b = factors(50, shape[-1], 6, torch.float32)
+    mask = dropout_mask(x, 0.25)[0] if with_mask else None
+    want = lora_grads(False, monkeypatch, x, weight, bias, a, b, 1.5, mask)
+    got = lora_grads(True, monkeypatch, x, weight, bias, a, b, 1.5, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_training_kernels_bf16_base_fp32_adapter(monkeypatch):
+    torch.manual_seed(3)
+    x, weight = torch.randn(3, 8, 40, dtype=torch.bfloat16, device=DEVICE), torch.randn(50, 40, dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
+    a, b = factors(50, 40, 8, torch.float32)
+    mask = dropout_mask(x, 0.25)[0]
+    want = lora_grads(False, monkeypatch, x, weight, bias, a, b, 2.0, mask)
+    got = lora_grads(True, monkeypatch, x, weight, bias, a, b, 2.0, mask)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and relative_error(g, w) < 1e-2
+
+
+def test_a_tiny_llama_trains_through_the_kernels(monkeypatch):
+    """Loss and every LoRA gradient of a training step equal the PyTorch path; every layer used both kernels."""
+    model = get_peft_model(tiny_llama(device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.randint(0, 100, (2, 9), device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        return [loss, *torch.autograd.grad(loss, params)]
+
+    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "0")
+    want = step()
+    calls = {"forward": 0, "input_grad": 0}
+    for kind in calls:
+        kernel = getattr(triton_lora, f"lora_{kind}")
+        monkeypatch.setattr(triton_lora, f"lora_{kind}",
+                            lambda *a, _k=kernel, _n=kind, **kw: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **kw))
+    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
+    got = step()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # 2 layers x 7 projections; layer 0's q, k, v read the frozen embeddings' output: no input-gradient there
+    assert calls == {"forward": 14, "input_grad": 11}
+
+
 HOPPER_BUILD = """
 import sys
 import triton
@@ -117,29 +168,31 @@ from triton.compiler import ASTSource
 from deltatune.ops import triton_lora
 
 dtype, adapter_dtype, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
-kernel = triton_lora._lora_linear_kernel
-pointers = dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, a_ptr=adapter_dtype, bt_ptr=adapter_dtype, out_ptr=dtype)
-scalars = dict(M="i32", N="i32", scaling="fp32", stride_xm="i32", stride_wn="i32", stride_om="i32")
-constants = dict(K=576, HAS_BIAS=True, R=rank, BASE_PRECISION="ieee" if dtype == "fp32" else None,
-                 LOW_PRECISION="ieee" if adapter_dtype == "fp32" else None, UPCAST=False, BLOCK_M=16, BLOCK_N=64,
-                 BLOCK_K=64)
-signature = {n: f"*{t}" for n, t in pointers.items()} | scalars | dict.fromkeys(constants, "constexpr")
-source = ASTSource(fn=kernel, signature={n: signature[n] for n in kernel.arg_names},
-                   constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-print(".target sm_90" in compiled.asm["ptx"], len(compiled.asm["cubin"]))
+adapter_pointers = {"a_ptr", "b_ptr", "low_ptr", "gb_ptr"}
+constants = dict(K=576, HAS_BIAS=True, HAS_MASK=True, STORE_LOW=True, R=rank, UPCAST=False, BLOCK_M=16,
+                 BLOCK_N=64, BLOCK_K=64, BASE_PRECISION="ieee" if dtype == "fp32" else None,
+                 LOW_PRECISION="ieee" if adapter_dtype == "fp32" else None)
+for kernel in (triton_lora._lora_forward_kernel, triton_lora._lora_input_grad_kernel):
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else "fp32" if n == "scaling" else "*u8" if n == "keep_ptr"
+                 else f"*{adapter_dtype if n in adapter_pointers else dtype}" if n.endswith("_ptr") else "i32"
+                 for n in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(n),): constants[n] for n in names if n in constants})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    print(".target sm_90" in compiled.asm["ptx"], len(compiled.asm["cubin"]))
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile and run the kernel itself")
 @pytest.mark.parametrize("dtype, adapter_dtype, rank", [("bf16", "fp32", 16), ("bf16", "bf16", 16), ("fp32", "fp32", 32)])
 def test_kernel_compiles_for_hopper(dtype, adapter_dtype, rank):
-    """With no GPU the interpreter checks what the kernel computes; this checks that it builds for sm_90 (H100)
+    """With no GPU the interpreter checks what the kernels compute; this checks that they build for sm_90 (H100)
     with the GPU-only choices (tensor-core dot, no upcast), through Triton's own ptxas: no device needed. In a
     fresh process, because this one runs Triton as the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", HOPPER_BUILD, dtype, adapter_dtype, str(rank)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    has_target, cubin_bytes = done.stdout.split()
-    assert has_target == "True" and int(cubin_bytes) > 0
+    built = done.stdout.split()  # per kernel (forward, input-gradient): has the sm_90 target, cubin bytes
+    assert built[0::2] == ["True", "True"] and all(int(n) > 0 for n in built[1::2]), done.stdout

@@ -121,7 +121,7 @@ def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
         from deltatune.ops import triton_lora
 
         if triton_lora.enabled_for(x, weight):
-            return triton_lora.lora_linear_triton, triton_lora.padded_factors(lora_a, lora_b)
+            return triton_lora.lora_linear_triton, (lora_a.detach(), lora_b.detach())
     # B^T made contiguous once for the whole generate call (A^T reads fastest as a view of A)
     return lora_linear_inference, (lora_a.detach().T[None], lora_b.detach().t().contiguous()[None])
 

@@ -24,6 +24,7 @@ inverse keep probability; on CPU that probability is p rounded to 1/65536, see `
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -79,8 +80,20 @@ def _low_rank_input(x2: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dt
     return _masked(x_low, keep) if keep is not None else x_low
 
 
+def _triton_kernels(x: torch.Tensor, weight: torch.Tensor):
+    """`deltatune.ops.triton_lora` when the user opted in (`DELTATUNE_TRITON_LORA=1`) and it runs on `x`."""
+    if os.environ.get("DELTATUNE_TRITON_LORA") != "1":
+        return None
+    from deltatune.ops import triton_lora  # imported only then: Triton is slow to import
+
+    return triton_lora if triton_lora.enabled_for(x, weight) else None
+
+
 def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     """(out (N, out), A x (N, r)) with the low-rank product added into the base output in place."""
+    kernels = _triton_kernels(x, weight)
+    if kernels is not None:
+        return kernels.lora_forward(x, weight, bias, lora_a, lora_b, scaling, mask, keep_low=True)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     out = F.linear(x2, weight, bias)  # (N, out)
     keep = _mask_operand(mask, x2.shape, lora_a.dtype) if mask is not None else None
@@ -215,6 +228,17 @@ def remade_input(x: torch.Tensor) -> RemadeInput | None:
     return remade
 
 
+def _input_grad(g, weight, lora_a, g_after_a, scaling, keep):
+    """(N, in): g W + s * (g B) A [* keep], the low-rank part added into the base input-gradient in place."""
+    grad_x = g @ weight  # (N, in): the base layer's input-gradient
+    if keep is None and grad_x.dtype == lora_a.dtype:
+        return grad_x.addmm_(g_after_a, lora_a, alpha=scaling)
+    low = g_after_a @ lora_a  # (N, in) in the adapter dtype
+    if keep is not None:
+        return grad_x.addcmul_(low, keep, value=scaling)  # masked and added in one pass
+    return grad_x.add_(low, alpha=scaling)  # promoted in place: no cast kernel
+
+
 class _LoraLinear(torch.autograd.Function):
     """Autograd node of `lora_linear`; the base weight is frozen (no gradient for it).
 
@@ -245,28 +269,23 @@ class _LoraLinear(torch.autograd.Function):
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype; no copy when they agree
-        g_after_a = g_low @ lora_b  # (N, r), unscaled
-        # (out, r) computed as ((A x)^T g)^T: the skinny operand first is about twice as fast on CPU BLAS
-        grad_b = torch.addmm(lora_b.T, after_a.T, g_low, beta=0, alpha=s).T if need_b else None
-        grad_a = grad_x = grad_bias = None
         n_in = ctx.x_shape[-1]
         keep = None if mask is None else _mask_operand(mask, (g.shape[0], n_in), lora_a.dtype)  # (N, in)
-        if need_x:
-            grad_x = g @ weight  # (N, in): the base layer's input-gradient
-            if keep is None and grad_x.dtype == lora_a.dtype:
-                grad_x.addmm_(g_after_a, lora_a, alpha=s)
-            else:
-                low = g_after_a @ lora_a  # (N, in) in the adapter dtype
-                if keep is not None:
-                    grad_x.addcmul_(low, keep, value=s)  # masked and added in one pass
-                else:
-                    grad_x.add_(low, alpha=s)  # promoted in place: no cast kernel
-            grad_x = grad_x.view(ctx.x_shape)
+        kernels = _triton_kernels(g, weight) if need_x else None
+        grad_x = grad_a = grad_bias = None
+        if kernels is not None:  # grad_x and g B in one kernel
+            grad_x, g_after_a = kernels.lora_input_grad(g, weight, lora_a, lora_b, s, mask)
+        else:
+            g_after_a = g_low @ lora_b  # (N, r), unscaled
+            grad_x = _input_grad(g, weight, lora_a, g_after_a, s, keep) if need_x else None
+        # (out, r) computed as ((A x)^T g)^T: the skinny operand first is about twice as fast on CPU BLAS
+        grad_b = torch.addmm(lora_b.T, after_a.T, g_low, beta=0, alpha=s).T if need_b else None
         if need_a:
             x_low = _low_rank_input(x.reshape(-1, n_in), keep, lora_a.dtype)  # (N, in): the dropped input
             grad_a = torch.addmm(lora_a, g_after_a.T, x_low, beta=0, alpha=s)  # (r, in)
         if need_bias:
             grad_bias = g.sum(0)
+        grad_x = grad_x.view(ctx.x_shape) if grad_x is not None else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 

@@ -1,15 +1,23 @@
-"""Triton kernel for unmerged LoRA inference: ``x W^T + b + s * (x A^T) B^T`` in one launch.
+"""Triton kernels for the LoRA linear layer on CUDA, opt-in (`DELTATUNE_TRITON_LORA=1`).
 
-`lora_ops.lora_linear_inference` (the reference) launches three kernels per adapted layer and decoding step
-(base GEMM, A x, the rank-r update added into the output); on a GPU a one-token step is bound by launches,
-so those two extra launches are most of what LoRA costs there. Here each program computes an (M, N) tile of
-the base product and, in the same pass over the input, its rows' rank-r product A x; the epilogue adds
-s * (A x) B^T before the single store. Rounding follows the reference: the base output is rounded to the
-input dtype before the update is added, and A x is rounded to the adapter dtype.
+The PyTorch path (`lora_ops`) launches three kernels for a LoRA layer's forward (base GEMM, A x, the rank-r
+update added into the output) and three for its input-gradient (g W, g B, the update); on a GPU a small
+step is bound by launches, so the extra ones are most of what LoRA costs there. Here each is one kernel:
 
-Opt-in (`DELTATUNE_TRITON_LORA=1`), because its speed has not been measured on a GPU yet: tests check it
-against the reference on the CPU through Triton's interpreter (`TRITON_INTERPRET=1`, the same kernel code
-run with numpy), and `benchmarks/vs_peft.py --triton-lora` times it when a device is lent.
+- forward: ``out = x W^T + b + s * (drop(x) A^T) B^T``. Each program computes an (M, N) tile of the base
+  product and, in the same pass over x, its rows' rank-r product A x (cheap: r is small), then adds the
+  update before the single store; programs of the first N tile also write A x, which backward needs;
+- input-gradient: ``grad_x = g W + s * ((g B) A) [* keep]``, the same way, writing g B for A's gradient.
+
+A and B are read where they are (no padded copies: the optimizer changes them every step); the rank is
+padded to R >= 16 inside the kernel with masked lanes, because tl.dot needs every dimension >= 16. Rounding
+follows the reference: the base product is rounded to the input dtype before the update is added, and the
+rank-r products are rounded to the adapter dtype.
+
+Opt-in because their speed has not been measured on a GPU yet. tests/test_triton_lora.py checks them
+against the PyTorch path through Triton's interpreter (`TRITON_INTERPRET=1`: the same kernel code run with
+numpy on the CPU) and builds them for sm_90 with Triton's own ptxas; `benchmarks/gpu_check.sh` runs them
+on a device when one is lent.
 """
 
 from __future__ import annotations
@@ -25,29 +33,16 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 _MIN_DOT = 16  # tl.dot needs every dimension to be at least 16
+_BLOCK_N, _BLOCK_K = 64, 64
 
 
 def enabled_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the user opted in and the kernel can run on `x` and a row-major `weight` (CUDA, or the CPU
+    """True when the user opted in and the kernels can run on `x` and a row-major `weight` (CUDA, or the CPU
     under the interpreter)."""
     if triton is None or os.environ.get("DELTATUNE_TRITON_LORA") != "1" or weight.stride(-1) != 1:
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return x.device.type == "cuda" or (interpreted and x.device.type == "cpu")
-
-
-def padded_factors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (R, in) and B^T (R, out), both contiguous, with zero rows up to R = a power of two >= 16.
-
-    The zero rows add nothing to A x or to (A x) B^T; they let the rank be a tl.dot dimension.
-    """
-    r = lora_a.shape[0]
-    rank = max(_MIN_DOT, triton.next_power_of_2(r))
-    a_pad = lora_a.new_zeros(rank, lora_a.shape[1])
-    bt_pad = lora_b.new_zeros(rank, lora_b.shape[0])
-    a_pad[:r] = lora_a.detach()
-    bt_pad[:r] = lora_b.detach().T
-    return a_pad, bt_pad
 
 
 if triton is not None:
@@ -61,34 +56,84 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _lora_linear_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, bt_ptr, out_ptr, M, N, K: tl.constexpr, scaling,
-                            stride_xm, stride_wn, stride_om, HAS_BIAS: tl.constexpr, R: tl.constexpr,
-                            BASE_PRECISION: tl.constexpr, LOW_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _lora_forward_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, keep_ptr, out_ptr, low_ptr, M, N, RANK,
+                             scaling, stride_xm, stride_wn, stride_ar, stride_bn, stride_br, stride_km,
+                             K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                             STORE_LOW: tl.constexpr, R: tl.constexpr, BASE_PRECISION: tl.constexpr,
+                             LOW_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """out (M, N) = x W^T + b + s * (x A^T) B^T; low (M, RANK) = x A^T, rounded to the adapter dtype."""
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BM,)
         cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BN,)
-        ranks = tl.arange(0, R)
-        row_ok, col_ok = rows < M, cols < N
+        ranks = tl.arange(0, R)  # (R,), lanes >= RANK read as zero
+        row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < RANK
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # x W^T
-        low = tl.zeros((BLOCK_M, R), dtype=tl.float32)  # x A^T, every N-tile computes its own (R is small)
+        low = tl.zeros((BLOCK_M, R), dtype=tl.float32)  # x A^T: every N tile computes its own
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # (BM, BK)
-            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
+            x_ok = row_ok[:, None] & (ks < K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_ok, other=0.0)  # (BM, BK)
+            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=col_ok[None, :] & (ks < K)[:, None],
                           other=0.0)  # (BK, BN)
             acc = _dot(x, w_t, acc, BASE_PRECISION, UPCAST)
-            a_t = tl.load(a_ptr + ranks[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.0)  # (BK, R)
-            low = _dot(x.to(a_t.dtype), a_t, low, LOW_PRECISION, UPCAST)
+            a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + ks[:, None], mask=rank_ok[None, :] & (ks < K)[:, None],
+                          other=0.0)  # (BK, R)
+            x_low = x.to(a_t.dtype)
+            if HAS_MASK:  # dropout on the low-rank path; 1 / keep-probability rides in `scaling`
+                keep = tl.load(keep_ptr + rows[:, None] * stride_km + ks[None, :], mask=x_ok, other=0)
+                x_low = x_low * keep.to(a_t.dtype)
+            low = _dot(x_low, a_t, low, LOW_PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         base = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded like F.linear's output
-        bt = tl.load(bt_ptr + ranks[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0.0)  # (R, BN)
-        update = _dot(low.to(bt.dtype), bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOW_PRECISION, UPCAST)  # A x rounded as bmm's
-        result = base + scaling * update  # one rounding, as baddbmm_ / add_ round
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], result.to(out_ptr.dtype.element_ty),
+        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (R, BN)
+        low = low.to(b_t.dtype)  # A x as the reference keeps it
+        update = _dot(low, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOW_PRECISION, UPCAST)
+        result = base + scaling * update  # one rounding, as addmm_ / add_ round
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], result.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+        if STORE_LOW:
+            if tl.program_id(1) == 0:
+                tl.store(low_ptr + rows[:, None] * RANK + ranks[None, :], low, mask=row_ok[:, None] & rank_ok[None, :])
+
+    @triton.jit
+    def _lora_input_grad_kernel(g_ptr, w_ptr, a_ptr, b_ptr, keep_ptr, out_ptr, gb_ptr, M, N, RANK, scaling,
+                                stride_gm, stride_wk, stride_ar, stride_bk, stride_br, stride_km,
+                                K: tl.constexpr, HAS_MASK: tl.constexpr, R: tl.constexpr,
+                                BASE_PRECISION: tl.constexpr, LOW_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """out (M, N=in) = g W + s * ((g B) A) [* keep]; gb (M, RANK) = g B, rounded to the adapter dtype.
+        g is (M, K=out), W (K, N), A (RANK, N), B (K, RANK)."""
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BM,)
+        cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BN,) input features
+        ranks = tl.arange(0, R)
+        row_ok, col_ok, rank_ok = rows < M, cols < N, ranks < RANK
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # g W
+        gb = tl.zeros((BLOCK_M, R), dtype=tl.float32)  # g B
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                        other=0.0)  # (BM, BK)
+            w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :], mask=(ks < K)[:, None] & col_ok[None, :],
+                        other=0.0)  # (BK, BN)
+            acc = _dot(g, w, acc, BASE_PRECISION, UPCAST)
+            b = tl.load(b_ptr + ks[:, None] * stride_bk + ranks[None, :] * stride_br,
+                        mask=(ks < K)[:, None] & rank_ok[None, :], other=0.0)  # (BK, R)
+            gb = _dot(g.to(b.dtype), b, gb, LOW_PRECISION, UPCAST)
+        base = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded like g @ W
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                    other=0.0)  # (R, BN)
+        gb = gb.to(a.dtype)
+        update = _dot(gb, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOW_PRECISION, UPCAST)
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_MASK:  # the reference rounds (g B) A to the adapter dtype, then multiplies by the mask
+            keep = tl.load(keep_ptr + rows[:, None] * stride_km + cols[None, :], mask=out_ok, other=0)
+            update = update.to(a.dtype).to(tl.float32) * keep.to(tl.float32)
+        result = base + scaling * update
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=out_ok)
+        if tl.program_id(1) == 0:
+            tl.store(gb_ptr + rows[:, None] * RANK + ranks[None, :], gb, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -97,26 +142,76 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_pad: torch.Tensor,
-                       bt_pad: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
-    """`lora_linear_inference` as one kernel; `a_pad`, `bt_pad` from `padded_factors`.
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as (rows, features) with unit stride along the features."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
-    Returns (..., out) in the dtype of `x`, like the reference.
+
+def _unit_stride(lora_a: torch.Tensor) -> torch.Tensor:
+    """A read by rows: a copy only when it is a transposed view (nn.Linear weights never are)."""
+    return lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
+
+
+def _launch_shape(m: int, n: int, lora_a: torch.Tensor) -> dict:
+    """Grid and tile sizes: one row tile for a decoding step (rows past M masked off), 64-row tiles else."""
+    block_m = 16 if m <= 16 else 64
+    rank = max(_MIN_DOT, triton.next_power_of_2(lora_a.shape[0]))
+    return dict(grid=(triton.cdiv(m, block_m), triton.cdiv(n, _BLOCK_N)), R=rank, BLOCK_M=block_m,
+                BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)  # fmt: skip
+
+
+def _mask_bytes(mask: torch.Tensor | None, shape: tuple[int, int], fallback: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The keep-mask as (rows, features) bytes and its row stride, or a stand-in pointer when there is none."""
+    if mask is None:
+        return fallback, 0
+    keep = _rows(mask.reshape(shape)).view(torch.uint8)
+    return keep, keep.stride(0)
+
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float, mask: torch.Tensor | None = None,
+                 keep_low: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """`lora_ops._forward_math` as one kernel: (out (N, out), A x (N, r) when `keep_low`, else None).
+
+    `mask` is the bool keep-mask shaped like `x` (dropout on the low-rank path), `scaling` already divided
+    by the keep probability, as `lora_ops.lora_linear` passes them.
     """
-    n_in, n_out = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, n_in)  # (M, in)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if weight.stride(-1) != 1 or not a_pad.is_contiguous() or not bt_pad.is_contiguous():
-        raise ValueError("lora_linear_triton needs row-major weight, A and B^T; use padded_factors for A and B^T")
-    m = x2.shape[0]
-    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # (M, out)
-    block_m = 16 if m <= 16 else 64  # one-token steps: one row tile, the rest masked off
-    block_n, block_k = 64, 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, block_n))
-    _lora_linear_kernel[grid](x2, weight, bias if bias is not None else weight, a_pad, bt_pad, out, m, n_out,
-                              n_in, float(scaling), x2.stride(0), weight.stride(0), out.stride(0),
-                              HAS_BIAS=bias is not None, R=a_pad.shape[0], BASE_PRECISION=_precision(x.dtype),
-                              LOW_PRECISION=_precision(a_pad.dtype), UPCAST=x.device.type == "cpu", BLOCK_M=block_m, BLOCK_N=block_n,
-                              BLOCK_K=block_k)  # fmt: skip
-    return out.view(*x.shape[:-1], n_out)
+    x2, lora_a = _rows(x), _unit_stride(lora_a)  # (N, in), (r, in)
+    m, n_out, rank = x2.shape[0], weight.shape[0], lora_a.shape[0]
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # (N, out)
+    low = torch.empty((m, rank), dtype=lora_a.dtype, device=x.device) if keep_low else out  # (N, r)
+    keep, keep_stride = _mask_bytes(mask, x2.shape, x2)
+    launch = _launch_shape(m, n_out, lora_a)
+    _lora_forward_kernel[launch.pop("grid")](
+        x2, weight, bias if bias is not None else weight, lora_a, lora_b, keep, out, low, m, n_out, rank,
+        float(scaling), x2.stride(0), weight.stride(0), lora_a.stride(0), lora_b.stride(0), lora_b.stride(1),
+        keep_stride, K=x2.shape[1], HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_LOW=keep_low,
+        BASE_PRECISION=_precision(x.dtype), LOW_PRECISION=_precision(lora_a.dtype),
+        UPCAST=x.device.type == "cpu", **launch)  # fmt: skip
+    return out, (low if keep_low else None)
+
+
+def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+    """`lora_ops.lora_linear_inference` as one kernel (the per-token path of generate); (..., out)."""
+    out, _ = lora_forward(x, weight, bias, lora_a, lora_b, scaling)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def lora_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad_x (N, in), g B (N, r)): the input-gradient of `lora_linear` and the rank-r product A's gradient
+    needs, in one kernel; `grad_out` is (N, out) in the input dtype."""
+    g, lora_a = _rows(grad_out), _unit_stride(lora_a)  # (N, out), (r, in)
+    m, n_in, rank = g.shape[0], weight.shape[1], lora_a.shape[0]
+    grad_x = torch.empty((m, n_in), dtype=g.dtype, device=g.device)  # (N, in)
+    gb = torch.empty((m, rank), dtype=lora_b.dtype, device=g.device)  # (N, r)
+    keep, keep_stride = _mask_bytes(mask, (m, n_in), g)
+    launch = _launch_shape(m, n_in, lora_a)
+    _lora_input_grad_kernel[launch.pop("grid")](
+        g, weight, lora_a, lora_b, keep, grad_x, gb, m, n_in, rank, float(scaling), g.stride(0), weight.stride(0),
+        lora_a.stride(0), lora_b.stride(0), lora_b.stride(1), keep_stride, K=g.shape[1], HAS_MASK=mask is not None,
+        BASE_PRECISION=_precision(g.dtype), LOW_PRECISION=_precision(lora_a.dtype), UPCAST=g.device.type == "cpu",
+        **launch)  # fmt: skip
+    return grad_x, gb
