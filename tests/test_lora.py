@@ -374,6 +374,23 @@ def test_merge_a_named_adapter():
         model.merge_adapter(["nope"])
 
 
+def test_set_adapter_while_merged_unmerges_first_like_peft():
+    """peft unmerges before switching; a merged "default" must not stay in the weights under "other"."""
+    ours = two_adapter_model("llama")
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(task_type="CAUSAL_LM", **parity_kwargs("llama")))
+    theirs.add_adapter("other", peft.LoraConfig(task_type="CAUSAL_LM", **parity_kwargs("llama")))
+    for name in ("default", "other"):
+        peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict(name), adapter_name=name)
+    inputs = tiny_inputs("llama")
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    ours.set_adapter("other")
+    theirs.set_adapter("other")
+    assert_same_logits(ours, theirs, inputs)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=ATOL)
+
+
 def test_unload_gives_back_the_base_model():
     ours, _ = trained_pair("llama")
     inputs = tiny_inputs("llama")

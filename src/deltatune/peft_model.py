@@ -157,6 +157,11 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
         self.active_adapter = adapter_name
+        merged = [m for m in self._adapter_modules() if isinstance(m, AdapterLayer) and m.merged_adapters]
+        if merged:  # as peft: a merged update would stay in the base weight under the new adapter
+            logger.warning("set_adapter(%r): unmerging the merged adapters first", adapter_name)
+            for module in merged:
+                module.unmerge()
         for module in self._adapter_modules():
             module.set_active([adapter_name])
         self._set_trainable()
