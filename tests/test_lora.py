@@ -391,6 +391,29 @@ def test_set_adapter_while_merged_unmerges_first_like_peft():
         torch.testing.assert_close(logits(ours, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=ATOL)
 
 
+def test_merge_takes_peft_arguments_and_safe_merge_refuses_nan():
+    ours, theirs = trained_pair("llama")
+    inputs = tiny_inputs("llama")
+    expected = logits(theirs, inputs)
+    ours_b = ours.get_base_model().model.layers[1].self_attn.v_proj.adapters["default"].lora_B.weight
+    theirs_b = theirs.get_base_model().model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    good = ours_b[0, 0].item()
+    with torch.no_grad():
+        ours_b[0, 0] = theirs_b[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        theirs.merge_adapter(safe_merge=True)
+    with pytest.raises(ValueError, match=r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN "
+                                         r"or inf into the base weight, so nothing was merged into this layer"):
+        ours.merge_adapter(safe_merge=True)
+    assert torch.isfinite(ours.get_base_model().model.layers[1].self_attn.v_proj.base_layer.weight).all()
+    with torch.no_grad():
+        ours_b[0, 0] = theirs_b[0, 0] = good
+    merged = ours.merge_and_unload(progressbar=True, safe_merge=True)
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=ATOL)
+    merged_peft = theirs.merge_and_unload(progressbar=True, safe_merge=True)
+    torch.testing.assert_close(logits(merged, inputs), logits(merged_peft, inputs), rtol=0, atol=ATOL)
+
+
 def test_unload_gives_back_the_base_model():
     ours, _ = trained_pair("llama")
     inputs = tiny_inputs("llama")

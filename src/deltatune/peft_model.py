@@ -283,15 +283,23 @@ class PeftModel(nn.Module):
                 "merging is only for LoRA-family adapters (keep the PeftModel for inference)"
             )
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it."""
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it.
+
+        Args:
+            adapter_names: the adapters to merge (default: the active one).
+            safe_merge: check each layer's merged weight for NaN / inf before writing it (as peft).
+        """
         self._check_mergeable()
         unknown = sorted(set(adapter_names or ()) - set(self.peft_config))
         if unknown:
             raise ValueError(f"cannot merge unknown adapters {unknown}; this model has: {', '.join(self.peft_config)}")
-        for module in self._adapter_modules():
+        for name, module in self.get_base_model().named_modules():
             if isinstance(module, AdapterLayer):
-                module.merge(adapter_names)
+                try:
+                    module.merge(adapter_names, safe_merge=safe_merge)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights after `merge_adapter`."""
@@ -299,8 +307,12 @@ class PeftModel(nn.Module):
             if isinstance(module, AdapterLayer) and module.merged_adapters:
                 module.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:  # fmt: skip
         """Return the transformers model with the adapter folded in and no adapter layers left.
+
+        peft's arguments, in peft's order: `progressbar` is accepted and ignored (merging takes seconds here),
+        `safe_merge` and `adapter_names` are as in `merge_adapter`.
 
         On a 4-bit / 8-bit base (QLoRA) the bitsandbytes layers are dequantised first, so the merge is exact and
         the result is a plain full-precision model (folding into 4-bit codes would round the update away).
@@ -310,7 +322,7 @@ class PeftModel(nn.Module):
 
         if any(is_quantized_linear(m) for m in self.get_base_model().modules()):
             dequantize_model(self.get_base_model())
-        self.merge_adapter(adapter_names)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap_all()
 
     def unload(self) -> nn.Module:

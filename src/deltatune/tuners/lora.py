@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, check_finite_merge
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 
@@ -182,9 +182,11 @@ class LoraLayer(AdapterLayer):
         delta = self.adapters[name].delta_weight()
         return delta.T if self.kind == "conv1d" else delta
 
-    def merge(self, names=None) -> None:
+    def merge(self, names=None, safe_merge: bool = False) -> None:
         names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
         weight = self.base_layer.weight
+        if safe_merge:
+            check_finite_merge(weight, {name: self._base_weight_delta(name) for name in names})
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
             from deltatune.tuners.quantized import merge_into_quantized
 
