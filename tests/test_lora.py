@@ -25,6 +25,7 @@ from tiny_models import (
 
 import deltatune
 from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.ops.lora_dispatch import use_fast_paths
 from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
 
 PARITY_ARCHS = ["llama", "bloom", "gpt2", "opt", "t5", "bert"]
@@ -110,6 +111,22 @@ def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
     assert torch.equal(ours.generate(**kw), theirs.generate(**kw))  # the per-generate plan, half precision
     ours.merge_adapter()
     theirs.merge_adapter()
+    assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
+
+
+@pytest.mark.parametrize("arch, target_modules", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["embed_tokens", "q_proj"]),
+                                                   ("llama", "all-linear")])  # fmt: skip
+def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
+    """Conv1D and embeddings take the reference path: base + fp32 update is rounded to bf16 once, as in peft."""
+    base = tiny_model(arch).to(torch.bfloat16)
+    config = dict(r=4, init_lora_weights=False, target_modules=target_modules)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**config))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs(arch)
+    with use_fast_paths(False):
+        assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
 
 

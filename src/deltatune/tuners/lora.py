@@ -172,10 +172,11 @@ class LoraLayer(AdapterLayer):
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
-            return result + (after_a @ adapter.lora_embedding_B.T * adapter.scaling).to(result.dtype)
+            return (result + after_a @ adapter.lora_embedding_B.T * adapter.scaling).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
         low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
-        return result + (low_rank * adapter.scaling).to(result.dtype)
+        # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
+        return (result + low_rank * adapter.scaling).to(result.dtype)
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
         """The update in the layout of the base weight (Conv1D stores W transposed)."""
