@@ -336,6 +336,27 @@ def test_embedding_lora_matches_peft_and_files_load_both_ways(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=ATOL)
 
 
+def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged():
+    """Gemma 3's embedding multiplies by embed_scale in its forward; peft scales the update too."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                              tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    lora = dict(r=4, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"])
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**lora))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**lora))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs("llama")
+    expected = logits(theirs, inputs)
+    assert_same_logits(ours, theirs, inputs)
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours, inputs), expected, rtol=0, atol=ATOL)
+
+
 def test_gpt2_conv1d_sets_fan_in_fan_out_and_matches_peft():
     ours, theirs = trained_pair("gpt2", target_modules=["c_attn", "c_proj", "c_fc"])
     assert {ours.get_base_model().get_submodule(n).kind for n in wrapped_names(ours, LoraLayer)} == {"conv1d"}

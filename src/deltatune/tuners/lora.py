@@ -103,6 +103,16 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     )
 
 
+def _embed_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor an embedding applies in its own forward (Gemma 3's `embed_scale`), for the update too (as peft)."""
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale, dtype=base.weight.dtype, device=base.weight.device)
+    return scale.to(dtype)
+
+
 class LoraAdapter(nn.Module):
     """One adapter's low-rank factors, dropout and scale for one layer."""
 
@@ -172,7 +182,8 @@ class LoraLayer(AdapterLayer):
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
-            return (result + after_a @ adapter.lora_embedding_B.T * adapter.scaling).to(result.dtype)
+            update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
+            return (result + update * _embed_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
         low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
         # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
