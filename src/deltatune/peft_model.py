@@ -379,6 +379,10 @@ class PeftModel(nn.Module):
         "default" adapter in the folder itself, any other in a sub-folder named after it)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory} is a file; give a folder")
+        unknown = [name for name in selected_adapters or () if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters={unknown!r} names no adapter of this model; it has: "
+                             f"{', '.join(self.peft_config)}")  # fmt: skip
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
@@ -398,8 +402,9 @@ class PeftModel(nn.Module):
 
         If `adapter_name` exists already, its values are replaced in place, as peft does (this is how Trainer's
         `resume_from_checkpoint` and `load_best_model_at_end` load a checkpoint; an optimizer keeps working).
+        `subfolder=` reads the adapter from that sub-folder of `model_id` (peft's option).
         """
-        folder = str(model_id)
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         weights = load_weights(folder)  # file errors first, before the model is touched
         created = adapter_name not in self.peft_config
         if created:
@@ -430,8 +435,9 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":  # fmt: skip
-        """Wrap `model` and load the adapter saved in folder `model_id` (frozen unless `is_trainable`)."""
-        folder = str(model_id)
+        """Wrap `model` and load the adapter saved in folder `model_id`, or in its sub-folder `subfolder=` (as peft);
+        frozen unless `is_trainable`."""
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(folder)
         weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
@@ -491,6 +497,11 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """The folder holding the adapter files: `model_id`, or its sub-folder `subfolder` (peft's keyword)."""
+    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
