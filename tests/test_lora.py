@@ -360,6 +360,7 @@ def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged()
 def test_gpt2_conv1d_sets_fan_in_fan_out_and_matches_peft():
     ours, theirs = trained_pair("gpt2", target_modules=["c_attn", "c_proj", "c_fc"])
     assert {ours.get_base_model().get_submodule(n).kind for n in wrapped_names(ours, LoraLayer)} == {"conv1d"}
+    assert ours.peft_config["default"].fan_in_fan_out is theirs.peft_config["default"].fan_in_fan_out is True
     assert_same_logits(ours, theirs, tiny_inputs("gpt2"))
 
 

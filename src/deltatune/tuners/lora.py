@@ -235,6 +235,8 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
                 raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
             module = LoraLayer(module)
             replace_module(model, name, module)
+        if module.kind in ("linear", "conv1d"):  # the layout is read from the layer; the config records it (as peft)
+            config.fan_in_fan_out = module.kind == "conv1d"
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
         module.add(adapter_name, r, alpha, config)
