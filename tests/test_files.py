@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+import deltatune
 import deltatune.files
 from deltatune import (
     AutoPeftModelForCausalLM,
@@ -79,6 +80,26 @@ def test_selected_adapters_only(tmp_path):
     model.save_pretrained(tmp_path, selected_adapters=["other"])
     assert sorted(os.listdir(tmp_path)) == ["other"]
     assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_subfolder_reads_the_adapter_in_that_sub_folder_like_peft(tmp_path):
+    inputs = tiny_inputs("llama")
+    saved_lora(tmp_path / "outer")  # another adapter in the folder itself: must not be the one read
+    inner = saved_lora(tmp_path / "outer" / "sub", r=2)
+    for library in (deltatune, peft):
+        loaded = library.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "outer", subfolder="sub")
+        torch.testing.assert_close(logits(loaded, inputs), logits(inner, inputs), rtol=0, atol=1e-5)
+    model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "outer")
+    model.load_adapter(tmp_path / "outer", adapter_name="inner", subfolder="sub")
+    model.set_adapter("inner")
+    torch.testing.assert_close(logits(model, inputs), logits(inner, inputs), rtol=0, atol=1e-5)
+
+
+def test_selected_adapters_must_be_known(tmp_path):
+    model = get_peft_model(tiny_model("llama"), LoraConfig())
+    with pytest.raises(ValueError, match=r"selected_adapters=\['nope'\] names no adapter of this model; it has: "):
+        model.save_pretrained(tmp_path, selected_adapters=["nope"])
+    assert not os.listdir(tmp_path)
 
 
 # ---- bad files ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tiny_models import (
 
 import deltatune
 from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune.ops.lora_dispatch import use_fast_paths
 from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
 
 PARITY_ARCHS = ["llama", "bloom", "gpt2", "opt", "t5", "bert"]
@@ -110,6 +111,22 @@ def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
     assert torch.equal(ours.generate(**kw), theirs.generate(**kw))  # the per-generate plan, half precision
     ours.merge_adapter()
     theirs.merge_adapter()
+    assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
+
+
+@pytest.mark.parametrize("arch, target_modules", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["embed_tokens", "q_proj"]),
+                                                   ("llama", "all-linear")])  # fmt: skip
+def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
+    """Conv1D and embeddings take the reference path: base + fp32 update is rounded to bf16 once, as in peft."""
+    base = tiny_model(arch).to(torch.bfloat16)
+    config = dict(r=4, init_lora_weights=False, target_modules=target_modules)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**config))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs(arch)
+    with use_fast_paths(False):
+        assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
 
 
@@ -319,9 +336,31 @@ def test_embedding_lora_matches_peft_and_files_load_both_ways(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=ATOL)
 
 
+def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged():
+    """Gemma 3's embedding multiplies by embed_scale in its forward; peft scales the update too."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                              tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    lora = dict(r=4, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"])
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**lora))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**lora))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs("llama")
+    expected = logits(theirs, inputs)
+    assert_same_logits(ours, theirs, inputs)
+    ours.merge_adapter()
+    torch.testing.assert_close(logits(ours, inputs), expected, rtol=0, atol=ATOL)
+
+
 def test_gpt2_conv1d_sets_fan_in_fan_out_and_matches_peft():
     ours, theirs = trained_pair("gpt2", target_modules=["c_attn", "c_proj", "c_fc"])
     assert {ours.get_base_model().get_submodule(n).kind for n in wrapped_names(ours, LoraLayer)} == {"conv1d"}
+    assert ours.peft_config["default"].fan_in_fan_out is theirs.peft_config["default"].fan_in_fan_out is True
     assert_same_logits(ours, theirs, tiny_inputs("gpt2"))
 
 
@@ -372,6 +411,46 @@ def test_merge_a_named_adapter():
         torch.testing.assert_close(logits(model, inputs), base, rtol=0, atol=ATOL)
     with pytest.raises(ValueError, match=r"cannot merge unknown adapters \['nope'\]; this model has: default, other"):
         model.merge_adapter(["nope"])
+
+
+def test_set_adapter_while_merged_unmerges_first_like_peft():
+    """peft unmerges before switching; a merged "default" must not stay in the weights under "other"."""
+    ours = two_adapter_model("llama")
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(task_type="CAUSAL_LM", **parity_kwargs("llama")))
+    theirs.add_adapter("other", peft.LoraConfig(task_type="CAUSAL_LM", **parity_kwargs("llama")))
+    for name in ("default", "other"):
+        peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict(name), adapter_name=name)
+    inputs = tiny_inputs("llama")
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    ours.set_adapter("other")
+    theirs.set_adapter("other")
+    assert_same_logits(ours, theirs, inputs)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours, inputs), logits(tiny_model("llama"), inputs), rtol=0, atol=ATOL)
+
+
+def test_merge_takes_peft_arguments_and_safe_merge_refuses_nan():
+    ours, theirs = trained_pair("llama")
+    inputs = tiny_inputs("llama")
+    expected = logits(theirs, inputs)
+    ours_b = ours.get_base_model().model.layers[1].self_attn.v_proj.adapters["default"].lora_B.weight
+    theirs_b = theirs.get_base_model().model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    good = ours_b[0, 0].item()
+    with torch.no_grad():
+        ours_b[0, 0] = theirs_b[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+        theirs.merge_adapter(safe_merge=True)
+    layer_error = r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN or inf into the base"
+    with pytest.raises(ValueError, match=layer_error + " weight, so nothing was merged into this layer"):
+        ours.merge_adapter(safe_merge=True)
+    assert torch.isfinite(ours.get_base_model().model.layers[1].self_attn.v_proj.base_layer.weight).all()
+    with torch.no_grad():
+        ours_b[0, 0] = theirs_b[0, 0] = good
+    merged = ours.merge_and_unload(progressbar=True, safe_merge=True)
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=0, atol=ATOL)
+    merged_peft = theirs.merge_and_unload(progressbar=True, safe_merge=True)
+    torch.testing.assert_close(logits(merged, inputs), logits(merged_peft, inputs), rtol=0, atol=ATOL)
 
 
 def test_unload_gives_back_the_base_model():

@@ -59,8 +59,8 @@ class AdapterLayer(nn.Module):
             del self.adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
-    def merge(self, names: Sequence[str] | None = None) -> None:
-        """Fold the named (default: active) adapters into the base weight."""
+    def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the named (default: active) adapters into the base weight; `safe_merge` checks for NaN first."""
         raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
 
     def unmerge(self) -> None:
@@ -93,6 +93,18 @@ class AdapterLayer(nn.Module):
             if name in self.adapters:
                 output[rows] = self.adapter_forward(name, x[rows], result[rows])
         return output
+
+
+def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> None:
+    """peft's `safe_merge`: refuse, before any change, an update that would put NaN or inf into the base weight."""
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            merged = weight + delta if weight.is_floating_point() else delta  # packed 4/8-bit codes: the update
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"safe_merge: adapter {name!r} would put NaN or inf into the base weight, so nothing was merged "
+                    "into this layer; the adapter is broken (load a good checkpoint or retrain it)"
+                )
 
 
 def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -157,6 +157,11 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
         self.active_adapter = adapter_name
+        merged = [m for m in self._adapter_modules() if isinstance(m, AdapterLayer) and m.merged_adapters]
+        if merged:  # as peft: a merged update would stay in the base weight under the new adapter
+            logger.warning("set_adapter(%r): unmerging the merged adapters first", adapter_name)
+            for module in merged:
+                module.unmerge()
         for module in self._adapter_modules():
             module.set_active([adapter_name])
         self._set_trainable()
@@ -278,15 +283,23 @@ class PeftModel(nn.Module):
                 "merging is only for LoRA-family adapters (keep the PeftModel for inference)"
             )
 
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it."""
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it.
+
+        Args:
+            adapter_names: the adapters to merge (default: the active one).
+            safe_merge: check each layer's merged weight for NaN / inf before writing it (as peft).
+        """
         self._check_mergeable()
         unknown = sorted(set(adapter_names or ()) - set(self.peft_config))
         if unknown:
             raise ValueError(f"cannot merge unknown adapters {unknown}; this model has: {', '.join(self.peft_config)}")
-        for module in self._adapter_modules():
+        for name, module in self.get_base_model().named_modules():
             if isinstance(module, AdapterLayer):
-                module.merge(adapter_names)
+                try:
+                    module.merge(adapter_names, safe_merge=safe_merge)
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights after `merge_adapter`."""
@@ -294,8 +307,12 @@ class PeftModel(nn.Module):
             if isinstance(module, AdapterLayer) and module.merged_adapters:
                 module.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:  # fmt: skip
         """Return the transformers model with the adapter folded in and no adapter layers left.
+
+        peft's arguments, in peft's order: `progressbar` is accepted and ignored (merging takes seconds here),
+        `safe_merge` and `adapter_names` are as in `merge_adapter`.
 
         On a 4-bit / 8-bit base (QLoRA) the bitsandbytes layers are dequantised first, so the merge is exact and
         the result is a plain full-precision model (folding into 4-bit codes would round the update away).
@@ -305,7 +322,7 @@ class PeftModel(nn.Module):
 
         if any(is_quantized_linear(m) for m in self.get_base_model().modules()):
             dequantize_model(self.get_base_model())
-        self.merge_adapter(adapter_names)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap_all()
 
     def unload(self) -> nn.Module:
@@ -362,6 +379,10 @@ class PeftModel(nn.Module):
         "default" adapter in the folder itself, any other in a sub-folder named after it)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory} is a file; give a folder")
+        unknown = [name for name in selected_adapters or () if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters={unknown!r} names no adapter of this model; it has: "
+                             f"{', '.join(self.peft_config)}")  # fmt: skip
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
@@ -381,8 +402,9 @@ class PeftModel(nn.Module):
 
         If `adapter_name` exists already, its values are replaced in place, as peft does (this is how Trainer's
         `resume_from_checkpoint` and `load_best_model_at_end` load a checkpoint; an optimizer keeps working).
+        `subfolder=` reads the adapter from that sub-folder of `model_id` (peft's option).
         """
-        folder = str(model_id)
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         weights = load_weights(folder)  # file errors first, before the model is touched
         created = adapter_name not in self.peft_config
         if created:
@@ -413,8 +435,9 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":  # fmt: skip
-        """Wrap `model` and load the adapter saved in folder `model_id` (frozen unless `is_trainable`)."""
-        folder = str(model_id)
+        """Wrap `model` and load the adapter saved in folder `model_id`, or in its sub-folder `subfolder=` (as peft);
+        frozen unless `is_trainable`."""
+        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(folder)
         weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
@@ -474,6 +497,11 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """The folder holding the adapter files: `model_id`, or its sub-folder `subfolder` (peft's keyword)."""
+    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:

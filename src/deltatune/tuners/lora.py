@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, check_finite_merge
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 
@@ -103,6 +103,16 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     )
 
 
+def _embed_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor an embedding applies in its own forward (Gemma 3's `embed_scale`), for the update too (as peft)."""
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale, dtype=base.weight.dtype, device=base.weight.device)
+    return scale.to(dtype)
+
+
 class LoraAdapter(nn.Module):
     """One adapter's low-rank factors, dropout and scale for one layer."""
 
@@ -172,19 +182,23 @@ class LoraLayer(AdapterLayer):
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
-            return result + (after_a @ adapter.lora_embedding_B.T * adapter.scaling).to(result.dtype)
+            update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
+            return (result + update * _embed_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
         low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
-        return result + (low_rank * adapter.scaling).to(result.dtype)
+        # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
+        return (result + low_rank * adapter.scaling).to(result.dtype)
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
         """The update in the layout of the base weight (Conv1D stores W transposed)."""
         delta = self.adapters[name].delta_weight()
         return delta.T if self.kind == "conv1d" else delta
 
-    def merge(self, names=None) -> None:
+    def merge(self, names=None, safe_merge: bool = False) -> None:
         names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
         weight = self.base_layer.weight
+        if safe_merge:
+            check_finite_merge(weight, {name: self._base_weight_delta(name) for name in names})
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
             from deltatune.tuners.quantized import merge_into_quantized
 
@@ -221,6 +235,8 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
                 raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
             module = LoraLayer(module)
             replace_module(model, name, module)
+        if module.kind in ("linear", "conv1d"):  # the layout is read from the layer; the config records it (as peft)
+            config.fan_in_fan_out = module.kind == "conv1d"
         r = _pattern_value(config.rank_pattern, name, config.r)
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
         module.add(adapter_name, r, alpha, config)
