@@ -13,7 +13,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -78,6 +78,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "get_peft_config",
     "get_peft_model",
     "prepare_model_for_kbit_training",
 ]
