@@ -31,7 +31,7 @@ from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
-from deltatune.tuners.quantized import prepare_model_for_kbit_training
+from deltatune.tuners.quantized import prepare_model_for_int8_training, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -80,5 +80,6 @@ __all__ = [
     "TaskType",
     "get_peft_config",
     "get_peft_model",
+    "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
 ]
