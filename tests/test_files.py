@@ -20,6 +20,7 @@ from deltatune import (
     PeftConfig,
     PeftModel,
     TaskType,
+    get_peft_config,
     get_peft_model,
 )
 
@@ -235,6 +236,38 @@ def test_unknown_peft_type_in_file(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_config.json: peft_type='IA3' is not a method deltatune has; known: LORA"):
         PeftConfig.from_pretrained(tmp_path)
 
+
+
+@pytest.mark.parametrize(
+    "config_dict",
+    [
+        # The seeds' LoRA settings (seed 001 imports get_peft_config next to LoraConfig), as a dict.
+        {"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "inference_mode": False, "r": 8, "lora_alpha": 32,
+         "lora_dropout": 0.1},
+        # peft's README example (less a field peft has since dropped).
+        {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM", "inference_mode": False, "num_virtual_tokens": 20,
+         "token_dim": 768, "num_transformer_submodules": 1, "num_attention_heads": 12, "num_layers": 12,
+         "encoder_hidden_size": 768, "prefix_projection": False},
+        {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 10, "encoder_hidden_size": 128},
+        # Everything peft writes for a LoRA config, its own keys included.
+        peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]).to_dict(),
+    ],
+)  # fmt: skip
+def test_get_peft_config_builds_the_config_peft_builds(config_dict):
+    ours, theirs = get_peft_config(config_dict), peft.get_peft_config(config_dict)
+    assert type(ours).__name__ == type(theirs).__name__
+    theirs_dict = theirs.to_dict()
+    for name, value in ours.to_dict().items():
+        expected = theirs_dict[name]
+        expected = sorted(expected) if isinstance(expected, set) else getattr(expected, "value", expected)
+        assert value == expected, name
+
+
+def test_get_peft_config_without_peft_type():
+    with pytest.raises(KeyError, match="peft_type"):
+        peft.get_peft_config({"r": 8})
+    with pytest.raises(KeyError, match=r"get_peft_config: the dict has no 'peft_type' \(keys: r\); add one"):
+        get_peft_config({"r": 8})
 
 # ---- AutoPeftModel* ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(

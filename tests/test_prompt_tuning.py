@@ -25,6 +25,7 @@ from prompt_helpers import (
 )
 from test_seeds_table import bloom_on_meta
 
+import deltatune
 from deltatune import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
@@ -206,6 +207,28 @@ def test_a_task_type_is_required():
     with pytest.raises(ValueError, match="PromptTuningConfig needs task_type"):
         get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
 
+
+
+@pytest.mark.parametrize(
+    "method, fields",
+    [("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # seed 002's two snippets put
+     ("PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),  # these
+     ("LoraConfig", dict(task_type="CAUSAL_LM")),  # on AutoModelForSequenceClassification
+     ("LoraConfig", dict(task_type="SEQ_2_SEQ_LM"))],
+)  # fmt: skip
+def test_a_language_model_task_on_a_classifier_is_refused_as_peft_refuses_it(method, fields, tmp_path):
+    with pytest.raises(AttributeError, match="object has no attribute 'prepare_inputs_for_generation'"):
+        peft.get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(peft, method)(**fields))
+    task = fields["task_type"]
+    message = (rf"task_type={task} needs a model that generates text, but BertForSequenceClassification does not "
+               r"\(it has no prepare_inputs_for_generation\); load the model with AutoModelForCausalLM")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(deltatune, method)(**fields))
+    folder = tmp_path / "lm"  # an adapter saved for a language model, loaded onto a classifier
+    language_model = tiny_model("t5" if task == "SEQ_2_SEQ_LM" else "llama", task)
+    get_peft_model(language_model, getattr(deltatune, method)(**fields)).save_pretrained(folder)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("bert", "SEQ_CLS"), folder)
 
 def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()

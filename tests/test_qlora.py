@@ -9,7 +9,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from deltatune import (
+    AdaLoraConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    prepare_model_for_int8_training,
+    prepare_model_for_kbit_training,
+)
 from deltatune.tuners.quantized import bitsandbytes_config, dequantized_weight
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -190,6 +197,18 @@ def test_8bit_base(base_dir, tmp_path):
     merged = copy.deepcopy(model).merge_and_unload()
     assert torch.allclose(logits(merged), logits(model), atol=0.05)  # int8 matmul vs float matmul
 
+
+
+def test_prepare_model_for_int8_training_is_the_old_name_of_kbit(base_dir):
+    # Seed 004: `from peft import prepare_model_for_int8_training` on an 8-bit model (peft 0.21 no longer has it).
+    theirs = peft.prepare_model_for_kbit_training(load(base_dir, 8))
+    with pytest.warns(FutureWarning, match="prepare_model_for_int8_training is deprecated; use "
+                                           "prepare_model_for_kbit_training"):  # fmt: skip
+        ours = prepare_model_for_int8_training(load(base_dir, 8))
+    assert {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()} == {
+        n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()
+    }
+    assert ours.is_gradient_checkpointing and ours.get_input_embeddings()(IDS).requires_grad
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails as if not installed

@@ -13,7 +13,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -31,7 +31,7 @@ from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
-from deltatune.tuners.quantized import prepare_model_for_kbit_training
+from deltatune.tuners.quantized import prepare_model_for_int8_training, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -78,6 +78,8 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "get_peft_config",
     "get_peft_model",
+    "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
 ]

@@ -133,6 +133,22 @@ class PeftConfig:
         return cls.from_dict(data, source=config_file)
 
 
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """peft's `get_peft_config`: the config of the method named by `config_dict["peft_type"]`.
+
+    Args:
+        config_dict: the config's fields by name, e.g. ``{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8}``
+            or a dict peft wrote (fields of peft's that deltatune lacks are dropped with a warning, as when
+            reading `adapter_config.json`).
+    """
+    if "peft_type" not in config_dict:
+        raise KeyError(
+            f"get_peft_config: the dict has no 'peft_type' (keys: {', '.join(sorted(config_dict))}); add one, "
+            "e.g. 'peft_type': 'LORA', or build the config directly (LoraConfig(...))"
+        )
+    return PeftConfig.from_dict(dict(config_dict), source="get_peft_config")
+
+
 @dataclass
 class PeftConfigWithTargets(PeftConfig):
     """Base for methods that change chosen modules (LoRA, AdaLoRA, bottleneck adapters).

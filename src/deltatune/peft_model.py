@@ -465,12 +465,31 @@ class PeftModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
 
+def _check_can_generate(model: nn.Module, task_type: str) -> None:
+    """As peft (which fails on the missing attribute): a language-model task needs a model that generates, so a
+    classifier wrapped as CAUSAL_LM is refused here rather than at its first forward."""
+    if not hasattr(model, "prepare_inputs_for_generation"):
+        raise ValueError(
+            f"task_type={task_type} needs a model that generates text, but {type(model).__name__} does not (it has "
+            "no prepare_inputs_for_generation); load the model with AutoModelForCausalLM / AutoModelForSeq2SeqLM, "
+            "or give the task_type it has (SEQ_CLS for a classifier)"
+        )
+
+
 class PeftModelForCausalLM(PeftModel):
     """For `AutoModelForCausalLM` models (task_type CAUSAL_LM)."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        _check_can_generate(model, "CAUSAL_LM")
+        super().__init__(model, peft_config, adapter_name)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """For encoder-decoder models (task_type SEQ_2_SEQ_LM)."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        _check_can_generate(model, "SEQ_2_SEQ_LM")
+        super().__init__(model, peft_config, adapter_name)
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -12,7 +12,7 @@ Nothing here is a new layer class: `LoraLayer` (and AdaLoRA's `SVDLayer`) wrap `
 - `bitsandbytes_config`: the `transformers.BitsAndBytesConfig` for a 4-bit or 8-bit load (clear error when
   bitsandbytes is missing);
 - `prepare_model_for_kbit_training`: peft's preparation (freeze, upcast half-precision params such as the
-  norms to fp32, input grads, gradient checkpointing);
+  norms to fp32, input grads, gradient checkpointing), also under its old name `prepare_model_for_int8_training`;
 - `merge_into_quantized`: fold an update into a quantised weight (dequantise, add, quantise again; lossy);
 - `dequantize_model`: swap every bitsandbytes layer for a plain `nn.Linear` holding its dequantised weight, which
   is what `PeftModel.merge_and_unload` does first on a quantised base, so the merge itself is exact.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -103,6 +104,18 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
+
+
+def prepare_model_for_int8_training(model: nn.Module, *args, **kwargs) -> nn.Module:
+    """The old name the course notes use (seed 004, on an 8-bit OPT); peft had it as this alias, with this warning,
+    before removing it. Same arguments and steps as `prepare_model_for_kbit_training`."""
+    warnings.warn(
+        "prepare_model_for_int8_training is deprecated; use prepare_model_for_kbit_training (same arguments), "
+        "which prepares 8-bit and 4-bit models alike",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return prepare_model_for_kbit_training(model, *args, **kwargs)
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision weight (out, in) of a bitsandbytes 4-bit or 8-bit linear layer."""
