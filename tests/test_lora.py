@@ -336,6 +336,23 @@ def test_embedding_lora_matches_peft_and_files_load_both_ways(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=ATOL)
 
 
+def test_layers_expose_peft_attribute_layout():
+    """Code written against peft reads `layer.lora_A["default"].weight`, `lora_embedding_A`, `scaling`."""
+    ours, theirs = trained_pair("llama", target_modules=["embed_tokens", "v_proj"], lora_alpha=16)
+    ours.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj"]))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj"]))
+    mine, peft_layer = (m.get_base_model().model.layers[0].self_attn.v_proj for m in (ours, theirs))
+    assert mine.scaling == peft_layer.scaling == {"default": 4.0, "other": 1.0}
+    assert set(mine.lora_A) == set(mine.lora_B) == {"default", "other"}
+    torch.testing.assert_close(mine.lora_A["default"].weight, peft_layer.lora_A["default"].weight, rtol=0, atol=0)
+    for name in ("default", "other"):  # "other" is freshly drawn in each library: shapes only
+        assert mine.lora_B[name].weight.shape == peft_layer.lora_B[name].weight.shape
+        assert mine.lora_A[name] is mine.adapters[name].lora_A  # a view: training through it trains the adapter
+    embed, peft_embed = (m.get_base_model().model.embed_tokens for m in (ours, theirs))
+    torch.testing.assert_close(embed.lora_embedding_B["default"], peft_embed.lora_embedding_B["default"])
+    assert mine.lora_embedding_A == {} and set(embed.lora_A) == set()
+
+
 def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged():
     """Gemma 3's embedding multiplies by embed_scale in its forward; peft scales the update too."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig

@@ -166,6 +166,31 @@ class LoraLayer(AdapterLayer):
                                           config.lora_dropout, config.use_rslora, config.init_lora_weights,
                                           dtype).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
 
+    # peft's per-layer attributes ({adapter name: ...}), read-only views for code written against peft
+    # (`layer.lora_A["default"].weight`); the modules themselves live in `self.adapters`.
+    @property
+    def lora_A(self) -> dict[str, nn.Linear]:
+        return self._by_adapter("lora_A")
+
+    @property
+    def lora_B(self) -> dict[str, nn.Linear]:
+        return self._by_adapter("lora_B")
+
+    @property
+    def lora_embedding_A(self) -> dict[str, nn.Parameter]:
+        return self._by_adapter("lora_embedding_A")
+
+    @property
+    def lora_embedding_B(self) -> dict[str, nn.Parameter]:
+        return self._by_adapter("lora_embedding_B")
+
+    @property
+    def scaling(self) -> dict[str, float]:
+        return self._by_adapter("scaling")
+
+    def _by_adapter(self, attribute: str) -> dict:
+        return {name: getattr(a, attribute) for name, a in self.adapters.items() if hasattr(a, attribute)}
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Fused, memory-lean path for a plain frozen nn.Linear (deltatune.ops); adapter_forward is the reference.
         fast = fast_lora_forward(self, x, args, kwargs)
