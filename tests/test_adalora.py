@@ -86,6 +86,20 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
     assert penalty > 1 and torch.allclose(out_ours.loss - plain, penalty, atol=1e-4)
 
 
+def test_bf16_base_rounds_once_like_peft():
+    """An fp32 update on a bf16 base is added before rounding (peft's in-place `+=`), not rounded twice."""
+    theirs, ours = both(tiny_llama().to(torch.bfloat16).eval(), init_r=6, target_r=2, total_step=10, lora_alpha=16,
+                        target_modules=TARGETS, init_lora_weights=False)  # fmt: skip
+    peft_layers = dict(theirs.get_base_model().named_modules())
+    ours_layers = {n: m for n, m in ours.get_base_model().named_modules() if isinstance(m, SVDLayer)}
+    with torch.no_grad():  # peft's random init passes through bf16 on such a base: give ours its exact values
+        for name, layer in ours_layers.items():
+            for factor in ("lora_A", "lora_B", "lora_E"):
+                getattr(layer.adapters["default"], factor).copy_(getattr(peft_layers[name], factor)["default"])
+    assert len(ours_layers) == 6 and layer.adapters["default"].lora_A.dtype == torch.float32
+    assert torch.equal(logits(ours), logits(theirs))
+
+
 def test_default_init_starts_equal_to_base():
     base = tiny_llama()
     expected = logits(base)

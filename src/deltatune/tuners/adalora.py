@@ -167,7 +167,7 @@ class SVDLayer(AdapterLayer):
         x = x.to(a.lora_A.dtype)
         # Same operations in the same order as peft, so outputs match bit for bit.
         update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
         """The update in the layout of the base weight (Conv1D stores W transposed)."""
