@@ -175,6 +175,24 @@ def test_disable_unload_merge_and_a_second_adapter():
     torch.testing.assert_close(model.unload()(input_ids=ids, attention_mask=mask).logits, base_logits)
 
 
+def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
+    """The file's weights replace the start values, so loading with is_trainable=True reads no tokenizer (the
+    config's name here is no folder and no reachable hub id, like the seeds' "Langboat/bloom-389m-zh" offline)."""
+    tokenizer = word_tokenizer("classify the sentiment".split())
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=tokenizer)  # fmt: skip
+    model = get_peft_model(tiny_model("llama"), config)
+    model.save_pretrained(tmp_path)
+    resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    assert resumed.peft_config["default"].prompt_tuning_init == "TEXT"  # the config is kept as written
+    assert resumed.get_nb_trainable_parameters()[0] == 3 * 32
+    torch.testing.assert_close(resumed.prompt_encoder["default"].embedding.weight,
+                               model.prompt_encoder["default"].embedding.weight)  # fmt: skip
+    resumed.load_adapter(tmp_path, adapter_name="second", is_trainable=True)
+    torch.testing.assert_close(resumed.prompt_encoder["second"].embedding.weight,
+                               model.prompt_encoder["default"].embedding.weight)  # fmt: skip
+
+
 def test_a_saved_prompt_can_be_trained_further(tmp_path):
     # peft refuses is_trainable=True for every prompt method; for prompt tuning the file *is* the parameter.
     model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

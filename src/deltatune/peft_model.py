@@ -410,7 +410,8 @@ class PeftModel(nn.Module):
         if created:
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
+            with _start_values_from_file(config):
+                self.add_adapter(adapter_name, config)
         try:
             self.load_adapter_weights(weights, adapter_name, source=folder)
         except Exception:
@@ -442,7 +443,8 @@ class PeftModel(nn.Module):
         weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        peft_model = model_class(model, config, adapter_name)
+        with _start_values_from_file(config):
+            peft_model = model_class(model, config, adapter_name)
         peft_model.load_adapter_weights(weights, adapter_name, source=folder)
         if not is_trainable:
             peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout
@@ -516,6 +518,21 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+
+@contextlib.contextmanager
+def _start_values_from_file(config: PeftConfig) -> Iterator[None]:
+    """Within the block a prompt is built with random start values: the file's weights replace them anyway, and a
+    TEXT start would load the tokenizer the config names (often a hub id, unreachable offline)."""
+    start = getattr(config, "prompt_tuning_init", None)
+    if start is None:
+        yield
+        return
+    config.prompt_tuning_init = "RANDOM"
+    try:
+        yield
+    finally:
+        config.prompt_tuning_init = start
 
 
 def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
