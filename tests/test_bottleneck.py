@@ -173,6 +173,10 @@ def test_layers_to_transform_and_target_modules():
     assert names == ["base_model.model.model.layers.1.self_attn.o_proj", "base_model.model.model.layers.1.mlp.down_proj"]
     peft_model = get_peft_model(build("llama"), AdapterConfig(target_modules=["up_proj"], bottleneck_size=4))
     assert peft_model.get_nb_trainable_parameters()[0] == 2 * (2 * 64 * 4 + 4 + 64)  # after up_proj: width 64
+    peft_model = get_peft_model(build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4,
+                                                              exclude_modules=["o_proj"]))  # fmt: skip
+    names = [n for n, m in peft_model.named_modules() if isinstance(m, BottleneckLayer)]
+    assert names == [f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
 
 
 def test_bad_input():

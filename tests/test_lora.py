@@ -232,6 +232,25 @@ def test_default_targets_per_architecture_equal_peft(arch):
     assert ours.active_peft_config.target_modules == DEFAULT_TARGET_MODULES[model_type]  # written into the config
 
 
+@pytest.mark.parametrize("target_modules, exclude_modules", [
+    ("all-linear", ["down_proj", "model.layers.0.self_attn.q_proj"]),
+    (["q_proj", "v_proj", "up_proj"], r".*\.1\..*"),
+    (["q_proj", "v_proj"], {"v_proj"}),
+])  # fmt: skip
+def test_exclude_modules_leaves_out_what_peft_leaves_out(target_modules, exclude_modules, tmp_path):
+    ours, theirs = lora_pair("llama", target_modules=target_modules, exclude_modules=exclude_modules)
+    expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
+    assert expected and wrapped_names(ours, LoraLayer) == expected
+    theirs.save_pretrained(tmp_path)  # peft's file names the exclusions: loading it wraps the same modules
+    assert wrapped_names(PeftModel.from_pretrained(tiny_model("llama"), tmp_path), LoraLayer) == expected
+
+
+def test_exclude_modules_that_remove_every_target_are_refused():
+    with pytest.raises(ValueError, match=r"exclude_modules=\['q_proj'\] removes every module target_modules=\['q_proj'\] "
+                                         r"selects \(model.layers.0.self_attn.q_proj, .*exclude fewer modules"):
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+
+
 @pytest.mark.parametrize("layers, pattern", [([1], None), (0, "layers"), ([0, 1], ["layers"])])
 def test_layers_to_transform_like_peft(layers, pattern):
     ours, theirs = lora_pair("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=layers,

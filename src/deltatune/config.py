@@ -161,17 +161,22 @@ class PeftConfigWithTargets(PeftConfig):
             each gets a trainable copy that is saved with the adapter.
         layers_to_transform: only these layer indices (int or list) get the adapter.
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``) used to read the layer index.
+        exclude_modules: modules to leave out of what `target_modules` selects: names (exact or dotted
+            suffix) or one regex string matched against the full module name (peft's option).
     """
 
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern and self.layers_to_transform is None:

@@ -43,6 +43,15 @@ def matches(key: str, target_modules: list[str] | str, layers_to_transform=None,
     return found and in_layers(key, layers_to_transform, layers_pattern)
 
 
+def is_excluded(key: str, exclude_modules: list[str] | str | None) -> bool:
+    """Whether `exclude_modules` (peft's rule: one regex full-matched, or names / dotted suffixes) removes `key`."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, key) is not None
+    return key in exclude_modules or any(key.endswith(f".{m}") for m in exclude_modules)
+
+
 def in_layers(key: str, layers_to_transform: list[int] | None, layers_pattern=None) -> bool:
     """Whether `key` lies in one of the layers listed (always true when none are listed)."""
     return not layers_to_transform or _layer_index(key, layers_pattern) in set(layers_to_transform)
@@ -131,7 +140,13 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
             f"target_modules={shown!r}{layers} matched no module of {type(model).__name__}; "
             f"modules with weights here include: {weight_module_names(model)}"
         )
-    return found
+    kept = [name for name in found if not is_excluded(name, config.exclude_modules)]
+    if not kept:
+        raise ValueError(
+            f"exclude_modules={config.exclude_modules!r} removes every module target_modules={config.target_modules!r} "
+            f"selects ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); exclude fewer modules"
+        )
+    return kept
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
