@@ -67,6 +67,14 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
 
 
+def test_asking_for_a_pickled_file_warns_and_writes_safetensors(tmp_path, caplog):
+    model = get_peft_model(tiny_model("llama"), LoraConfig())
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert "deltatune writes safetensors only" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_save_into_a_file_path_is_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig())
     target = tmp_path / "file.txt"

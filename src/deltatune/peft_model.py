@@ -383,6 +383,9 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters={unknown!r} names no adapter of this model; it has: "
                              f"{', '.join(self.peft_config)}")  # fmt: skip
+        if kwargs.get("safe_serialization") is False:  # peft would write a pickled adapter_model.bin
+            logger.warning("save_pretrained(safe_serialization=False): deltatune writes safetensors only (a pickled "
+                           ".bin can run code when loaded); writing adapter_model.safetensors")  # fmt: skip
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
