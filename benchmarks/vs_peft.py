@@ -212,13 +212,12 @@ def train_section(args, base, name: str) -> list[dict]:
 
 
 def with_triton_kernels(run):
-    """`run` with DELTATUNE_TRITON_LORA=1 (read at every LoRA layer call), and the variable off again after."""
+    """`run` with deltatune's opt-in Triton kernels on (`DELTATUNE_TRITON_LORA=1` does the same for a process)."""
+    from deltatune.ops.lora_ops import use_triton_kernels
+
     def wrapped():
-        os.environ["DELTATUNE_TRITON_LORA"] = "1"
-        try:
+        with use_triton_kernels(True):
             return run()
-        finally:
-            os.environ["DELTATUNE_TRITON_LORA"] = "0"
     return wrapped
 
 

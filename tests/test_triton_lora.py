@@ -22,7 +22,13 @@ if not torch.cuda.is_available():
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.ops import triton_lora  # noqa: E402
 from deltatune.ops.lora_dispatch import use_fast_paths  # noqa: E402
-from deltatune.ops.lora_ops import dropout_mask, lora_linear, lora_linear_inference  # noqa: E402
+from deltatune.ops.lora_ops import (  # noqa: E402
+    dropout_mask,
+    lora_linear,
+    lora_linear_inference,
+    triton_kernels_for,
+    use_triton_kernels,
+)
 from tests.test_ops import SEVEN, relative_error, tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,13 +75,13 @@ def test_kernel_matches_reference_bf16_base(adapter_dtype):
         assert within_ulps(got, want, 2), (got.float() - want.float()).abs().max()
 
 
-def test_kernel_is_opt_in_and_needs_a_row_major_weight(monkeypatch):
+def test_kernels_are_opt_in_and_need_a_row_major_weight():
     x, weight = torch.zeros(1, 4, device=DEVICE), torch.zeros(6, 4, device=DEVICE)
-    monkeypatch.delenv("DELTATUNE_TRITON_LORA", raising=False)
-    assert not triton_lora.enabled_for(x, weight)
-    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
-    assert triton_lora.enabled_for(x, weight)
-    assert not triton_lora.enabled_for(x, torch.zeros(4, 6, device=DEVICE).T)  # a transposed view
+    assert triton_kernels_for(x, weight) is None  # off unless DELTATUNE_TRITON_LORA=1 at import
+    with use_triton_kernels(True):
+        assert triton_kernels_for(x, weight) is triton_lora
+        assert triton_kernels_for(x, torch.zeros(4, 6, device=DEVICE).T) is None  # a transposed view
+    assert triton_kernels_for(x, weight) is None
 
 
 def test_generate_with_the_kernel_gives_the_reference_tokens(monkeypatch):
@@ -90,44 +96,44 @@ def test_generate_with_the_kernel_gives_the_reference_tokens(monkeypatch):
     calls = []
     kernel = triton_lora.lora_linear_triton
     monkeypatch.setattr(triton_lora, "lora_linear_triton", lambda *args: calls.append(1) or kernel(*args))
-    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
-    got = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with use_triton_kernels(True):
+        got = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
     assert len(calls) == 2 * 7 * 6  # 2 layers x 7 projections x (prefill + 5 decoding steps)
 
 
-def lora_grads(opted_in, monkeypatch, x, weight, bias, a, b, scaling, mask):
+def lora_grads(opted_in, x, weight, bias, a, b, scaling, mask):
     """lora_linear's output and the gradients of x, bias, A and B, with the kernels or the PyTorch path."""
-    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1" if opted_in else "0")
     leaves = [t.detach().clone().requires_grad_() for t in (x, bias, a, b)]
-    out = lora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling, dropout=0.25 if mask is not None
-                      else 0.0, mask=mask)  # fmt: skip
-    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
+    with use_triton_kernels(opted_in):
+        out = lora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling,
+                          dropout=0.25 if mask is not None else 0.0, mask=mask)  # fmt: skip
+        (out.float() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
     return [out] + [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 40), (70, 33)])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_training_kernels_match_the_pytorch_path_fp32(monkeypatch, shape, with_mask):
+def test_training_kernels_match_the_pytorch_path_fp32(shape, with_mask):
     """Forward and input-gradient kernels under autograd: output and all four gradients within 1e-5."""
     torch.manual_seed(2)
     x, weight, bias = torch.randn(*shape, device=DEVICE), torch.randn(50, shape[-1], device=DEVICE), torch.randn(50, device=DEVICE)
     a, b = factors(50, shape[-1], 6, torch.float32)
     mask = dropout_mask(x, 0.25)[0] if with_mask else None
-    want = lora_grads(False, monkeypatch, x, weight, bias, a, b, 1.5, mask)
-    got = lora_grads(True, monkeypatch, x, weight, bias, a, b, 1.5, mask)
+    want = lora_grads(False, x, weight, bias, a, b, 1.5, mask)
+    got = lora_grads(True, x, weight, bias, a, b, 1.5, mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_training_kernels_bf16_base_fp32_adapter(monkeypatch):
+def test_training_kernels_bf16_base_fp32_adapter():
     torch.manual_seed(3)
     x, weight = torch.randn(3, 8, 40, dtype=torch.bfloat16, device=DEVICE), torch.randn(50, 40, dtype=torch.bfloat16, device=DEVICE)
     bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
     a, b = factors(50, 40, 8, torch.float32)
     mask = dropout_mask(x, 0.25)[0]
-    want = lora_grads(False, monkeypatch, x, weight, bias, a, b, 2.0, mask)
-    got = lora_grads(True, monkeypatch, x, weight, bias, a, b, 2.0, mask)
+    want = lora_grads(False, x, weight, bias, a, b, 2.0, mask)
+    got = lora_grads(True, x, weight, bias, a, b, 2.0, mask)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and relative_error(g, w) < 1e-2
 
@@ -145,15 +151,14 @@ def test_a_tiny_llama_trains_through_the_kernels(monkeypatch):
         loss = model(input_ids=ids, labels=ids).loss
         return [loss, *torch.autograd.grad(loss, params)]
 
-    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "0")
     want = step()
     calls = {"forward": 0, "input_grad": 0}
     for kind in calls:
         kernel = getattr(triton_lora, f"lora_{kind}")
         monkeypatch.setattr(triton_lora, f"lora_{kind}",
                             lambda *a, _k=kernel, _n=kind, **kw: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **kw))
-    monkeypatch.setenv("DELTATUNE_TRITON_LORA", "1")
-    got = step()
+    with use_triton_kernels(True):
+        got = step()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     # 2 layers x 7 projections; layer 0's q, k, v read the frozen embeddings' output: no input-gradient there

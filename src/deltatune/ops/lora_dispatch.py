@@ -6,21 +6,21 @@ layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (
 bitsandbytes layers, a trainable base weight, several active adapters) takes the reference path,
 `LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
 checks and the tensors it derived (a plan) and reuses them at every decoding step; with
-`DELTATUNE_TRITON_LORA=1` on a CUDA device that plan runs the fused kernel of `triton_lora` instead.
+`DELTATUNE_TRITON_LORA=1` (or `lora_ops.use_triton_kernels`) on a CUDA device that plan runs the fused kernel of
+`triton_lora` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.ops.lora_ops import lora_linear, lora_linear_inference
+from deltatune.ops.lora_ops import lora_linear, lora_linear_inference, triton_kernels_for
 from deltatune.ops.mixed_batch import apply_row_factors, gather_row_factors, mixed_lora_linear, row_index, stack_lora_weights
 
 _ENABLED = [True]
@@ -117,11 +117,9 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
 def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                       lora_b: torch.Tensor) -> tuple[Callable, tuple]:  # fmt: skip
     """The per-token LoRA function for a generate call and the factors it reads, derived once for the call."""
-    if os.environ.get("DELTATUNE_TRITON_LORA") == "1":  # opt-in; imported only then (Triton is slow to import)
-        from deltatune.ops import triton_lora
-
-        if triton_lora.enabled_for(x, weight):
-            return triton_lora.lora_linear_triton, (lora_a.detach(), lora_b.detach())
+    kernels = triton_kernels_for(x, weight)
+    if kernels is not None:
+        return kernels.lora_linear_triton, (lora_a.detach(), lora_b.detach())
     # B^T made contiguous once for the whole generate call (A^T reads fastest as a view of A)
     return lora_linear_inference, (lora_a.detach().T[None], lora_b.detach().t().contiguous()[None])
 

@@ -24,7 +24,9 @@ inverse keep probability; on CPU that probability is p rounded to 1/65536, see `
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -80,9 +82,24 @@ def _low_rank_input(x2: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dt
     return _masked(x_low, keep) if keep is not None else x_low
 
 
-def _triton_kernels(x: torch.Tensor, weight: torch.Tensor):
-    """`deltatune.ops.triton_lora` when the user opted in (`DELTATUNE_TRITON_LORA=1`) and it runs on `x`."""
-    if os.environ.get("DELTATUNE_TRITON_LORA") != "1":
+# Opt-in Triton kernels (deltatune.ops.triton_lora): DELTATUNE_TRITON_LORA=1 in the environment at import, or
+# `use_triton_kernels(True)`. A flag rather than an environment read per call: this is on every layer's path.
+_TRITON_KERNELS = [os.environ.get("DELTATUNE_TRITON_LORA") == "1"]
+
+
+@contextlib.contextmanager
+def use_triton_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, LoRA layers on CUDA use (True) or skip (False) the Triton kernels of `triton_lora`."""
+    previous, _TRITON_KERNELS[0] = _TRITON_KERNELS[0], enabled
+    try:
+        yield
+    finally:
+        _TRITON_KERNELS[0] = previous
+
+
+def triton_kernels_for(x: torch.Tensor, weight: torch.Tensor):
+    """`deltatune.ops.triton_lora` when opted in and it runs on `x` and `weight`, else None."""
+    if not _TRITON_KERNELS[0]:
         return None
     from deltatune.ops import triton_lora  # imported only then: Triton is slow to import
 
@@ -91,7 +108,7 @@ def _triton_kernels(x: torch.Tensor, weight: torch.Tensor):
 
 def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     """(out (N, out), A x (N, r)) with the low-rank product added into the base output in place."""
-    kernels = _triton_kernels(x, weight)
+    kernels = triton_kernels_for(x, weight)
     if kernels is not None:
         return kernels.lora_forward(x, weight, bias, lora_a, lora_b, scaling, mask, keep_low=True)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -271,7 +288,7 @@ class _LoraLinear(torch.autograd.Function):
         g_low = g.to(lora_b.dtype)  # (N, out) in the adapter dtype; no copy when they agree
         n_in = ctx.x_shape[-1]
         keep = None if mask is None else _mask_operand(mask, (g.shape[0], n_in), lora_a.dtype)  # (N, in)
-        kernels = _triton_kernels(g, weight) if need_x else None
+        kernels = triton_kernels_for(g, weight) if need_x else None
         grad_x = grad_a = grad_bias = None
         if kernels is not None:  # grad_x and g B in one kernel
             grad_x, g_after_a = kernels.lora_input_grad(g, weight, lora_a, lora_b, s, mask)

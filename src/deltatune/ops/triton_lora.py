@@ -1,4 +1,4 @@
-"""Triton kernels for the LoRA linear layer on CUDA, opt-in (`DELTATUNE_TRITON_LORA=1`).
+"""Triton kernels for the LoRA linear layer on CUDA, opt-in (`DELTATUNE_TRITON_LORA=1`, `use_triton_kernels`).
 
 The PyTorch path (`lora_ops`) launches three kernels for a LoRA layer's forward (base GEMM, A x, the rank-r
 update added into the output) and three for its input-gradient (g W, g B, the update); on a GPU a small
@@ -37,9 +37,9 @@ _BLOCK_N, _BLOCK_K = 64, 64
 
 
 def enabled_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the user opted in and the kernels can run on `x` and a row-major `weight` (CUDA, or the CPU
-    under the interpreter)."""
-    if triton is None or os.environ.get("DELTATUNE_TRITON_LORA") != "1" or weight.stride(-1) != 1:
+    """True when the kernels can run on `x` and a row-major `weight` (CUDA, or the CPU under the interpreter);
+    whether the user opted in is `lora_ops.triton_kernels_for`'s question."""
+    if triton is None or weight.stride(-1) != 1:
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return x.device.type == "cuda" or (interpreted and x.device.type == "cpu")
