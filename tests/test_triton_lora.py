@@ -40,6 +40,10 @@ def within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int) -> bool:
     return bool(((got.float() - want.float()).abs() <= ulps * unit).all())
 
 
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
 def factors(n_out, n_in, rank, dtype):
     return torch.randn(rank, n_in, dtype=dtype, device=DEVICE), torch.randn(n_out, rank, dtype=dtype, device=DEVICE)
 
@@ -63,8 +67,7 @@ def test_kernel_matches_reference_bf16_base(adapter_dtype):
     """A bf16 base with a bf16 or an fp32 adapter: near the exact product everywhere; on a GPU within 2 bf16
     ulps of the reference (Triton's interpreter rounds fp32 -> bf16 by truncation, so not there)."""
     torch.manual_seed(1)
-    x, weight = torch.randn(2, 9, 40, dtype=torch.bfloat16, device=DEVICE), torch.randn(50, 40, dtype=torch.bfloat16, device=DEVICE)
-    bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
+    x, weight, bias = (randn(*s, dtype=torch.bfloat16) for s in ((2, 9, 40), (50, 40), (50,)))
     a, b = factors(50, 40, 8, adapter_dtype)
     want = lora_linear_inference(x, weight, bias, a.T[None], b.T.contiguous()[None], 2.0)
     got = triton_lora.lora_linear_triton(x, weight, bias, a, b, 2.0)
@@ -117,7 +120,7 @@ def lora_grads(opted_in, x, weight, bias, a, b, scaling, mask):
 def test_training_kernels_match_the_pytorch_path_fp32(shape, with_mask):
     """Forward and input-gradient kernels under autograd: output and all four gradients within 1e-5."""
     torch.manual_seed(2)
-    x, weight, bias = torch.randn(*shape, device=DEVICE), torch.randn(50, shape[-1], device=DEVICE), torch.randn(50, device=DEVICE)
+    x, weight, bias = randn(*shape), randn(50, shape[-1]), randn(50)
     a, b = factors(50, shape[-1], 6, torch.float32)
     mask = dropout_mask(x, 0.25)[0] if with_mask else None
     want = lora_grads(False, x, weight, bias, a, b, 1.5, mask)
@@ -128,8 +131,7 @@ def test_training_kernels_match_the_pytorch_path_fp32(shape, with_mask):
 
 def test_training_kernels_bf16_base_fp32_adapter():
     torch.manual_seed(3)
-    x, weight = torch.randn(3, 8, 40, dtype=torch.bfloat16, device=DEVICE), torch.randn(50, 40, dtype=torch.bfloat16, device=DEVICE)
-    bias = torch.randn(50, dtype=torch.bfloat16, device=DEVICE)
+    x, weight, bias = (randn(*s, dtype=torch.bfloat16) for s in ((3, 8, 40), (50, 40), (50,)))
     a, b = factors(50, 40, 8, torch.float32)
     mask = dropout_mask(x, 0.25)[0]
     want = lora_grads(False, x, weight, bias, a, b, 2.0, mask)
