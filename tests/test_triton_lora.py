@@ -192,7 +192,8 @@ for kernel in (triton_lora._lora_forward_kernel, triton_lora._lora_input_grad_ke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile and run the kernel itself")
-@pytest.mark.parametrize("dtype, adapter_dtype, rank", [("bf16", "fp32", 16), ("bf16", "bf16", 16), ("fp32", "fp32", 32)])
+@pytest.mark.parametrize("dtype, adapter_dtype, rank",
+                         [("bf16", "fp32", 16), ("bf16", "bf16", 16), ("fp32", "fp32", 32)])  # fmt: skip
 def test_kernel_compiles_for_hopper(dtype, adapter_dtype, rank):
     """With no GPU the interpreter checks what the kernels compute; this checks that they build for sm_90 (H100)
     with the GPU-only choices (tensor-core dot, no upcast), through Triton's own ptxas: no device needed. In a
