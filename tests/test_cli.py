@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -17,6 +18,7 @@ from deltatune import PeftModel
 from deltatune.cli import chat, evaluate, main, merge, train
 from deltatune.cli.data import BUNDLED_EVAL, DataError, bundled_path
 from deltatune.cli.methods import METHODS
+from deltatune.cli.options import load_options
 from deltatune.tuners import method_for
 from tiny_chat_model import make_tiny_model
 
@@ -210,6 +212,45 @@ def test_unknown_method_and_foreign_option(tiny, tmp_path, run_options):
         train(run_options(tiny, tmp_path / "run", method="bitfit", r=4))
     with pytest.raises(ValueError, match=r"unknown option 'rank'"):
         train(run_options(tiny, tmp_path / "run", rank=4))
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("max_steps: ten\n", r"bad\.yaml: option 'max_steps' must be an integer, not 'ten'"),
+        ("r: [4]\n", r"bad\.yaml: option 'r' must be an integer, not \[4\]"),
+        ("load_in_4bit: maybe\n", r"bad\.yaml: option 'load_in_4bit' must be true/false, not 'maybe'"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, capsys, yaml_text, message):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "run")]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_written_as_yaml_strings_are_read_as_numbers():
+    # YAML 1.1 reads `1e-3` as a string; "4" and "no" are what a hand-written file often holds
+    options = load_options(None, {"lr": "1e-3", "r": "4", "load_in_4bit": "no", "output": 2024})
+    assert options.lr == 1e-3 and options.method_options["r"] == 4 and options.load_in_4bit is False
+    assert options.output == "2024"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(grad_accum=0), r"--grad-accum 0: must be at least 1"),
+        (dict(batch_size=0), r"--batch-size 0: must be at least 1"),
+        (dict(logging_steps=0), r"--logging-steps 0: must be at least 1"),
+        (dict(max_steps=-1), r"--max-steps -1: must be at least 1"),
+        (dict(max_steps=None, epochs=0), r"--epochs 0: must be above 0"),
+        (dict(lr=0), r"--lr 0: the learning rate must be above 0"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_before_anything_is_written(tiny, tmp_path, run_options, values, message):
+    with pytest.raises(ValueError, match=message):
+        train(run_options(tiny, tmp_path / "run", **values))
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the `deltatune` entry point ----------------------------------------------------------------------------

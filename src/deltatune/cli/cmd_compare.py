@@ -84,6 +84,7 @@ def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = 
     `options.output` is the comparison folder; each method's run goes to a sub-folder named after it.
     """
     base = options if isinstance(options, TrainOptions) else make_options(options)
+    base.check()
     methods = methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -125,6 +125,7 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     from accelerate import PartialState
 
     options = as_options(options)
+    options.check()
     build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
