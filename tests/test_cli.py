@@ -182,6 +182,39 @@ def test_resume_with_nothing_to_resume(tiny, tmp_path, run_options):
         train(run_options(tiny, tmp_path / "empty", resume=True))
 
 
+def test_resume_of_another_method_or_shape_is_refused_and_keeps_the_run(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, method="bitfit", max_steps=2, save_steps=2))
+    before = (out / "run.yaml").read_text()
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds a BITFIT adapter, but --method prompt-tuning makes PROMPT_TUNING"):
+        train(run_options(tiny, out, method="prompt-tuning", max_steps=4, resume=True))
+    lora = tmp_path / "lora"
+    train(run_options(tiny, lora, r=8, max_steps=2, save_steps=2))
+    lora_before = (lora / "run.yaml").read_text()
+    with pytest.raises(ValueError, match="shape"):  # same method, another rank: the checkpoint does not fit
+        train(run_options(tiny, lora, r=4, max_steps=4, resume=True))
+    # the runs' own options are kept, so a plain --resume still continues them
+    assert (out / "run.yaml").read_text() == before and (lora / "run.yaml").read_text() == lora_before
+
+
+def test_resume_of_a_finished_run_asks_for_more_steps(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, and --max-steps is 2: nothing is left to train"):
+        train(run_options(tiny, out, max_steps=2, resume=True))
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_refuses_a_folder_that_is_none(tiny, tmp_path, run_options, caplog):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    (out / "checkpoint-3").mkdir()  # a save cut short
+    (out / "checkpoint-3" / "adapter_config.json").write_text("{}")
+    assert train(run_options(tiny, out, max_steps=3, resume=True)).steps == 3
+    assert "checkpoint-3 is incomplete (no adapter_model.safetensors, trainer_state.json); continuing from" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"--resume .*run: not a checkpoint of deltatune train \(no trainer_state\.json\)"):
+        train(run_options(tiny, tmp_path / "other", max_steps=3, resume=str(out)))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import deltatune
 from deltatune import get_peft_model
@@ -27,7 +27,7 @@ from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
 from deltatune.cli.models import load_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
-from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, prepare_output
+from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output
 from deltatune.files import atomic_write_text
 from deltatune.lean_loss_trainer import LeanLossTrainer
 
@@ -116,6 +116,35 @@ def write_run_files(options: TrainOptions, model_path: str) -> None:
     atomic_write_text(os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
 
 
+class WriteRunFiles(TrainerCallback):
+    """Writes run.yaml once training starts: after Trainer has loaded a --resume checkpoint, so that a resume that
+    fails (another method, other shapes) leaves the run's own run.yaml as it was."""
+
+    def __init__(self, options: TrainOptions, model_path: str, is_main: bool) -> None:
+        self.options, self.model_path, self.is_main = options, model_path, is_main
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.is_main:
+            write_run_files(self.options, self.model_path)
+
+
+def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> None:
+    """Refuse a --resume that cannot continue: a checkpoint of another method, or a run already at --max-steps."""
+    from deltatune import PeftConfig
+
+    saved = PeftConfig.from_pretrained(checkpoint).peft_type
+    if saved != peft_config.peft_type:
+        raise ValueError(
+            f"--resume: {checkpoint} holds a {saved.value} adapter, but --method {options.method} makes "
+            f"{peft_config.peft_type.value}; continue it with the method it was trained with, or train another "
+            "method in a new --output"
+        )
+    step = checkpoint_step(checkpoint)
+    if options.max_steps and step >= options.max_steps:
+        raise ValueError(f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
+                         f"left to train; raise --max-steps to continue the run")  # fmt: skip
+
+
 def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None) -> TrainResult:
     """Run `deltatune train` with these options (flags as keys); see the module docstring.
 
@@ -126,9 +155,11 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
 
     options = as_options(options)
     options.check()
-    build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
+    peft_config = build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
+    if resume_from:
+        check_resume(options, peft_config, resume_from)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
     loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit)
@@ -137,12 +168,12 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
     if state.is_main_process:
         peft_model.print_trainable_parameters()
-        write_run_files(options, loaded.path)
     timer, stopper = StepTimer(), StopOnInterrupt()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
+    run_files = WriteRunFiles(options, loaded.path, state.is_main_process)
     trainer = LeanLossTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
                               data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                              callbacks=[timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
+                              callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
     with PeakMemory() as memory, stopper.installed():
         try:
             trainer.train(resume_from_checkpoint=resume_from)
