@@ -65,6 +65,28 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
 
 
+def test_a_save_cut_short_between_the_two_files_leaves_the_previous_pair(tmp_path, monkeypatch):
+    saved_lora(tmp_path, r=4)
+    before = {name: (tmp_path / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=8, init_lora_weights=False))
+    made = []
+
+    def mkstemp(*args, **kwargs):  # the disk fills up after the first file of the pair
+        if made:
+            raise OSError("No space left on device")
+        made.append(1)
+        return real_mkstemp(*args, **kwargs)
+
+    real_mkstemp = deltatune.files.tempfile.mkstemp
+    monkeypatch.setattr(deltatune.files.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # not r=8 weights beside an r=4 config
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)).peft_config["default"].r == 4
+
+
 def test_save_into_a_file_path_is_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig())
     target = tmp_path / "file.txt"

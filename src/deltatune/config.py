@@ -92,13 +92,16 @@ class PeftConfig:
             out[f.name] = value
         return out
 
+    def to_json_string(self) -> str:
+        """The text of `adapter_config.json`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
         from deltatune.files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
