@@ -204,6 +204,20 @@ def test_adapter_of_another_architecture_is_refused(tmp_path):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "llama_q")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]\n", r"adapter_config\.json must hold a JSON object of config fields, not list"),
+        ('{"peft_type": "LORA", "r": "eight"}', r"adapter_config\.json: a field has a value of the wrong type"),
+    ],
+)
+def test_config_of_the_wrong_shape_or_types(tmp_path, text, message):
+    saved_lora(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+
+
 def test_unknown_config_key_warns_and_loads(tmp_path, caplog):
     model = saved_lora(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -116,7 +116,10 @@ class PeftConfig:
         unknown = sorted(k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, []))
         if unknown:
             logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
-        return config_class(**{k: v for k, v in data.items() if k in known})
+        try:
+            return config_class(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:  # a field of the wrong type (r: "8") fails inside the config's own checks
+            raise ValueError(f"{source}: a field has a value of the wrong type ({err}); save the adapter again") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
@@ -132,6 +135,8 @@ class PeftConfig:
                 data = json.load(handle)
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON ({err}); save the adapter again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of config fields, not {type(data).__name__}; save the adapter again")
         data.update(overrides)
         return cls.from_dict(data, source=config_file)
 
