@@ -93,6 +93,27 @@ def test_train_save_load_chat_eval_merge(method, tiny, tmp_path, run_options):
             merge(str(out), str(tmp_path / "merged"))
 
 
+def test_a_run_given_relative_paths_is_read_from_another_folder(tiny, held_out, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny, tmp_path / "model")
+    shutil.copy(held_out, tmp_path / "held_out.jsonl")
+    monkeypatch.chdir(tmp_path)
+    train(dict(model="model", eval_data="held_out.jsonl", output="run", max_steps=1, batch_size=4))
+    monkeypatch.chdir(tmp_path / "run")  # eval and chat from elsewhere: run.yaml's paths must still lead to the files
+    assert evaluate(adapter=str(tmp_path / "run")).examples == 8
+    assert chat(adapter=str(tmp_path / "run"), prompt="hi", max_new_tokens=2, out=None)[0].answer is not None
+
+
+@pytest.mark.parametrize("text, message", [("model: [unclosed\n", "is not valid YAML"), ("- a\n", "must hold a mapping")])
+def test_damaged_run_yaml_in_an_adapter_folder(tiny, tmp_path, run_options, text, message):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    (out / "run.yaml").write_text(text)
+    with pytest.raises(ValueError, match=rf"(?s)run\.yaml {message}.*delete it and pass --model"):
+        evaluate(adapter=str(out))
+
+
 def test_lora_run_folder_loads_in_hf_peft(tiny, tmp_path, run_options):
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"

@@ -104,13 +104,17 @@ def training_arguments(options: TrainOptions) -> TrainingArguments:
 
 
 def write_run_files(options: TrainOptions, model_path: str) -> None:
-    """run.yaml: the options used (method options with their defaults filled in) and the resolved model."""
+    """run.yaml: the options used (method options with their defaults filled in, local paths made absolute) and
+    the resolved model."""
     entry = method_entry(options.method)
     values = options.to_yaml_dict()
     values["lr"] = options.lr if options.lr is not None else entry.lr
     for key in entry.options:
         values[key] = options.method_options.get(key, METHOD_OPTIONS[key][0])
     values["resolved_model"] = model_path
+    for key in ("model", "data", "eval_data", "cache_dir", "resolved_model"):  # chat/eval may run from another folder
+        if isinstance(values.get(key), str) and os.path.exists(values[key]):
+            values[key] = os.path.abspath(values[key])
     os.makedirs(options.output, exist_ok=True)
     text = "# written by deltatune train; repeat the run with: deltatune train --config run.yaml --overwrite\n"
     atomic_write_text(os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
