@@ -418,6 +418,27 @@ def test_compare_in_separate_processes(tiny, tmp_path, held_out):
     assert row.peak_memory_mb > 50  # a fresh process holding torch and the model
 
 
+def test_compare_keeps_earlier_runs_and_refuses_options_no_compared_method_reads(tiny, tmp_path, held_out, capsys):
+    from deltatune.cli import compare
+
+    out = tmp_path / "cmp"
+    options = dict(model=tiny, max_steps=1, batch_size=4, eval_data=held_out, output=str(out))
+    with pytest.raises(ValueError, match=r"--r does not apply to any method compared \(bitfit, prompt-tuning\)"):
+        compare({**options, "r": 4}, methods=["bitfit", "prompt-tuning"], isolate=False)
+    compare(options, methods=["bitfit"], isolate=False)
+    kept = (out / "bitfit" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds runs of bitfit; pass --overwrite"):
+        compare({**options, "seed": 7}, methods=["lora", "bitfit"], isolate=False)
+    assert (out / "bitfit" / "adapter_model.safetensors").read_bytes() == kept
+    assert not (out / "lora").exists()
+    with pytest.raises(FileExistsError, match="holds a train run"):
+        compare({**options, "output": str(out / "bitfit")}, methods=["lora"], isolate=False)
+    # the command line: a space after a comma is fine, and --overwrite replaces the earlier runs
+    assert main(["compare", "--model", tiny, "--max-steps", "1", "--batch-size", "4", "--eval-data", held_out,
+                 "--output", str(out), "--methods", "bitfit, lora", "--overwrite", "--in-process"]) == 0  # fmt: skip
+    assert "| lora |" in capsys.readouterr().out
+
+
 def test_main_resume_reads_the_runs_own_options(tiny, tmp_path, held_out):
     out = str(tmp_path / "run")
     common = ["--model", tiny, "--eval-data", held_out, "--output", out, "--batch-size", "4"]
