@@ -63,7 +63,7 @@ def load_data(options: TrainOptions) -> tuple[list, list | None, str | None]:
     """Checked train rows, held-out rows (None without held-out data) and where the held-out rows came from."""
     rows = data_mod.load_rows(options.data, options.split)
     eval_source = options.eval_data or (data_mod.bundled_path(data_mod.BUNDLED_EVAL) if options.data is None else None)
-    return rows, (data_mod.load_rows(eval_source) if eval_source else None), eval_source
+    return rows, (data_mod.load_rows(eval_source, flag="--eval-data") if eval_source else None), eval_source
 
 
 def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: list | None, eval_source: str | None):
