@@ -307,6 +307,24 @@ def test_values_no_run_can_use_are_refused_before_anything_is_written(tiny, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_chat_eval_and_output_arguments_that_cannot_work(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    for prompt in ("", "  \n"):
+        with pytest.raises(ValueError, match=r"--prompt is empty; give the message to answer, or leave --prompt out"):
+            chat(adapter=str(out), prompt=prompt, out=None)
+    with pytest.raises(ValueError, match=r"--max-new-tokens 0: must be at least 1"):
+        chat(adapter=str(out), prompt="hi", max_new_tokens=0, out=None)
+    with pytest.raises(ValueError, match=r"--batch-size 0: must be at least 1"):
+        evaluate(adapter=str(out), batch_size=0)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"--output .*file is a file; give a folder"):
+        train(run_options(tiny, tmp_path / "file", max_steps=1))
+    with pytest.raises(FileExistsError, match=r"--output .*file is a file; give a folder"):
+        merge(str(out), str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 # ---- the `deltatune` entry point ----------------------------------------------------------------------------
 def test_main_runs_every_subcommand(tiny, tmp_path, held_out, capsys):
     out, merged = str(tmp_path / "run"), str(tmp_path / "merged")

@@ -26,6 +26,8 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     """
     from deltatune import PeftConfig, PeftModel
 
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"--output {output} is a file; give a folder for the merged model")
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
         raise FileExistsError(f"--output {output} is not empty; pass --overwrite or choose another folder")
     if os.path.abspath(output) == os.path.abspath(adapter):

@@ -51,6 +51,8 @@ def prepare_output(folder: str, overwrite: bool, resume: bool | str, is_main: bo
             holds files that are not a run.
         FileNotFoundError: --resume with nothing to resume from.
     """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"--output {folder} is a file; give a folder (new or empty) for the run")
     if resume:
         return _resume_checkpoint(folder, resume)
     if not os.path.isdir(folder) or not os.listdir(folder):
