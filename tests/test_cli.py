@@ -190,6 +190,12 @@ def test_output_folder_holding_another_run_is_refused(tiny, tmp_path, run_option
     train(run_options(tiny, out, max_steps=1))
     with pytest.raises(FileExistsError, match=r"already holds another run .*--overwrite"):
         train(run_options(tiny, out, max_steps=1))
+    kept = adapter_tensors(out)
+    with pytest.raises(DataError, match="not found"):  # a new run that cannot start leaves the old one
+        train(run_options(tiny, out, max_steps=2, overwrite=True, data=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(OSError, match="--model"):
+        train(run_options(str(tmp_path / "no-model"), out, max_steps=2, overwrite=True))
+    assert adapter_tensors(out).keys() == kept.keys() and (out / "run.yaml").is_file()
     assert train(run_options(tiny, out, max_steps=2, overwrite=True)).steps == 2
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")

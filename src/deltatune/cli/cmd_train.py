@@ -27,7 +27,7 @@ from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
 from deltatune.cli.models import load_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
-from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output
+from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output, remove_run
 from deltatune.files import atomic_write_text
 from deltatune.lean_loss_trainer import LeanLossTrainer
 
@@ -161,7 +161,7 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     options.check()
     peft_config = build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
-    resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
+    resume_from = prepare_output(options.output, options.overwrite, options.resume)
     if resume_from:
         check_resume(options, peft_config, resume_from)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
@@ -170,6 +170,9 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     tokenizer = loaded.tokenizer
     train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
+    if options.overwrite and not resume_from and state.is_main_process:
+        remove_run(options.output)  # only now: a run that could not start has left the old one in place
+    state.wait_for_everyone()
     if state.is_main_process:
         peft_model.print_trainable_parameters()
     timer, stopper = StepTimer(), StopOnInterrupt()

@@ -43,8 +43,11 @@ def is_run_folder(folder: str) -> bool:
     return os.path.isdir(folder) and (any(os.path.exists(os.path.join(folder, m)) for m in RUN_MARKERS) or bool(checkpoints(folder)))
 
 
-def prepare_output(folder: str, overwrite: bool, resume: bool | str, is_main: bool = True) -> str | None:
+def prepare_output(folder: str, overwrite: bool, resume: bool | str) -> str | None:
     """Check the output folder before a run; returns the checkpoint to resume from (or None).
+
+    With --overwrite an earlier run is only checked here: `remove_run` deletes it once the new run has its model
+    and data, so a new run that cannot start leaves the old one in place.
 
     Raises:
         FileExistsError: the folder holds another run (and neither --overwrite nor --resume was given), or
@@ -65,10 +68,14 @@ def prepare_output(folder: str, overwrite: bool, resume: bool | str, is_main: bo
             f"--output {folder} already holds another run ({', '.join(held)}); pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output"
         )
-    if is_main:
+    return None
+
+
+def remove_run(folder: str) -> None:
+    """--overwrite: delete the earlier run in `folder` (checked by `prepare_output`) just before training starts."""
+    if is_run_folder(folder):
         logger.warning("--overwrite: removing the run in %s", folder)
         shutil.rmtree(folder)
-    return None
 
 
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
