@@ -331,6 +331,34 @@ def test_chat_eval_and_output_arguments_that_cannot_work(tiny, tmp_path, run_opt
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_merge_overwrite_that_fails_keeps_the_old_merged_model(tiny, tmp_path, run_options, monkeypatch):
+    import transformers
+
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    train(run_options(tiny, out, max_steps=1))
+    merge(str(out), str(merged))
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+
+    def disk_full(self, folder, **kwargs):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
+            handle.write(b"\x00" * 10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        merge(str(out), str(merged), overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["merged", "run"]  # no temporary folders left
+    merge(str(out), str(merged), overwrite=True)
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files that are not a model"):
+        merge(str(out), str(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
 # ---- the `deltatune` entry point ----------------------------------------------------------------------------
 def test_main_runs_every_subcommand(tiny, tmp_path, held_out, capsys):
     out, merged = str(tmp_path / "run"), str(tmp_path / "merged")
