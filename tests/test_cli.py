@@ -242,6 +242,32 @@ def test_resume_skips_an_incomplete_checkpoint_and_refuses_a_folder_that_is_none
         train(run_options(tiny, tmp_path / "other", max_steps=3, resume=str(out)))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a pickle"])
+def test_resume_from_a_damaged_checkpoint_says_so_without_unpickling(tiny, tmp_path, run_options, damage):
+    import pickle
+
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    optimizer = out / "checkpoint-2" / "optimizer.pt"
+    if damage == "truncated":
+        optimizer.write_bytes(optimizer.read_bytes()[:50])
+    else:
+        optimizer.write_bytes(pickle.dumps(Unpickled(str(tmp_path / "unpickled")), protocol=2))
+    with pytest.raises(ValueError, match=r"--resume: .*checkpoint-2 is damaged .*resume from an earlier checkpoint"):
+        train(run_options(tiny, out, max_steps=3, resume=True))
+    assert not (tmp_path / "unpickled").exists()
+
+
+class Unpickled:
+    """Unpickling this makes a folder: torch.load(weights_only=True) must refuse it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,10 @@ class WriteRunFiles(TrainerCallback):
 
     def __init__(self, options: TrainOptions, model_path: str, is_main: bool) -> None:
         self.options, self.model_path, self.is_main = options, model_path, is_main
+        self.started = False  # True once Trainer has loaded everything it resumes from
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.started = True
         if self.is_main:
             write_run_files(self.options, self.model_path)
 
@@ -186,6 +189,11 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
             trainer.train(resume_from_checkpoint=resume_from)
         except KeyboardInterrupt:
             _save_interrupted(trainer)
+            raise
+        except (RuntimeError, pickle.UnpicklingError) as err:
+            if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
+                raise ValueError(f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
+                                 "earlier checkpoint (--resume PATH) or train again with --overwrite") from None  # fmt: skip
             raise
     return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
 
