@@ -185,17 +185,22 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
                               data_collator=data_mod.Collator(tokenizer.pad_token_id),
                               callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
     with PeakMemory() as memory, stopper.installed():
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except KeyboardInterrupt:
-            _save_interrupted(trainer)
-            raise
-        except (RuntimeError, pickle.UnpicklingError) as err:
-            if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
-                raise ValueError(f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
-                                 "earlier checkpoint (--resume PATH) or train again with --overwrite") from None  # fmt: skip
-            raise
+        _run_trainer(trainer, resume_from, run_files)
     return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+
+
+def _run_trainer(trainer: Trainer, resume_from: str | None, run_files: WriteRunFiles) -> None:
+    """`trainer.train`, keeping a checkpoint on a hard Ctrl-C and naming a damaged --resume checkpoint."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        _save_interrupted(trainer)
+        raise
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
+            raise ValueError(f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
+                             "earlier checkpoint (--resume PATH) or train again with --overwrite") from None  # fmt: skip
+        raise
 
 
 def _save_interrupted(trainer: Trainer) -> None:
