@@ -224,9 +224,12 @@ def test_resume_of_another_method_or_shape_is_refused_and_keeps_the_run(tiny, tm
     assert (out / "run.yaml").read_text() == before and (lora / "run.yaml").read_text() == lora_before
 
 
-def test_resume_of_a_finished_run_asks_for_more_steps(tiny, tmp_path, run_options):
+def test_resume_of_a_finished_run_or_with_a_new_lr_is_refused(tiny, tmp_path, run_options):
     out = tmp_path / "run"
     train(run_options(tiny, out, max_steps=2, save_steps=2))
+    with pytest.raises(ValueError, match=r"--resume continues with the run's learning rate 0.01 .*not --lr 0.5"):
+        train(run_options(tiny, out, max_steps=4, resume=True, lr=0.5))  # Trainer would keep 0.01, run.yaml say 0.5
+    assert "lr: 0.01\n" in (out / "run.yaml").read_text()
     with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, and --max-steps is 2: nothing is left to train"):
         train(run_options(tiny, out, max_steps=2, resume=True))
 

@@ -26,7 +26,7 @@ from deltatune import get_peft_model
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
-from deltatune.cli.models import load_model
+from deltatune.cli.models import load_model, read_run
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output, remove_run
 from deltatune.files import atomic_write_text
@@ -136,7 +136,8 @@ class WriteRunFiles(TrainerCallback):
 
 
 def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> None:
-    """Refuse a --resume that cannot continue: a checkpoint of another method, or a run already at --max-steps."""
+    """Refuse a --resume that cannot continue: a checkpoint of another method, a new --lr (Trainer would keep the
+    checkpoint's), or a run already at --max-steps."""
     from deltatune import PeftConfig
 
     saved = PeftConfig.from_pretrained(checkpoint).peft_type
@@ -146,6 +147,11 @@ def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> No
             f"{peft_config.peft_type.value}; continue it with the method it was trained with, or train another "
             "method in a new --output"
         )
+    run = read_run(os.path.dirname(os.path.abspath(checkpoint)))
+    lr = options.lr if options.lr is not None else method_entry(options.method).lr
+    if run.get("lr") is not None and float(run["lr"]) != lr:
+        raise ValueError(f"--resume continues with the run's learning rate {run['lr']} (its optimizer and schedule are in "
+                         f"the checkpoint), not --lr {lr:g}; leave --lr out, or start a new run to change it")  # fmt: skip
     step = checkpoint_step(checkpoint)
     if options.max_steps and step >= options.max_steps:
         raise ValueError(f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
