@@ -352,6 +352,8 @@ def test_chat_eval_and_output_arguments_that_cannot_work(tiny, tmp_path, run_opt
         chat(adapter=str(out), prompt="hi", max_new_tokens=0, out=None)
     with pytest.raises(ValueError, match=r"--batch-size 0: must be at least 1"):
         evaluate(adapter=str(out), batch_size=0)
+    with pytest.raises(ValueError, match=r"--compare-base needs --adapter"):  # was ignored: one score printed
+        evaluate(model=tiny, compare_base=True)
     (tmp_path / "file").write_text("mine")
     with pytest.raises(FileExistsError, match=r"--output .*file is a file; give a folder"):
         train(run_options(tiny, tmp_path / "file", max_steps=1))
