@@ -76,6 +76,13 @@ def test_bad_rows_name_the_file_and_row(tmp_path, text, message):
         D.load_rows(write(tmp_path / "bad.json", text))
 
 
+@pytest.mark.parametrize("text", ['[{"instruction": "a", "output": "b"}]', '{"instruction": "a", "output": "b"}\n'])
+def test_a_file_saved_with_a_utf8_bom_reads(tmp_path, text):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write as "UTF-8"
+    assert D.load_rows(str(path)) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
 def test_a_folder_that_is_not_a_saved_dataset_is_named_with_its_option(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")

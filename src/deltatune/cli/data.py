@@ -61,7 +61,7 @@ def read_json_rows(path: str, flag: str = "--data") -> list[tuple[int, Any]]:
     if not os.path.isfile(path):
         raise DataError(f"data file {path} not found; pass {flag} with an existing .json/.jsonl file or dataset folder")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a leading BOM (Windows editors) is dropped
             text = handle.read()
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; the data must be JSON or JSON Lines") from None
