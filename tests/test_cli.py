@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -17,6 +18,7 @@ from deltatune import PeftModel
 from deltatune.cli import chat, evaluate, main, merge, train
 from deltatune.cli.data import BUNDLED_EVAL, DataError, bundled_path
 from deltatune.cli.methods import METHODS
+from deltatune.cli.options import load_options
 from deltatune.tuners import method_for
 from tiny_chat_model import make_tiny_model
 
@@ -89,6 +91,27 @@ def test_train_save_load_chat_eval_merge(method, tiny, tmp_path, run_options):
     else:
         with pytest.raises(TypeError, match="merg"):
             merge(str(out), str(tmp_path / "merged"))
+
+
+def test_a_run_given_relative_paths_is_read_from_another_folder(tiny, held_out, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny, tmp_path / "model")
+    shutil.copy(held_out, tmp_path / "held_out.jsonl")
+    monkeypatch.chdir(tmp_path)
+    train(dict(model="model", eval_data="held_out.jsonl", output="run", max_steps=1, batch_size=4))
+    monkeypatch.chdir(tmp_path / "run")  # eval and chat from elsewhere: run.yaml's paths must still lead to the files
+    assert evaluate(adapter=str(tmp_path / "run")).examples == 8
+    assert chat(adapter=str(tmp_path / "run"), prompt="hi", max_new_tokens=2, out=None)[0].answer is not None
+
+
+@pytest.mark.parametrize("text, message", [("model: [unclosed\n", "is not valid YAML"), ("- a\n", "must hold a mapping")])
+def test_damaged_run_yaml_in_an_adapter_folder(tiny, tmp_path, run_options, text, message):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    (out / "run.yaml").write_text(text)
+    with pytest.raises(ValueError, match=rf"(?s)run\.yaml {message}.*delete it and pass --model"):
+        evaluate(adapter=str(out))
 
 
 def test_lora_run_folder_loads_in_hf_peft(tiny, tmp_path, run_options):
@@ -167,6 +190,12 @@ def test_output_folder_holding_another_run_is_refused(tiny, tmp_path, run_option
     train(run_options(tiny, out, max_steps=1))
     with pytest.raises(FileExistsError, match=r"already holds another run .*--overwrite"):
         train(run_options(tiny, out, max_steps=1))
+    kept = adapter_tensors(out)
+    with pytest.raises(DataError, match="not found"):  # a new run that cannot start leaves the old one
+        train(run_options(tiny, out, max_steps=2, overwrite=True, data=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(OSError, match="--model"):
+        train(run_options(str(tmp_path / "no-model"), out, max_steps=2, overwrite=True))
+    assert adapter_tensors(out).keys() == kept.keys() and (out / "run.yaml").is_file()
     assert train(run_options(tiny, out, max_steps=2, overwrite=True)).steps == 2
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
@@ -178,6 +207,68 @@ def test_output_folder_holding_another_run_is_refused(tiny, tmp_path, run_option
 def test_resume_with_nothing_to_resume(tiny, tmp_path, run_options):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(run_options(tiny, tmp_path / "empty", resume=True))
+
+
+def test_resume_of_another_method_or_shape_is_refused_and_keeps_the_run(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, method="bitfit", max_steps=2, save_steps=2))
+    before = (out / "run.yaml").read_text()
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds a BITFIT adapter, but --method prompt-tuning makes PROMPT_TUNING"):
+        train(run_options(tiny, out, method="prompt-tuning", max_steps=4, resume=True))
+    lora = tmp_path / "lora"
+    train(run_options(tiny, lora, r=8, max_steps=2, save_steps=2))
+    lora_before = (lora / "run.yaml").read_text()
+    with pytest.raises(ValueError, match="shape"):  # same method, another rank: the checkpoint does not fit
+        train(run_options(tiny, lora, r=4, max_steps=4, resume=True))
+    # the runs' own options are kept, so a plain --resume still continues them
+    assert (out / "run.yaml").read_text() == before and (lora / "run.yaml").read_text() == lora_before
+
+
+def test_resume_of_a_finished_run_or_with_a_new_lr_is_refused(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    with pytest.raises(ValueError, match=r"--resume continues with the run's learning rate 0.01 .*not --lr 0.5"):
+        train(run_options(tiny, out, max_steps=4, resume=True, lr=0.5))  # Trainer would keep 0.01, run.yaml say 0.5
+    assert "lr: 0.01\n" in (out / "run.yaml").read_text()
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, and --max-steps is 2: nothing is left to train"):
+        train(run_options(tiny, out, max_steps=2, resume=True))
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_refuses_a_folder_that_is_none(tiny, tmp_path, run_options, caplog):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    (out / "checkpoint-3").mkdir()  # a save cut short
+    (out / "checkpoint-3" / "adapter_config.json").write_text("{}")
+    assert train(run_options(tiny, out, max_steps=3, resume=True)).steps == 3
+    assert "checkpoint-3 is incomplete (no adapter_model.safetensors, trainer_state.json); continuing from" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"--resume .*run: not a checkpoint of deltatune train \(no trainer_state\.json\)"):
+        train(run_options(tiny, tmp_path / "other", max_steps=3, resume=str(out)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a pickle"])
+def test_resume_from_a_damaged_checkpoint_says_so_without_unpickling(tiny, tmp_path, run_options, damage):
+    import pickle
+
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=2, save_steps=2))
+    optimizer = out / "checkpoint-2" / "optimizer.pt"
+    if damage == "truncated":
+        optimizer.write_bytes(optimizer.read_bytes()[:50])
+    else:
+        optimizer.write_bytes(pickle.dumps(Unpickled(str(tmp_path / "unpickled")), protocol=2))
+    with pytest.raises(ValueError, match=r"--resume: .*checkpoint-2 is damaged .*resume from an earlier checkpoint"):
+        train(run_options(tiny, out, max_steps=3, resume=True))
+    assert not (tmp_path / "unpickled").exists()
+
+
+class Unpickled:
+    """Unpickling this makes a folder: torch.load(weights_only=True) must refuse it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
 
 
 @pytest.mark.parametrize(
@@ -210,6 +301,93 @@ def test_unknown_method_and_foreign_option(tiny, tmp_path, run_options):
         train(run_options(tiny, tmp_path / "run", method="bitfit", r=4))
     with pytest.raises(ValueError, match=r"unknown option 'rank'"):
         train(run_options(tiny, tmp_path / "run", rank=4))
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("max_steps: ten\n", r"bad\.yaml: option 'max_steps' must be an integer, not 'ten'"),
+        ("r: [4]\n", r"bad\.yaml: option 'r' must be an integer, not \[4\]"),
+        ("load_in_4bit: maybe\n", r"bad\.yaml: option 'load_in_4bit' must be true/false, not 'maybe'"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, capsys, yaml_text, message):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "run")]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_written_as_yaml_strings_are_read_as_numbers():
+    # YAML 1.1 reads `1e-3` as a string; "4" and "no" are what a hand-written file often holds
+    options = load_options(None, {"lr": "1e-3", "r": "4", "load_in_4bit": "no", "output": 2024})
+    assert options.lr == 1e-3 and options.method_options["r"] == 4 and options.load_in_4bit is False
+    assert options.output == "2024"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(grad_accum=0), r"--grad-accum 0: must be at least 1"),
+        (dict(batch_size=0), r"--batch-size 0: must be at least 1"),
+        (dict(logging_steps=0), r"--logging-steps 0: must be at least 1"),
+        (dict(max_steps=-1), r"--max-steps -1: must be at least 1"),
+        (dict(max_steps=None, epochs=0), r"--epochs 0: must be above 0"),
+        (dict(lr=0), r"--lr 0: the learning rate must be above 0"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_before_anything_is_written(tiny, tmp_path, run_options, values, message):
+    with pytest.raises(ValueError, match=message):
+        train(run_options(tiny, tmp_path / "run", **values))
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_eval_and_output_arguments_that_cannot_work(tiny, tmp_path, run_options):
+    out = tmp_path / "run"
+    train(run_options(tiny, out, max_steps=1))
+    for prompt in ("", "  \n"):
+        with pytest.raises(ValueError, match=r"--prompt is empty; give the message to answer, or leave --prompt out"):
+            chat(adapter=str(out), prompt=prompt, out=None)
+    with pytest.raises(ValueError, match=r"--max-new-tokens 0: must be at least 1"):
+        chat(adapter=str(out), prompt="hi", max_new_tokens=0, out=None)
+    with pytest.raises(ValueError, match=r"--batch-size 0: must be at least 1"):
+        evaluate(adapter=str(out), batch_size=0)
+    with pytest.raises(ValueError, match=r"--compare-base needs --adapter"):  # was ignored: one score printed
+        evaluate(model=tiny, compare_base=True)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"--output .*file is a file; give a folder"):
+        train(run_options(tiny, tmp_path / "file", max_steps=1))
+    with pytest.raises(FileExistsError, match=r"--output .*file is a file; give a folder"):
+        merge(str(out), str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_merge_overwrite_that_fails_keeps_the_old_merged_model(tiny, tmp_path, run_options, monkeypatch):
+    import transformers
+
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    train(run_options(tiny, out, max_steps=1))
+    merge(str(out), str(merged))
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+
+    def disk_full(self, folder, **kwargs):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
+            handle.write(b"\x00" * 10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        merge(str(out), str(merged), overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["merged", "run"]  # no temporary folders left
+    merge(str(out), str(merged), overwrite=True)
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files that are not a model"):
+        merge(str(out), str(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 # ---- the `deltatune` entry point ----------------------------------------------------------------------------
@@ -321,6 +499,27 @@ def test_compare_in_separate_processes(tiny, tmp_path, held_out):
     [row] = compare(options, methods=["lora"], isolate=True)
     assert row.error is None and row.trainable_params == 2 * 4 * ((32 + 32) + (32 + 16))  # r=4 on q_proj (32->32), v_proj (32->16), 2 layers
     assert row.peak_memory_mb > 50  # a fresh process holding torch and the model
+
+
+def test_compare_keeps_earlier_runs_and_refuses_options_no_compared_method_reads(tiny, tmp_path, held_out, capsys):
+    from deltatune.cli import compare
+
+    out = tmp_path / "cmp"
+    options = dict(model=tiny, max_steps=1, batch_size=4, eval_data=held_out, output=str(out))
+    with pytest.raises(ValueError, match=r"--r does not apply to any method compared \(bitfit, prompt-tuning\)"):
+        compare({**options, "r": 4}, methods=["bitfit", "prompt-tuning"], isolate=False)
+    compare(options, methods=["bitfit"], isolate=False)
+    kept = (out / "bitfit" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds runs of bitfit; pass --overwrite"):
+        compare({**options, "seed": 7}, methods=["lora", "bitfit"], isolate=False)
+    assert (out / "bitfit" / "adapter_model.safetensors").read_bytes() == kept
+    assert not (out / "lora").exists()
+    with pytest.raises(FileExistsError, match="holds a train run"):
+        compare({**options, "output": str(out / "bitfit")}, methods=["lora"], isolate=False)
+    # the command line: a space after a comma is fine, and --overwrite replaces the earlier runs
+    assert main(["compare", "--model", tiny, "--max-steps", "1", "--batch-size", "4", "--eval-data", held_out,
+                 "--output", str(out), "--methods", "bitfit, lora", "--overwrite", "--in-process"]) == 0  # fmt: skip
+    assert "| lora |" in capsys.readouterr().out
 
 
 def test_main_resume_reads_the_runs_own_options(tiny, tmp_path, held_out):

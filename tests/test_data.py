@@ -68,11 +68,28 @@ def test_hub_dataset_name_offline_gives_a_clear_error(monkeypatch):
         ('[{"messages": [{"role": "user"}]}]', r"bad.json, row 1: messages\[0\] needs a string 'role' and a string 'content'"),
         ('[{"instruction": "a", "output": "b"},', r"bad.json: not valid JSON"),
         ("[]", r"bad.json holds no rows"),
+        ('[{"messages": [{"role": "assistant", "content": "hi"}]}]', r"bad.json, row 1: 'messages' starts with an assistant turn"),
     ],
 )
 def test_bad_rows_name_the_file_and_row(tmp_path, text, message):
     with pytest.raises(D.DataError, match=message):
         D.load_rows(write(tmp_path / "bad.json", text))
+
+
+@pytest.mark.parametrize("text", ['[{"instruction": "a", "output": "b"}]', '{"instruction": "a", "output": "b"}\n'])
+def test_a_file_saved_with_a_utf8_bom_reads(tmp_path, text):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write as "UTF-8"
+    assert D.load_rows(str(path)) == [{"instruction": "a", "input": "", "output": "b"}]
+
+
+def test_a_folder_that_is_not_a_saved_dataset_is_named_with_its_option(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(D.DataError, match=r"--eval-data .*notes: the folder is not a dataset written by datasets' save_to_disk"):
+        D.load_rows(str(tmp_path / "notes"), flag="--eval-data")
+    with pytest.raises(D.DataError, match=r"data file .*nope\.jsonl not found; pass --eval-data with an existing"):
+        D.load_rows(str(tmp_path / "nope.jsonl"), flag="--eval-data")
 
 
 # ---- templates and labels -------------------------------------------------------------------------------------

@@ -75,6 +75,28 @@ def test_asking_for_a_pickled_file_warns_and_writes_safetensors(tmp_path, caplog
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_a_save_cut_short_between_the_two_files_leaves_the_previous_pair(tmp_path, monkeypatch):
+    saved_lora(tmp_path, r=4)
+    before = {name: (tmp_path / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=8, init_lora_weights=False))
+    made = []
+
+    def mkstemp(*args, **kwargs):  # the disk fills up after the first file of the pair
+        if made:
+            raise OSError("No space left on device")
+        made.append(1)
+        return real_mkstemp(*args, **kwargs)
+
+    real_mkstemp = deltatune.files.tempfile.mkstemp
+    monkeypatch.setattr(deltatune.files.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # not r=8 weights beside an r=4 config
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)).peft_config["default"].r == 4
+
+
 def test_save_into_a_file_path_is_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig())
     target = tmp_path / "file.txt"
@@ -210,6 +232,20 @@ def test_adapter_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"1 tensors in the adapter file have no place in this model, e.g. "
                                          r"\['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'\]"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "llama_q")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]\n", r"adapter_config\.json must hold a JSON object of config fields, not list"),
+        ('{"peft_type": "LORA", "r": "eight"}', r"adapter_config\.json: a field has a value of the wrong type"),
+    ],
+)
+def test_config_of_the_wrong_shape_or_types(tmp_path, text, message):
+    saved_lora(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
 
 
 def test_unknown_config_key_warns_and_loads(tmp_path, caplog):

@@ -92,13 +92,16 @@ class PeftConfig:
             out[f.name] = value
         return out
 
+    def to_json_string(self) -> str:
+        """The text of `adapter_config.json`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
         from deltatune.files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
@@ -113,7 +116,10 @@ class PeftConfig:
         unknown = sorted(k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, []))
         if unknown:
             logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
-        return config_class(**{k: v for k, v in data.items() if k in known})
+        try:
+            return config_class(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:  # a field of the wrong type (r: "8") fails inside the config's own checks
+            raise ValueError(f"{source}: a field has a value of the wrong type ({err}); save the adapter again") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
@@ -129,6 +135,8 @@ class PeftConfig:
                 data = json.load(handle)
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON ({err}); save the adapter again") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of config fields, not {type(data).__name__}; save the adapter again")
         data.update(overrides)
         return cls.from_dict(data, source=config_file)
 

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltatune.config import CONFIG_NAME
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -23,27 +25,52 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename tmp over `path`; on any failure remove tmp and keep the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
+    _atomic_write_all({path: write})
+
+
+def _atomic_write_all(writes: dict[str, Callable[[str], None]]) -> None:
+    """Write every file to a temporary file next to it, then rename them all over their targets.
+
+    Nothing is renamed until every file is written, so a failure (disk full, Ctrl-C) leaves the old files as a
+    set: never new weights beside an old config.
+    """
+    staged: dict[str, str] = {}
     try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
+        for path, write in writes.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, staged[path] = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+            os.close(fd)
+            write(staged[path])
+        for path, tmp_path in staged.items():
+            os.replace(tmp_path, path)
     except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        for tmp_path in staged.values():
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
         raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file atomically."""
-
+def _text_writer(text: str) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write(path, write)
+    return write
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file atomically."""
+    _atomic_write(path, _text_writer(text))
+
+
+def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_text: str) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` as a pair (see `_atomic_write_all`)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    _atomic_write_all({
+        os.path.join(folder, WEIGHTS_NAME): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        os.path.join(folder, CONFIG_NAME): _text_writer(config_text),
+    })  # fmt: skip
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], folder: str, metadata: dict[str, str] | None = None) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, TaskType
-from deltatune.files import load_weights, place_tensors, save_weights
+from deltatune.files import load_weights, place_tensors, save_adapter_files
 from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune import trainer_integration
@@ -392,12 +392,12 @@ class PeftModel(nn.Module):
             folder = os.path.join(save_directory, name) if name != "default" else str(save_directory)
             os.makedirs(folder, exist_ok=True)
             config = self.peft_config[name]
-            save_weights(self.get_adapter_state_dict(name), folder)
             inference_mode, config.inference_mode = config.inference_mode, True
             try:
-                config.save_pretrained(folder)
+                config_text = config.to_json_string()
             finally:
                 config.inference_mode = inference_mode
+            save_adapter_files(folder, self.get_adapter_state_dict(name), config_text)  # both files or neither
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip

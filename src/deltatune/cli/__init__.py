@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train every method on the same budget and tabulate them")
     _add_train_flags(compare, resume=False)
     compare.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    compare.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace the runs of an earlier comparison in --output")
     compare.add_argument("--in-process", action="store_true", help="train all methods in this process (faster, peak memory less clean)")
     return parser
 
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "compare":
         from deltatune.cli.options import load_options
 
-        methods = args.methods.split(",") if args.methods else None
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         options = load_options(args.config, flags)
         cli.compare(options, methods, isolate=not args.in_process)
         with open(os.path.join(options.output, "comparison.md"), encoding="utf-8") as handle:

@@ -84,6 +84,10 @@ def chat(adapter: str | None = None, prompt: str | None = None, model: str | Non
     """
     if compare_base and adapter is None:
         raise ValueError("--compare-base needs --adapter (the base model alone has nothing to compare with)")
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty; give the message to answer, or leave --prompt out to chat interactively")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     out = sys.stdout if out == "-" else out
     chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir)
     template = template or run_template

@@ -20,6 +20,7 @@ from typing import Any
 
 from deltatune.cli.methods import METHODS
 from deltatune.cli.options import TrainOptions, make_options
+from deltatune.cli.runs import is_run_folder
 from deltatune.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = 
     `options.output` is the comparison folder; each method's run goes to a sub-folder named after it.
     """
     base = options if isinstance(options, TrainOptions) else make_options(options)
+    base.check()
     methods = methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -92,6 +94,11 @@ def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = 
         raise ValueError("compare needs --max-steps: every method gets the same step budget")
     if base.data is not None and base.eval_data is None:
         raise ValueError("compare scores every method on held-out data: pass --eval-data with --data")
+    unread = sorted(k for k, v in base.method_options.items() if v is not None and not any(k in METHODS[m].options for m in methods))
+    if unread:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unread)} does not apply to any method compared "
+                         f"({', '.join(methods)}); leave it out or add a method that reads it")  # fmt: skip
+    check_output(base.output, methods, base.overwrite)
     rows = []
     for method in methods:
         values = {**base.to_yaml_dict(), "method": method, "output": os.path.join(base.output, method), "overwrite": True}
@@ -102,6 +109,16 @@ def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = 
         rows.append(_run_isolated(values) if isolate else run_one(values))
     write_outputs(rows, base.output)
     return rows
+
+
+def check_output(folder: str, methods: list[str], overwrite: bool) -> None:
+    """Refuse to replace a train run, or the runs of an earlier comparison, without --overwrite."""
+    if is_run_folder(folder):
+        raise FileExistsError(f"--output {folder} holds a train run; give compare a folder of its own")
+    held = [m for m in methods if is_run_folder(os.path.join(folder, m))]
+    if held and not overwrite:
+        raise FileExistsError(f"--output {folder} already holds runs of {', '.join(held)}; pass --overwrite to replace "
+                              "them, or choose another --output")  # fmt: skip
 
 
 def _fmt(value: Any, column: str) -> str:

@@ -62,6 +62,10 @@ def evaluate(adapter: str | None = None, data: str | None = None, model: str | N
 
     With `write`, the scores are also saved as `eval.json` in the adapter folder.
     """
+    if compare_base and adapter is None:
+        raise ValueError("--compare-base needs --adapter (the base model alone has nothing to compare with)")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be at least 1")
     if adapter is None:
         loaded = load_model(model, cache_dir)
         scored_model, tokenizer, run = loaded.model, loaded.tokenizer, {}

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 
 from deltatune.cli.models import adapter_folder, load_model, read_run
 
@@ -26,8 +29,13 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     """
     from deltatune import PeftConfig, PeftModel
 
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise FileExistsError(f"--output {output} is not empty; pass --overwrite or choose another folder")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"--output {output} is a file; give a folder for the merged model")
+    if os.path.isdir(output) and os.listdir(output):
+        if not overwrite:
+            raise FileExistsError(f"--output {output} is not empty; pass --overwrite or choose another folder")
+        if not os.path.isfile(os.path.join(output, "config.json")):
+            raise FileExistsError(f"--output {output} holds files that are not a model; --overwrite replaces only a model folder, pick an empty or new folder")
     if os.path.abspath(output) == os.path.abspath(adapter):
         raise ValueError("--output must differ from --adapter: the adapter folder stays as it is")
     folder = adapter_folder(adapter)
@@ -37,7 +45,24 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
     loaded = load_model(model, cache_dir or run.get("cache_dir"))  # full precision, whatever the run used
     peft_model = PeftModel.from_pretrained(loaded.model, folder)
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(output)
-    loaded.tokenizer.save_pretrained(output)
+    _save_replacing(output, lambda folder: (merged.save_pretrained(folder), loaded.tokenizer.save_pretrained(folder)))
     logger.info("merged model saved in %s (load it with AutoModelForCausalLM.from_pretrained)", output)
     return output
+
+
+def _save_replacing(output: str, save: Callable[[str], object]) -> None:
+    """`save(folder)` into a new folder beside `output`, then swap it in: a failed save leaves the old model whole."""
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    new = tempfile.mkdtemp(prefix=".merging-", dir=parent)
+    try:
+        save(new)
+        if os.path.isdir(output):
+            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+            os.replace(output, os.path.join(old, "model"))
+            os.replace(new, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(new, output)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)

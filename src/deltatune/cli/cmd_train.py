@@ -13,21 +13,22 @@ import json
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import yaml
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import deltatune
 from deltatune import get_peft_model
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
-from deltatune.cli.models import load_model
+from deltatune.cli.models import load_model, read_run
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
-from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, prepare_output
+from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output, remove_run
 from deltatune.files import atomic_write_text
 from deltatune.lean_loss_trainer import LeanLossTrainer
 
@@ -63,7 +64,7 @@ def load_data(options: TrainOptions) -> tuple[list, list | None, str | None]:
     """Checked train rows, held-out rows (None without held-out data) and where the held-out rows came from."""
     rows = data_mod.load_rows(options.data, options.split)
     eval_source = options.eval_data or (data_mod.bundled_path(data_mod.BUNDLED_EVAL) if options.data is None else None)
-    return rows, (data_mod.load_rows(eval_source) if eval_source else None), eval_source
+    return rows, (data_mod.load_rows(eval_source, flag="--eval-data") if eval_source else None), eval_source
 
 
 def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: list | None, eval_source: str | None):
@@ -104,16 +105,57 @@ def training_arguments(options: TrainOptions) -> TrainingArguments:
 
 
 def write_run_files(options: TrainOptions, model_path: str) -> None:
-    """run.yaml: the options used (method options with their defaults filled in) and the resolved model."""
+    """run.yaml: the options used (method options with their defaults filled in, local paths made absolute) and
+    the resolved model."""
     entry = method_entry(options.method)
     values = options.to_yaml_dict()
     values["lr"] = options.lr if options.lr is not None else entry.lr
     for key in entry.options:
         values[key] = options.method_options.get(key, METHOD_OPTIONS[key][0])
     values["resolved_model"] = model_path
+    for key in ("model", "data", "eval_data", "cache_dir", "resolved_model"):  # chat/eval may run from another folder
+        if isinstance(values.get(key), str) and os.path.exists(values[key]):
+            values[key] = os.path.abspath(values[key])
     os.makedirs(options.output, exist_ok=True)
     text = "# written by deltatune train; repeat the run with: deltatune train --config run.yaml --overwrite\n"
     atomic_write_text(os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+
+
+class WriteRunFiles(TrainerCallback):
+    """Writes run.yaml once training starts: after Trainer has loaded a --resume checkpoint, so that a resume that
+    fails (another method, other shapes) leaves the run's own run.yaml as it was."""
+
+    def __init__(self, options: TrainOptions, model_path: str, is_main: bool) -> None:
+        self.options, self.model_path, self.is_main = options, model_path, is_main
+        self.started = False  # True once Trainer has loaded everything it resumes from
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = True
+        if self.is_main:
+            write_run_files(self.options, self.model_path)
+
+
+def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> None:
+    """Refuse a --resume that cannot continue: a checkpoint of another method, a new --lr (Trainer would keep the
+    checkpoint's), or a run already at --max-steps."""
+    from deltatune import PeftConfig
+
+    saved = PeftConfig.from_pretrained(checkpoint).peft_type
+    if saved != peft_config.peft_type:
+        raise ValueError(
+            f"--resume: {checkpoint} holds a {saved.value} adapter, but --method {options.method} makes "
+            f"{peft_config.peft_type.value}; continue it with the method it was trained with, or train another "
+            "method in a new --output"
+        )
+    run = read_run(os.path.dirname(os.path.abspath(checkpoint)))
+    lr = options.lr if options.lr is not None else method_entry(options.method).lr
+    if run.get("lr") is not None and float(run["lr"]) != lr:
+        raise ValueError(f"--resume continues with the run's learning rate {run['lr']} (its optimizer and schedule are in "
+                         f"the checkpoint), not --lr {lr:g}; leave --lr out, or start a new run to change it")  # fmt: skip
+    step = checkpoint_step(checkpoint)
+    if options.max_steps and step >= options.max_steps:
+        raise ValueError(f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
+                         f"left to train; raise --max-steps to continue the run")  # fmt: skip
 
 
 def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None) -> TrainResult:
@@ -125,30 +167,46 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     from accelerate import PartialState
 
     options = as_options(options)
-    build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
+    options.check()
+    peft_config = build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
-    resume_from = prepare_output(options.output, options.overwrite, options.resume, state.is_main_process)
+    resume_from = prepare_output(options.output, options.overwrite, options.resume)
+    if resume_from:
+        check_resume(options, peft_config, resume_from)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
     loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit)
     tokenizer = loaded.tokenizer
     train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
+    if options.overwrite and not resume_from and state.is_main_process:
+        remove_run(options.output)  # only now: a run that could not start has left the old one in place
+    state.wait_for_everyone()
     if state.is_main_process:
         peft_model.print_trainable_parameters()
-        write_run_files(options, loaded.path)
     timer, stopper = StepTimer(), StopOnInterrupt()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
+    run_files = WriteRunFiles(options, loaded.path, state.is_main_process)
     trainer = LeanLossTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
                               data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                              callbacks=[timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
+                              callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
     with PeakMemory() as memory, stopper.installed():
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except KeyboardInterrupt:
-            _save_interrupted(trainer)
-            raise
+        _run_trainer(trainer, resume_from, run_files)
     return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+
+
+def _run_trainer(trainer: Trainer, resume_from: str | None, run_files: WriteRunFiles) -> None:
+    """`trainer.train`, keeping a checkpoint on a hard Ctrl-C and naming a damaged --resume checkpoint."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        _save_interrupted(trainer)
+        raise
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
+            raise ValueError(f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
+                             "earlier checkpoint (--resume PATH) or train again with --overwrite") from None  # fmt: skip
+        raise
 
 
 def _save_interrupted(trainer: Trainer) -> None:

@@ -56,12 +56,12 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[int, Any]]:
     return rows
 
 
-def read_json_rows(path: str) -> list[tuple[int, Any]]:
+def read_json_rows(path: str, flag: str = "--data") -> list[tuple[int, Any]]:
     """(row number, object) pairs from a JSON list or a JSONL file; row numbers are 1-based (JSONL: line)."""
     if not os.path.isfile(path):
-        raise DataError(f"data file {path} not found; pass --data with an existing .json/.jsonl file or dataset folder")
+        raise DataError(f"data file {path} not found; pass {flag} with an existing .json/.jsonl file or dataset folder")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a leading BOM (Windows editors) is dropped
             text = handle.read()
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; the data must be JSON or JSON Lines") from None
@@ -110,15 +110,21 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: 'messages' starts with an assistant turn; put the user turn it answers (or a system turn) first")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: 'messages' has no assistant turn; the loss is computed on assistant turns only")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _load_saved_dataset(path: str, split: str) -> list[tuple[int, Any]]:
+def _load_saved_dataset(path: str, split: str, flag: str) -> list[tuple[int, Any]]:
     import datasets
 
-    loaded = datasets.load_from_disk(path)
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise DataError(f"{flag} {path}: the folder is not a dataset written by datasets' save_to_disk; pass such a "
+                        "folder or a .json/.jsonl file") from None  # fmt: skip
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: the dataset has splits {list(loaded)}, not {split!r}; pass --split")
@@ -137,30 +143,33 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub_dataset(name: str, split: str) -> list[tuple[int, Any]]:
+def _load_hub_dataset(name: str, split: str, flag: str) -> list[tuple[int, Any]]:
     if not hub_reachable():
         raise DataError(
-            f"--data {name}: not a local file or folder, and the Hugging Face hub is not reachable (offline). "
+            f"{flag} {name}: not a local file or folder, and the Hugging Face hub is not reachable (offline). "
             f"On a machine with network run: python -c \"import datasets; datasets.load_dataset('{name}', "
-            f"split='{split}').save_to_disk('my_data')\", copy my_data here and pass --data my_data"
+            f"split='{split}').save_to_disk('my_data')\", copy my_data here and pass {flag} my_data"
         )
     import datasets
 
     try:
         return list(enumerate(datasets.load_dataset(name, split=split), start=1))
     except Exception as err:  # the hub raises many types; the message matters here
-        raise DataError(f"--data {name}: could not load it from the hub ({type(err).__name__}: {err})") from None
+        raise DataError(f"{flag} {name}: could not load it from the hub ({type(err).__name__}: {err})") from None
 
 
-def load_rows(source: str | None, split: str = "train") -> list[dict[str, Any]]:
-    """All rows of a data source, checked (see the module docstring); None is the bundled sample set."""
+def load_rows(source: str | None, split: str = "train", flag: str = "--data") -> list[dict[str, Any]]:
+    """All rows of a data source, checked (see the module docstring); None is the bundled sample set.
+
+    `flag` is the option that named the source (`--data`, `--eval-data`), for the errors.
+    """
     source = source or bundled_path(BUNDLED_TRAIN)
     if os.path.isdir(source):
-        raw, name = _load_saved_dataset(source, split), source
+        raw, name = _load_saved_dataset(source, split, flag), source
     elif os.path.isfile(source) or source.endswith((".json", ".jsonl")) or os.sep in source and not _looks_like_hub_id(source):
-        raw, name = read_json_rows(source), source
+        raw, name = read_json_rows(source, flag), source
     else:
-        raw, name = _load_hub_dataset(source, split), source
+        raw, name = _load_hub_dataset(source, split, flag), source
     rows = [check_row(row, f"{name}, row {n}") for n, row in raw]
     if not rows:
         raise DataError(f"{name} holds no rows; the data needs at least one example")

@@ -200,7 +200,13 @@ def read_run(adapter_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle) or {}
+        try:
+            run = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML ({err}); fix it, or delete it and pass --model") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, not {type(run).__name__}; fix it, or delete it and pass --model")
+    return run
 
 
 def adapter_folder(path: str) -> str:

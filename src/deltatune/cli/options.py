@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from deltatune.cli.methods import METHOD_OPTIONS
+from deltatune.cli.methods import METHOD_OPTIONS, OPTION_TYPES
 
 RUN_FILE = "run.yaml"
 INFORMATIONAL_KEYS = {"resolved_model"}  # written into run.yaml for the reader; not an option
@@ -54,6 +56,18 @@ class TrainOptions:
         out.update({k: v for k, v in self.method_options.items() if v is not None})
         return out
 
+    def check(self) -> None:
+        """Refuse values no run can use (zero steps, batches or accumulation), before anything is written."""
+        at_least_one = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "logging_steps": self.logging_steps,
+                        "save_steps": self.save_steps, "max_steps": 1 if self.max_steps is None else self.max_steps}  # fmt: skip
+        for key, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"--{key.replace('_', '-')} {value}: must be at least 1")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs {self.epochs:g}: must be above 0 (or give --max-steps)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr {self.lr:g}: the learning rate must be above 0")
+
 
 FIELDS = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options"}
 
@@ -70,6 +84,42 @@ def parse_target_modules(value: Any) -> Any:
     return [text]
 
 
+def _kinds(key: str) -> tuple[type, ...]:
+    """The types option `key` takes (NoneType where None means "the default"), from TrainOptions or METHOD_OPTIONS."""
+    if key in METHOD_OPTIONS:
+        default = METHOD_OPTIONS[key][0]
+        return (OPTION_TYPES.get(key) or type(default), type(None))
+    hint = typing.get_type_hints(TrainOptions)[key]
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """`value` as the type option `key` takes (YAML reads `1e-3` as a string, `"4"` is a string); else an error."""
+    kinds = _kinds(key)
+    if value is None and type(None) in kinds or key == "target_modules":
+        return value
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, int) and int in kinds or isinstance(value, str) and str in kinds:
+        return value
+    elif isinstance(value, (int, float)) and float in kinds:
+        return float(value)
+    elif isinstance(value, (int, float)) and str in kinds:
+        return str(value)  # `output: 2024` in YAML
+    elif isinstance(value, str):
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+        if bool in kinds and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "text"}[k] for k in kinds if k is not type(None))
+    raise ValueError(f"{source}: option {key!r} must be {names}, not {value!r}")
+
+
 def make_options(values: dict[str, Any], source: str = "options") -> TrainOptions:
     """Build TrainOptions from a flat dict of keys (dashes or underscores), refusing unknown keys."""
     options = TrainOptions()
@@ -78,9 +128,9 @@ def make_options(values: dict[str, Any], source: str = "options") -> TrainOption
         if key in INFORMATIONAL_KEYS:
             continue
         if key in FIELDS:
-            setattr(options, key, value)
+            setattr(options, key, _coerce(key, value, source))
         elif key in METHOD_OPTIONS:
-            options.method_options[key] = parse_target_modules(value) if key == "target_modules" else value
+            options.method_options[key] = parse_target_modules(value) if key == "target_modules" else _coerce(key, value, source)
         else:
             known = sorted(FIELDS | set(METHOD_OPTIONS))
             raise ValueError(f"{source}: unknown option {raw_key!r}; known options: {', '.join(known)}")

@@ -8,6 +8,7 @@ options used (`run.yaml`), the loss history (`loss_history.json`) and `checkpoin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -42,14 +43,19 @@ def is_run_folder(folder: str) -> bool:
     return os.path.isdir(folder) and (any(os.path.exists(os.path.join(folder, m)) for m in RUN_MARKERS) or bool(checkpoints(folder)))
 
 
-def prepare_output(folder: str, overwrite: bool, resume: bool | str, is_main: bool = True) -> str | None:
+def prepare_output(folder: str, overwrite: bool, resume: bool | str) -> str | None:
     """Check the output folder before a run; returns the checkpoint to resume from (or None).
+
+    With --overwrite an earlier run is only checked here: `remove_run` deletes it once the new run has its model
+    and data, so a new run that cannot start leaves the old one in place.
 
     Raises:
         FileExistsError: the folder holds another run (and neither --overwrite nor --resume was given), or
             holds files that are not a run.
         FileNotFoundError: --resume with nothing to resume from.
     """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"--output {folder} is a file; give a folder (new or empty) for the run")
     if resume:
         return _resume_checkpoint(folder, resume)
     if not os.path.isdir(folder) or not os.listdir(folder):
@@ -62,21 +68,51 @@ def prepare_output(folder: str, overwrite: bool, resume: bool | str, is_main: bo
             f"--output {folder} already holds another run ({', '.join(held)}); pass --overwrite to replace it, "
             "--resume to continue it, or choose another --output"
         )
-    if is_main:
+    return None
+
+
+def remove_run(folder: str) -> None:
+    """--overwrite: delete the earlier run in `folder` (checked by `prepare_output`) just before training starts."""
+    if is_run_folder(folder):
         logger.warning("--overwrite: removing the run in %s", folder)
         shutil.rmtree(folder)
-    return None
+
+
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+
+
+def _missing_files(checkpoint: str) -> list[str]:
+    return [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
 
 
 def _resume_checkpoint(folder: str, resume: bool | str) -> str:
     if isinstance(resume, str):
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        if missing := _missing_files(resume):
+            raise FileNotFoundError(
+                f"--resume {resume}: not a checkpoint of deltatune train (no {', '.join(missing)}); pass a checkpoint-N "
+                "folder of a run, or --resume alone to continue from the last checkpoint in --output"
+            )
         return resume
     found = checkpoints(folder)
     if not found:
         raise FileNotFoundError(f"--resume: {folder} holds no checkpoint-N folder to continue from; train without --resume")
-    return found[-1]
+    complete = [c for c in found if not _missing_files(c)]
+    if not complete:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {folder} is complete ({found[-1]} has no {', '.join(_missing_files(found[-1]))}); "
+            "train again without --resume (with --overwrite)"
+        )
+    if complete[-1] != found[-1]:  # a save cut short (killed, disk full) leaves a partial folder
+        logger.warning("--resume: %s is incomplete (no %s); continuing from %s", found[-1], ", ".join(_missing_files(found[-1])), complete[-1])
+    return complete[-1]
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a checkpoint was saved at (from its trainer_state.json)."""
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+        return int(json.load(handle).get("global_step", 0))
 
 
 class StopOnInterrupt(TrainerCallback):
