@@ -7,7 +7,7 @@ import os
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -210,7 +210,7 @@ def test_failed_load_adapter_leaves_no_half_loaded_adapter(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4))
     weights = load_file(tmp_path / "small" / "adapter_model.safetensors")
     weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.zeros(16, 3)  # wrong rank
-    deltatune.files.save_weights(weights, str(tmp_path / "small"))
+    save_file(weights, tmp_path / "small" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"v_proj.lora_B.weight has shape \(16, 3\) in the adapter file but \(16, 2\)"):
         model.load_adapter(tmp_path / "small", "small")
     assert list(model.peft_config) == ["default"]
@@ -228,7 +228,7 @@ def test_adapter_of_another_architecture_is_refused(tmp_path):
     saved_lora(tmp_path / "llama_q", target_modules=["q_proj"])
     weights = load_file(tmp_path / "llama_q" / "adapter_model.safetensors")
     weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
-    deltatune.files.save_weights(weights, str(tmp_path / "llama_q"))
+    save_file(weights, tmp_path / "llama_q" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"1 tensors in the adapter file have no place in this model, e.g. "
                                          r"\['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'\]"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "llama_q")

@@ -65,20 +65,13 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_text: str) -> None:
-    """Write `adapter_model.safetensors` and `adapter_config.json` as a pair (see `_atomic_write_all`)."""
+    """Write `adapter_model.safetensors` and `adapter_config.json` as a pair (see `_atomic_write_all`); tensors
+    are made contiguous and unshared first (safetensors refuses views of one storage)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     _atomic_write_all({
         os.path.join(folder, WEIGHTS_NAME): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         os.path.join(folder, CONFIG_NAME): _text_writer(config_text),
     })  # fmt: skip
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], folder: str, metadata: dict[str, str] | None = None) -> str:
-    """Write `adapter_model.safetensors` atomically; tensors are made contiguous and unshared first."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    path = os.path.join(folder, WEIGHTS_NAME)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
-    return path
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.ops.lora_ops import lora_linear, lora_linear_inference, triton_kernels_for
+from deltatune.ops.lora_ops import lora_linear, lora_linear_inference, switched, triton_kernels_for
 from deltatune.ops.mixed_batch import apply_row_factors, gather_row_factors, mixed_lora_linear, row_index, stack_lora_weights
 
 _ENABLED = [True]
@@ -49,14 +49,9 @@ def _cache_epoch() -> int | None:
     return _FIXED["epoch"] if _FIXED["depth"] and not torch.is_grad_enabled() else None
 
 
-@contextlib.contextmanager
-def use_fast_paths(enabled: bool) -> Iterator[None]:
+def use_fast_paths(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Within the block, LoRA layers use (True) or skip (False) the fast paths; for tests and benchmarks."""
-    previous, _ENABLED[0] = _ENABLED[0], enabled
-    try:
-        yield
-    finally:
-        _ENABLED[0] = previous
+    return switched(_ENABLED, enabled)
 
 
 def _plain_frozen_linear(base: nn.Module) -> bool:

@@ -88,13 +88,18 @@ _TRITON_KERNELS = [os.environ.get("DELTATUNE_TRITON_LORA") == "1"]
 
 
 @contextlib.contextmanager
-def use_triton_kernels(enabled: bool) -> Iterator[None]:
-    """Within the block, LoRA layers on CUDA use (True) or skip (False) the Triton kernels of `triton_lora`."""
-    previous, _TRITON_KERNELS[0] = _TRITON_KERNELS[0], enabled
+def switched(flag: list[bool], enabled: bool) -> Iterator[None]:
+    """Set the one-element `flag` to `enabled` within the block, then back."""
+    previous, flag[0] = flag[0], enabled
     try:
         yield
     finally:
-        _TRITON_KERNELS[0] = previous
+        flag[0] = previous
+
+
+def use_triton_kernels(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Within the block, LoRA layers on CUDA use (True) or skip (False) the Triton kernels of `triton_lora`."""
+    return switched(_TRITON_KERNELS, enabled)
 
 
 def triton_kernels_for(x: torch.Tensor, weight: torch.Tensor):
