@@ -74,6 +74,11 @@ def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_
     })  # fmt: skip
 
 
+def adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """The folder holding the adapter files: `model_id`, or its sub-folder `subfolder` (peft's keyword)."""
+    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+
+
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
     """Read `adapter_model.safetensors` from `folder` with a clear error if it is missing, pickled or damaged."""
     path = os.path.join(folder, WEIGHTS_NAME)

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType, TaskType
-from deltatune.files import load_weights, place_tensors, save_adapter_files
+from deltatune.files import adapter_folder, load_weights, place_tensors, save_adapter_files
 from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune import trainer_integration
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
+from deltatune.tuners.prompt_tuning import random_start_while_loading
 
 logger = logging.getLogger(__name__)
 
@@ -407,13 +408,13 @@ class PeftModel(nn.Module):
         `resume_from_checkpoint` and `load_best_model_at_end` load a checkpoint; an optimizer keeps working).
         `subfolder=` reads the adapter from that sub-folder of `model_id` (peft's option).
         """
-        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
+        folder = adapter_folder(model_id, kwargs.get("subfolder"))
         weights = load_weights(folder)  # file errors first, before the model is touched
         created = adapter_name not in self.peft_config
         if created:
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
-            with _start_values_from_file(config):
+            with random_start_while_loading(config):
                 self.add_adapter(adapter_name, config)
         try:
             self.load_adapter_weights(weights, adapter_name, source=folder)
@@ -441,12 +442,12 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":  # fmt: skip
         """Wrap `model` and load the adapter saved in folder `model_id`, or in its sub-folder `subfolder=` (as peft);
         frozen unless `is_trainable`."""
-        folder = _adapter_folder(model_id, kwargs.get("subfolder"))
+        folder = adapter_folder(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(folder)
         weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        with _start_values_from_file(config):
+        with random_start_while_loading(config):
             peft_model = model_class(model, config, adapter_name)
         peft_model.load_adapter_weights(weights, adapter_name, source=folder)
         if not is_trainable:
@@ -521,26 +522,6 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
-
-
-@contextlib.contextmanager
-def _start_values_from_file(config: PeftConfig) -> Iterator[None]:
-    """Within the block a prompt is built with random start values: the file's weights replace them anyway, and a
-    TEXT start would load the tokenizer the config names (often a hub id, unreachable offline)."""
-    start = getattr(config, "prompt_tuning_init", None)
-    if start is None:
-        yield
-        return
-    config.prompt_tuning_init = "RANDOM"
-    try:
-        yield
-    finally:
-        config.prompt_tuning_init = start
-
-
-def _adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
-    """The folder holding the adapter files: `model_id`, or its sub-folder `subfolder` (peft's keyword)."""
-    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:

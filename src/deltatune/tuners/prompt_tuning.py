@@ -15,9 +15,11 @@ warning here) and repeated to fill n when shorter.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +153,19 @@ def add_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name
     prepare_model(model, config, adapter_name)
     word_embeddings = input_embeddings(model)
     return build_on_device(model, lambda: PromptEmbedding(config, word_embeddings))
+
+
+@contextlib.contextmanager
+def random_start_while_loading(config: Any) -> Iterator[None]:
+    """Within the block a prompt is built with random start values: the file's weights replace them anyway, and a
+    TEXT start would load the tokenizer the config names (often a hub id, unreachable offline). Other methods'
+    configs pass through unchanged."""
+    start = getattr(config, "prompt_tuning_init", None)
+    if start is None:
+        yield
+        return
+    config.prompt_tuning_init = PromptTuningInit.RANDOM
+    try:
+        yield
+    finally:
+        config.prompt_tuning_init = start
