@@ -178,9 +178,20 @@ def test_merge_and_unload_matches_adapter():
     ours = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False))
     ours.eval()
     adapted = logits(ours)
-    merged = ours.merge_and_unload()
+    merged = ours.merge_and_unload(safe_merge=True)
     assert not any(isinstance(m, SVDLayer) for m in merged.modules())
     assert torch.allclose(logits(merged), adapted, atol=1e-5)
+
+
+def test_safe_merge_refuses_an_update_with_nan_and_merges_nothing_there():
+    ours = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False))
+    layer = ours.get_base_model().model.layers[1].self_attn.v_proj
+    before = layer.base_layer.weight.clone()
+    with torch.no_grad():
+        layer.adapters["default"].lora_E[0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN"):
+        ours.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []
 
 
 def test_update_and_allocate_entry_points_and_errors():

@@ -67,6 +67,19 @@ class AdapterLayer(nn.Module):
         """Undo `merge`, restoring the base weight."""
         raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
 
+    # For the layers that merge (LoRA, AdaLoRA): their adapters have `delta_weight()`, shaped (out, in).
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s update in the layout of the base weight (Conv1D stores W transposed)."""
+        delta = self.adapters[name].delta_weight()
+        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+
+    def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
+        """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
+        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+        if safe_merge:
+            check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
+        return names
+
     def unwrap(self) -> nn.Module:
         """The module to put back in the model when the adapters are removed."""
         return self.base_layer

@@ -169,11 +169,6 @@ class SVDLayer(AdapterLayer):
         update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
-    def _base_weight_delta(self, name: str) -> torch.Tensor:
-        """The update in the layout of the base weight (Conv1D stores W transposed)."""
-        delta = self.adapters[name].delta_weight()
-        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
-
     def _add_to_base(self, name: str, sign: float) -> None:
         delta = sign * self._base_weight_delta(name)
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
@@ -185,10 +180,7 @@ class SVDLayer(AdapterLayer):
                 self.base_layer.weight.data += delta.to(self.base_layer.weight.dtype)
 
     def merge(self, names=None, safe_merge: bool = False) -> None:
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
-        if safe_merge:
-            check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
-        for name in names:
+        for name in self._names_to_merge(names, safe_merge):
             self._add_to_base(name, 1.0)
             self.merged_adapters.append(name)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
-from deltatune.layers import AdapterLayer, check_finite_merge
+from deltatune.layers import AdapterLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 
@@ -113,6 +113,12 @@ def _embed_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float
     return scale.to(dtype)
 
 
+def _per_adapter(attribute: str) -> property:
+    """A read-only property: {adapter name: that adapter's `attribute`} for the adapters that have it."""
+    return property(lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items()
+                                   if hasattr(a, attribute)})  # fmt: skip
+
+
 class LoraAdapter(nn.Module):
     """One adapter's low-rank factors, dropout and scale for one layer."""
 
@@ -168,28 +174,11 @@ class LoraLayer(AdapterLayer):
 
     # peft's per-layer attributes ({adapter name: ...}), read-only views for code written against peft
     # (`layer.lora_A["default"].weight`); the modules themselves live in `self.adapters`.
-    @property
-    def lora_A(self) -> dict[str, nn.Linear]:
-        return self._by_adapter("lora_A")
-
-    @property
-    def lora_B(self) -> dict[str, nn.Linear]:
-        return self._by_adapter("lora_B")
-
-    @property
-    def lora_embedding_A(self) -> dict[str, nn.Parameter]:
-        return self._by_adapter("lora_embedding_A")
-
-    @property
-    def lora_embedding_B(self) -> dict[str, nn.Parameter]:
-        return self._by_adapter("lora_embedding_B")
-
-    @property
-    def scaling(self) -> dict[str, float]:
-        return self._by_adapter("scaling")
-
-    def _by_adapter(self, attribute: str) -> dict:
-        return {name: getattr(a, attribute) for name, a in self.adapters.items() if hasattr(a, attribute)}
+    lora_A = _per_adapter("lora_A")
+    lora_B = _per_adapter("lora_B")
+    lora_embedding_A = _per_adapter("lora_embedding_A")
+    lora_embedding_B = _per_adapter("lora_embedding_B")
+    scaling = _per_adapter("scaling")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Fused, memory-lean path for a plain frozen nn.Linear (deltatune.ops); adapter_forward is the reference.
@@ -214,16 +203,9 @@ class LoraLayer(AdapterLayer):
         # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
         return (result + low_rank * adapter.scaling).to(result.dtype)
 
-    def _base_weight_delta(self, name: str) -> torch.Tensor:
-        """The update in the layout of the base weight (Conv1D stores W transposed)."""
-        delta = self.adapters[name].delta_weight()
-        return delta.T if self.kind == "conv1d" else delta
-
     def merge(self, names=None, safe_merge: bool = False) -> None:
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+        names = self._names_to_merge(names, safe_merge)
         weight = self.base_layer.weight
-        if safe_merge:
-            check_finite_merge(weight, {name: self._base_weight_delta(name) for name in names})
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
             from deltatune.tuners.quantized import merge_into_quantized
 

@@ -105,7 +105,6 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     return model
 
 
-
 def prepare_model_for_int8_training(model: nn.Module, *args, **kwargs) -> nn.Module:
     """The old name the course notes use (seed 004, on an 8-bit OPT); peft had it as this alias, with this warning,
     before removing it. Same arguments and steps as `prepare_model_for_kbit_training`."""
@@ -116,6 +115,7 @@ def prepare_model_for_int8_training(model: nn.Module, *args, **kwargs) -> nn.Mod
         stacklevel=2,
     )
     return prepare_model_for_kbit_training(model, *args, **kwargs)
+
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision weight (out, in) of a bitsandbytes 4-bit or 8-bit linear layer."""
