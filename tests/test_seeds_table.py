@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig
 
-from deltatune import BitFitConfig, LoraConfig, TaskType, get_peft_model
+from deltatune import BitFitConfig, LoraConfig, PeftType, TaskType, get_peft_model
 
 BLOOM_1B4_ZH = BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16)
 
@@ -36,3 +36,21 @@ def test_bitfit_fraction_of_the_seeds_table():
     model = get_peft_model(bloom_on_meta(), BitFitConfig(task_type=TaskType.CAUSAL_LM))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable / total == 0.000418051659240749
+
+
+def test_the_config_seed_003_prints_types_back_in(capsys):
+    # Seed 003 prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
+    config = LoraConfig(
+        peft_type=PeftType.LORA, auto_mapping=None, base_model_name_or_path="D:/pretrained_model/models--Langboat--bloom-1b4-zh",
+        revision=None, task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, target_modules={"query_key_value"},
+        lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=False, bias="none", use_rslora=False, modules_to_save=None,
+        init_lora_weights=True, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
+        megatron_config=None, megatron_core="megatron.core", loftq_config={}, use_dora=False, layer_replication=None,
+    )  # fmt: skip
+    get_peft_model(bloom_on_meta(), config).print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"
+
+
+def test_megatron_layers_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"megatron_config is not supported: .* leave megatron_config=None"):
+        LoraConfig(megatron_config={"tensor_model_parallel_size": 2})

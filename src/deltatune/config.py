@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 # Keys peft writes that describe the file rather than the method; dropped without a warning.
-INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "megatron_core", "qalora_group_size"}
+INFORMATIONAL_KEYS = {"peft_version", "qalora_group_size"}
 
 
 class TaskType(str, enum.Enum):
@@ -66,6 +66,7 @@ class PeftConfig:
     """
 
     peft_type: PeftType | str | None = None
+    auto_mapping: dict | None = None  # peft's field (custom model classes); kept so peft's printed configs type back in
     task_type: TaskType | str | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None

@@ -54,6 +54,8 @@ class LoraConfig(PeftConfigWithTargets):
         init_lora_weights: True (Kaiming-uniform A, zero B), "gaussian" (normal A with std 1/r, zero B),
             or False (random A and B: the model does not start equal to the base; for tests).
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
+        use_dora, loftq_config, layer_replication, megatron_config, megatron_core: peft's fields, so the
+            config printed in the course notes can be typed back in; each is checked below.
     """
 
     r: int = 8
@@ -66,6 +68,10 @@ class LoraConfig(PeftConfigWithTargets):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
+    layer_replication: list[tuple[int, int]] | None = None
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
@@ -79,6 +85,15 @@ class LoraConfig(PeftConfigWithTargets):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}; use True, False or 'gaussian'")
         if self.use_dora:
             raise ValueError("use_dora=True is not supported by deltatune; use plain LoRA (use_dora=False)")
+        if self.loftq_config:
+            raise ValueError("loftq_config is not supported by deltatune; leave it empty ({})")
+        if self.layer_replication:
+            raise ValueError("layer_replication is not supported by deltatune; leave it None")
+        if self.megatron_config:
+            raise ValueError(
+                "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
+                "tensor-parallel ones; leave megatron_config=None"
+            )
 
 
 def _pattern_value(patterns: dict, key: str, default):
