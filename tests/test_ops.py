@@ -9,32 +9,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from ops_helpers import DEVICES, SEVEN, close, leaves, lora_model, relative_error, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
-from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy, lora_linear
-from deltatune.ops.cross_entropy import ce_chunk_torch
+from deltatune import LoraConfig, get_peft_model
+from deltatune.ops import lora_linear
 from deltatune.ops.lora_dispatch import use_fast_paths, weights_fixed
 from deltatune.ops.lora_ops import dropout_mask, lora_linear_inference
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def close(a, b, tol=1e-5):
-    return torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
-
-
-def relative_error(a, b):
-    return (torch.linalg.norm((a - b).float()) / torch.linalg.norm(b.float())).item()
-
-
-def tiny_llama(seed=0, device="cpu"):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
-    return LlamaForCausalLM(config).to(device)
 
 
 def reference_lora(x, weight, bias, a, b, scaling, mask, keep_scale):
@@ -44,9 +25,6 @@ def reference_lora(x, weight, bias, a, b, scaling, mask, keep_scale):
         x_low = x_low * mask * keep_scale
     return F.linear(x, weight, bias) + ((x_low @ a.T @ b.T) * scaling).to(x.dtype)
 
-
-def leaves(*shapes, device="cpu", dtype=torch.float32):
-    return [torch.randn(*s, device=device, dtype=dtype).requires_grad_() for s in shapes]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -252,12 +230,6 @@ def test_inputs_are_remade_only_from_factors_the_graph_keeps(remake_any_size):
             assert (g is None) == (ref is None) and (g is None or close(g, ref)[0]), name
 
 
-def lora_model(device="cpu", dropout=0.0, names=("default",), bias="none"):
-    model = get_peft_model(tiny_llama(5, device), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN,
-                           lora_dropout=dropout, init_lora_weights=False, bias=bias), names[0])  # fmt: skip
-    for i, name in enumerate(names[1:]):
-        model.add_adapter(name, LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=SEVEN, init_lora_weights=False))
-    return model
 
 
 def loss_and_grads(model, ids, **kwargs):
@@ -447,75 +419,6 @@ def test_mixed_batch_generate_repeats_rows_and_checks_counts():
     with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3 rows"):
         model(input_ids=torch.randint(0, 100, (3, 4)), adapter_names=["a", "b"])
 
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_linear_cross_entropy_matches_full_logits(device, chunk):
-    torch.manual_seed(6)
-    hidden, weight, bias = leaves((10, 16), (50, 16), (50,), device=device)
-    labels = torch.randint(0, 50, (10,), device=device)
-    labels[[1, 7]] = -100
-    loss = linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk)
-    ref = F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
-    assert close(loss, ref)[0]
-    got = torch.autograd.grad(loss * 3, [hidden, weight, bias])
-    want = torch.autograd.grad(ref * 3, [hidden, weight, bias])
-    for g, w in zip(got, want):
-        assert close(g, w)[0], close(g, w)[1]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only")
-def test_triton_ce_chunk_matches_torch():
-    from deltatune.ops import triton_ce
-
-    assert triton_ce.available()
-    logits = torch.randn(37, 50_001, device="cuda") * 4
-    labels = torch.randint(0, 50_001, (37,), device="cuda")
-    labels[5] = -100
-    scale = torch.tensor(0.25, device="cuda")
-    mine, ref = logits.clone(), logits.clone()
-    loss = triton_ce.ce_chunk_triton(mine, labels, -100, scale)
-    ref_loss = ce_chunk_torch(ref, labels, -100, scale)
-    assert close(loss, ref_loss, 1e-4)[0] and close(mine, ref)[0], close(mine, ref)[1]
-
-
-def test_lean_causal_lm_loss_equals_model_loss():
-    model = lora_model().train()
-    ids = torch.randint(0, 100, (3, 11))
-    labels = ids.clone()
-    labels[0, :4] = -100
-    mask = torch.ones_like(ids)
-    loss = lean_causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params)
-    ref = model(input_ids=ids, labels=labels, attention_mask=mask).loss
-    for g, w in zip(grads, torch.autograd.grad(ref, params)):
-        assert close(g, w)[0], close(g, w)[1]
-    assert close(loss, ref)[0]
-
-
-def test_lean_causal_lm_loss_refuses_a_wrapped_head():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
-    with pytest.raises(ValueError, match="output head is a plain nn.Linear; LlamaForCausalLM has LoraLayer"):
-        lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
-
-
-def test_lean_causal_lm_loss_refuses_adalora_whose_loss_has_a_regulariser():
-    model = get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["q_proj"], total_step=10))
-    with pytest.raises(ValueError, match="ADALORA adds a term to the model's loss: use model"):
-        lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
-
-
-@pytest.mark.parametrize("divisor", [9, torch.tensor(9)])
-def test_linear_cross_entropy_divides_by_num_items_in_batch(divisor):
-    """transformers' gradient-accumulation form: the summed loss over a count of the whole accumulated batch."""
-    torch.manual_seed(6)
-    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8)
-    labels = torch.tensor([1, 2, -100, 4, 5, 6])
-    got = linear_cross_entropy(hidden, weight, labels, chunk_size=4, num_items_in_batch=divisor)
-    want = F.cross_entropy(hidden @ weight.T, labels, reduction="sum") / 9
-    assert close(got, want)[0]
-    assert close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(want, hidden)[0])[0]
 
 
 @pytest.mark.parametrize("fused", [False, True])
