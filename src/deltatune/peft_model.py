@@ -181,6 +181,14 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **options: Any) -> None:  # fmt: skip
+        """LoRA only: add `adapter_name`, the `adapters` combined with `weights` ("svd", "cat", "linear", TIES,
+        DARE...; peft's arguments). See `deltatune.tuners.lora_combine`."""
+        from deltatune.tuners.lora_combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
+
     def _set_trainable(self) -> None:
         """Freeze everything but the active adapter (nothing trains in inference mode)."""
         config = self.active_peft_config

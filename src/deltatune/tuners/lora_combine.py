@@ -1,0 +1,212 @@
+"""Combining LoRA adapters into a new one: peft's `add_weighted_adapter`, with the same results.
+
+Each adapter i has an update dW_i = s_i B_i A_i on a layer; with weights w_i the combinations are:
+
+- ``"cat"``: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...] (rows), B = [B_1, B_2, ...] (columns), rank sum(r_i). B A is
+  exactly sum_i w_i dW_i: exact, but the rank grows with every adapter.
+- ``"svd"``: sum_i w_i dW_i, cut back to rank r (default: the largest r_i) by a truncated SVD, U S -> B, V^T -> A.
+  Exact up to the dropped singular values.
+- ``"linear"``: the A's mixed with sqrt(|w_i s_i|) (sign on A) and the B's with sqrt(|w_i s_i|); cheap, but
+  B A is then not sum_i w_i dW_i (the cross terms stay); all r_i must be equal.
+- Merging rules from model merging, on the A's and B's (``"ties"``, ``"dare_linear"``, ``"dare_ties"``,
+  ``"magnitude_prune"``) or on the dW_i before the SVD (the same names + ``"_svd"``): TIES (Yadav et al., 2023,
+  arXiv:2306.01708) keeps each tensor's largest `density` fraction of entries and, per entry, only the
+  adapters that agree with the majority sign; DARE (Yu et al., 2023, arXiv:2311.03099) drops entries at
+  random with keep probability `density` and rescales by 1 / density; magnitude pruning keeps the largest.
+
+The new adapter has lora_alpha = r, so its own scale is 1 and the mixed factors carry all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from deltatune.config import PeftType
+from deltatune.layers import ModulesToSaveWrapper
+from deltatune.targeting import ALL_LINEAR
+from deltatune.tuners.lora import LoraLayer
+
+if TYPE_CHECKING:
+    from deltatune.peft_model import PeftModel
+
+FACTOR_RULES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_RULES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
+
+
+# ---- the merging rules, on a list of same-shaped tensors --------------------------------------------------------
+def _prune(tensor: torch.Tensor, density: float, random: bool) -> torch.Tensor:
+    """Keep the `density` fraction of entries: the largest (magnitude) or a random draw, rescaled (DARE)."""
+    if density >= 1:
+        return tensor
+    if random:
+        return tensor * torch.bernoulli(torch.full_like(tensor, density)) / density
+    mask = torch.zeros_like(tensor).reshape(-1)
+    mask[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def _weighted(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(n, ...) tensors times their n weights, broadcast over the rest."""
+    return tensors * weights.view(weights.shape + (1,) * (tensors.dim() - 1))
+
+
+def _majority_sign_mask(tensors: torch.Tensor, method: str) -> torch.Tensor:
+    """Per entry, which adapters agree with the sign of the total ("total") or of the vote ("frequency")."""
+    sign = tensors.sign()
+    magnitude = tensors.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(magnitude >= 0, 1, -1)
+
+
+def mix(rule: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
+        majority_sign_method: str = "total") -> torch.Tensor:  # fmt: skip
+    """One tensor from `tensors` by `rule` (a combination type without its "_svd" suffix)."""
+    if rule in ("ties", "dare_ties", "dare_linear", "magnitude_prune"):
+        tensors = [_prune(t, density, random=rule.startswith("dare")) for t in tensors]
+    stacked = torch.stack(tensors, dim=0)  # (n, ...)
+    if rule in ("ties", "dare_ties"):
+        agree = _majority_sign_mask(stacked, majority_sign_method)
+        return (_weighted(stacked, weights) * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
+    return _weighted(stacked, weights).sum(dim=0)
+
+
+# ---- the new adapter's config -----------------------------------------------------------------------------------
+def _check(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], combination_type: str,
+           density: float | None, majority_sign_method: str) -> None:  # fmt: skip
+    for name in adapters:
+        if name not in model.peft_config:
+            raise ValueError(f"add_weighted_adapter: no adapter named {name!r}; this model has: {', '.join(model.peft_config)}")
+        config = model.peft_config[name]
+        if config.peft_type is not PeftType.LORA:
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is {config.peft_type.value}")
+        if config.use_dora:
+            raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude vectors do not add")
+    if not adapters or len(weights) != len(adapters):
+        raise ValueError(f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, {len(weights)} weights)")
+    if combination_type not in ("cat", *FACTOR_RULES, *SVD_RULES):
+        raise ValueError(f"combination_type={combination_type!r} is not known; use one of: "
+                         f"{', '.join(('cat', *FACTOR_RULES, *SVD_RULES))}")  # fmt: skip
+    if combination_type.removesuffix("_svd") in NEEDS_DENSITY and (density is None or not 0 <= density <= 1):
+        raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of entries kept), got {density}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method={majority_sign_method!r}; use 'total' or 'frequency'")
+    for wrapper in model.get_base_model().modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
+            raise ValueError("add_weighted_adapter: two of the adapters train the same module in full "
+                             "(modules_to_save); full copies cannot be combined")  # fmt: skip
+
+
+def _new_rank(model: PeftModel, adapters: Sequence[str], combination_type: str, svd_rank: int | None) -> int:
+    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in (model.peft_config[a] for a in adapters)]
+    if combination_type == "cat":
+        return sum(ranks)
+    if combination_type in SVD_RULES:
+        return svd_rank or max(ranks)
+    if len(set(ranks)) != 1:
+        raise ValueError(f"combination_type={combination_type!r} mixes the factors, which needs one rank; the ranks are "
+                         f"{dict(zip(adapters, ranks))}: use 'svd' or 'cat'")  # fmt: skip
+    return ranks[0]
+
+
+def _new_target_modules(model: PeftModel, adapters: Sequence[str]) -> list[str] | str:
+    """The union of the adapters' targets: names as a sorted list, regexes joined with "|" (as peft)."""
+    targets = []
+    for name in adapters:
+        target = model.peft_config[name].target_modules
+        if target == ALL_LINEAR:  # the module names it chose, as peft records them
+            target = {key.rsplit(".", 1)[-1] for key, module in model.get_base_model().named_modules()
+                      if isinstance(module, LoraLayer) and name in module.adapters}  # fmt: skip
+        targets.append(target)
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    if any(isinstance(t, str) for t in targets):
+        raise ValueError("add_weighted_adapter: the adapters mix target_modules given as a regex and as a list of "
+                         "names; combine adapters that were targeted the same way")  # fmt: skip
+    return sorted(set().union(*targets))
+
+
+# ---- the new factors, per layer ---------------------------------------------------------------------------------
+def _factors(adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as (r, in), (out, r); for embeddings (r, vocab), (dim, r)."""
+    if adapter.kind == "embedding":
+        return adapter.lora_embedding_A, adapter.lora_embedding_B
+    return adapter.lora_A.weight, adapter.lora_B.weight
+
+
+def _cat(layer: LoraLayer, adapters, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    a_parts, b_parts = [], []
+    for name, weight in zip(adapters, weights):
+        a, b = _factors(layer.adapters[name])
+        a_parts.append(a.data * weight * layer.adapters[name].scaling)
+        b_parts.append(b.data)
+    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+
+
+def _mixed_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method):
+    """A and B each mixed by `rule`, with sqrt(|w s|) on both and the sign on A."""
+    a_parts, b_parts, a_weights, b_weights = [], [], [], []
+    for name, weight in zip(adapters, weights):
+        a, b = _factors(layer.adapters[name])
+        w = weight * layer.adapters[name].scaling
+        a_weights.append(math.sqrt(abs(w)) * (1 if w >= 0 else -1))
+        b_weights.append(math.sqrt(abs(w)))
+        a_parts.append(a.data)
+        b_parts.append(b.data)
+    new_a = mix(rule, a_parts, torch.tensor(a_weights).to(a_parts[0].device), density, sign_method)
+    new_b = mix(rule, b_parts, torch.tensor(b_weights).to(b_parts[0].device), density, sign_method)
+    return new_a.to(a_parts[0].dtype), new_b.to(a_parts[0].dtype)
+
+
+def _svd_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method, rank, clamp, full_matrices, driver):
+    """The mixed update dW cut to `rank` by SVD: B = U S, A = V^T (clamped at the `clamp` quantile)."""
+    deltas = []
+    for name in adapters:
+        a, b = _factors(layer.adapters[name])
+        deltas.append((b @ a) * layer.adapters[name].scaling)  # (out, in) or (dim, vocab)
+    delta = mix(rule.removesuffix("_svd"), deltas, torch.tensor(list(weights)).to(deltas[0].device), density, sign_method)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]  # (out, rank), (rank, in)
+    if clamp is not None:
+        high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
+        u, vh = u.clamp(-high, high), vh.clamp(-high, high)
+    return vh, u
+
+
+def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                         majority_sign_method: str = "total") -> None:  # fmt: skip
+    """Add adapter `adapter_name` made from `adapters` mixed with `weights` (see the module docstring).
+
+    A layer that only some of the adapters reach mixes those; the new adapter is added, not activated
+    (call `set_adapter`), and is frozen until then, as in peft.
+    """
+    _check(model, adapters, weights, combination_type, density, majority_sign_method)
+    combination_type = "linear" if len(adapters) == 1 else combination_type  # as peft: one adapter is just scaled
+    rank = _new_rank(model, adapters, combination_type, svd_rank)
+    config = dataclasses.replace(model.peft_config[adapters[0]], r=rank, lora_alpha=rank, rank_pattern={},
+                                 alpha_pattern={}, target_modules=_new_target_modules(model, adapters))  # fmt: skip
+    model.add_adapter(adapter_name, config)
+    for layer in model.get_base_model().modules():
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapters:
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        if not present:
+            continue
+        names, layer_weights = zip(*present)
+        if combination_type == "cat":
+            new_a, new_b = _cat(layer, names, layer_weights)
+        elif combination_type in SVD_RULES:
+            new_a, new_b = _svd_factors(layer, names, layer_weights, combination_type, density, majority_sign_method,
+                                        rank, svd_clamp, svd_full_matrices, svd_driver)  # fmt: skip
+        else:
+            new_a, new_b = _mixed_factors(layer, names, layer_weights, combination_type, density, majority_sign_method)
+        a, b = _factors(layer.adapters[adapter_name])
+        with torch.no_grad():
+            a.zero_()[: new_a.shape[0], :] = new_a
+            b.zero_()[:, : new_b.shape[1]] = new_b
