@@ -126,6 +126,28 @@ def test_merge_unmerge_and_merge_and_unload_equal_peft(arch):
     torch.testing.assert_close(logits(ours_model, inputs), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
+    kwargs = dict(task_type="CAUSAL_LM", **DORA)
+    base = tiny_model("llama").to(dtype)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    inputs = tiny_inputs("llama")
+    assert_same_logits(ours, theirs, inputs)
+    before = base_weights(ours)
+    ours.merge_adapter(), theirs.merge_adapter()
+    one_step = torch.finfo(dtype).eps  # worked in fp32 and rounded once, as peft: at most one rounding step apart
+    for key, weight in base_weights(ours).items():
+        torch.testing.assert_close(weight, base_weights(theirs)[key], rtol=one_step, atol=0, msg=key)
+    assert_same_logits(ours, theirs, inputs)
+    ours.unmerge_adapter(), theirs.unmerge_adapter()
+    for key, weight in base_weights(ours).items():  # the merge's step carried through the unmerge's
+        torch.testing.assert_close(weight, base_weights(theirs)[key], rtol=2 * one_step, atol=0, msg=key)
+        torch.testing.assert_close(weight, before[key], rtol=0, atol=2e-2, msg=key)  # half precision: lossy, as peft
+
+
 def test_safe_merge_refuses_a_nan_magnitude_and_leaves_the_weight():
     ours, _ = dora_pair("llama")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
@@ -294,3 +316,26 @@ def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     expected = logits(ours, {"input_ids": ids})
     merged = ours.merge_and_unload()
     torch.testing.assert_close(logits(merged, {"input_ids": ids}), expected, rtol=0, atol=ATOL)
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def test_cli_train_with_dora_writes_a_peft_dora_adapter(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    from tiny_chat_model import make_tiny_model
+
+    from deltatune.cli import main, train
+
+    tiny = make_tiny_model(str(tmp_path / "model"))
+    out = str(tmp_path / "run")
+    assert main(["train", "--model", tiny, "--method", "lora", "--dora", "--r", "4", "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64", "--output", out]) == 0  # fmt: skip
+    assert "dora: true" in (tmp_path / "run" / "run.yaml").read_text()
+    tensors = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in tensors)
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+    assert ours.peft_config["default"].use_dora and theirs.peft_config["default"].use_dora
+    ids = {"input_ids": torch.tensor([[1, 5, 9, 30, 7, 2]])}
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match=r"--dora does not apply to --method adapter .*--dora is for lora"):
+        train({"model": tiny, "method": "adapter", "dora": True, "output": str(tmp_path / "other")})
