@@ -29,9 +29,6 @@ from torch import nn
 
 from deltatune.tuners.quantized import dequantized_weight, is_quantized_linear
 
-DORA_KINDS = ("linear", "conv1d", "embedding")
-
-
 def is_dora(adapter: nn.Module) -> bool:
     """True for a LoRA adapter that carries a DoRA magnitude vector."""
     return "lora_magnitude_vector" in adapter._parameters
@@ -67,8 +64,6 @@ def weight_norm(layer: nn.Module, weight: torch.Tensor, delta: torch.Tensor) -> 
 
 def init_magnitude(layer: nn.Module, name: str) -> None:
     """Give adapter `name` its magnitude vector m = ||W + s B A||_c, so the model starts equal to the base."""
-    if layer.kind not in DORA_KINDS:
-        raise ValueError(f"use_dora=True supports {', '.join(DORA_KINDS)} layers, not {layer.kind}; set use_dora=False")
     adapter = layer.adapters[name]
     dtype = adapter.delta_weight().dtype
     weight = base_weight(layer).to(dtype)

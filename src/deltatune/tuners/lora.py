@@ -211,9 +211,9 @@ class LoraLayer(AdapterLayer):
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         if dora.is_dora(adapter):
-            if self.kind == "embedding":
-                return dora.embedding_forward(self, adapter, x, result, _embed_scale(self.base_layer, result.dtype))
-            return dora.linear_forward(self, adapter, x, result)
+            if self.kind != "embedding":
+                return dora.linear_forward(self, adapter, x, result)
+            return dora.embedding_forward(self, adapter, x, result, _embed_scale(self.base_layer, result.dtype))
         if self.kind == "embedding":
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
