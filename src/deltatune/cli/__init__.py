@@ -78,7 +78,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     group = parser.add_argument_group("method options (each applies to the methods that read it)")
     for key, (default, text) in METHOD_OPTIONS.items():
         kind = OPTION_TYPES.get(key) or {bool: _bool, int: int, float: float}.get(type(default), str)
-        group.add_argument("--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})")
+        switch = {"nargs": "?", "const": True} if type(default) is bool else {}  # `--dora` alone means true
+        group.add_argument("--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})",
+                           **switch)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
     "r": (8, "rank of the low-rank update (lora, adalora: the initial rank)"),
     "alpha": (16, "lora_alpha: the update is scaled by alpha / r"),
     "dropout": (0.05, "dropout on the adapter's input"),
+    "dora": (False, "lora: DoRA, a trainable magnitude per output feature beside the low-rank direction"),
     "target_modules": (None, "modules to adapt: names (q_proj,v_proj), a regex, or all-linear; default: the architecture's"),
     "num_virtual_tokens": (20, "number of virtual tokens (prompt-tuning, p-tuning, prefix-tuning)"),
     "preset": ("houlsby", "adapter placement: houlsby (after attention and feed-forward) or pfeiffer (feed-forward only)"),
@@ -59,9 +60,9 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "lora": MethodEntry(
-        ("r", "alpha", "dropout", "target_modules"),
+        ("r", "alpha", "dropout", "dora", "target_modules"),
         lambda o: LoraConfig(task_type=CAUSAL_LM, r=o("r"), lora_alpha=o("alpha"), lora_dropout=o("dropout"),
-                             target_modules=o("target_modules")),  # fmt: skip
+                             use_dora=o("dora"), target_modules=o("target_modules")),  # fmt: skip
         lr=2e-3,
     ),
     "bitfit": MethodEntry((), lambda o: BitFitConfig(task_type=CAUSAL_LM), lr=2e-3),

@@ -3,8 +3,8 @@
 The fast paths cover the common case: a plain, frozen `nn.Linear` (no hooks, no autocast, input in the
 weight's dtype) with one unmerged active adapter (`lora_ops.lora_linear`), or a mixed batch over such a
 layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (Conv1D, embeddings,
-bitsandbytes layers, a trainable base weight, several active adapters) takes the reference path,
-`LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
+bitsandbytes layers, DoRA adapters, a trainable base weight, several active adapters) takes the reference
+path, `LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
 checks and the tensors it derived (a plan) and reuses them at every decoding step; with
 `DELTATUNE_TRITON_LORA=1` (or `lora_ops.use_triton_kernels`) on a CUDA device that plan runs the fused kernel of
 `triton_lora` instead.
@@ -94,6 +94,8 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     if len(pending) != 1:
         return None
     adapter = layer._modules["adapters"]._modules[pending[0]]
+    if "lora_magnitude_vector" in adapter._parameters:  # DoRA rescales the base output: reference path
+        return None
     lora_a = adapter._modules["lora_A"]._parameters["weight"]
     lora_b = adapter._modules["lora_B"]._parameters["weight"]
     dropout = _dropout_p(adapter)
@@ -143,7 +145,8 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
     names = list(layer.adapters)
     if not names or not _plain_frozen_linear(layer.base_layer):
         return None
-    if any(_dropout_p(layer.adapters[n]) > 0 for n in names) or torch.is_autocast_enabled(x.device.type):
+    if any(_dropout_p(layer.adapters[n]) > 0 or "lora_magnitude_vector" in layer.adapters[n]._parameters
+           for n in names) or torch.is_autocast_enabled(x.device.type):  # fmt: skip  # DoRA: reference path
         return None
     rows, (a_stack, bt_stack) = row_index(layer.row_adapters, names, x.shape[0], x.device), _stacks(layer, names)
     if epoch is None:

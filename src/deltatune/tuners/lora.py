@@ -24,6 +24,7 @@ from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
+from deltatune.tuners import dora
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -51,10 +52,11 @@ class LoraConfig(PeftConfigWithTargets):
         fan_in_fan_out: True for layers storing W as (in, out), like GPT-2's Conv1D (set for you).
         bias: which biases train too: "none", "all" (every bias in the model) or "lora_only".
         use_rslora: scale by lora_alpha / sqrt(r), which keeps learning stable at high rank.
+        use_dora: DoRA (tuners/dora.py): a trainable magnitude per output feature beside the LoRA direction.
         init_lora_weights: True (Kaiming-uniform A, zero B), "gaussian" (normal A with std 1/r, zero B),
             or False (random A and B: the model does not start equal to the base; for tests).
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
-        use_dora, loftq_config, layer_replication, megatron_config, megatron_core: peft's fields, so the
+        loftq_config, layer_replication, megatron_config, megatron_core: peft's fields, so the
             config printed in the course notes can be typed back in; each is checked below.
     """
 
@@ -83,8 +85,6 @@ class LoraConfig(PeftConfigWithTargets):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}; use True, False or 'gaussian'")
-        if self.use_dora:
-            raise ValueError("use_dora=True is not supported by deltatune; use plain LoRA (use_dora=False)")
         if self.loftq_config:
             raise ValueError("loftq_config is not supported by deltatune; leave it empty ({})")
         if self.layer_replication:
@@ -186,6 +186,8 @@ class LoraLayer(AdapterLayer):
         self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
                                           config.lora_dropout, config.use_rslora, config.init_lora_weights,
                                           dtype).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
+        if config.use_dora:
+            dora.init_magnitude(self, name)
 
     # peft's per-layer attributes ({adapter name: ...}), read-only views for code written against peft
     # (`layer.lora_A["default"].weight`); the modules themselves live in `self.adapters`.
@@ -201,12 +203,17 @@ class LoraLayer(AdapterLayer):
         return fast if fast is not None else super().forward(x, *args, **kwargs)
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        dora.refuse_mixed_batch(self, self.row_adapters)
         # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference.
         fast = fast_mixed_forward(self, x, result)
         return fast if fast is not None else super().mixed_forward(x, result)
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
+        if dora.is_dora(adapter):
+            if self.kind != "embedding":
+                return dora.linear_forward(self, adapter, x, result)
+            return dora.embedding_forward(self, adapter, x, result, _embed_scale(self.base_layer, result.dtype))
         if self.kind == "embedding":
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
@@ -218,31 +225,35 @@ class LoraLayer(AdapterLayer):
         # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
         return (result + low_rank * adapter.scaling).to(result.dtype)
 
-    def merge(self, names=None, safe_merge: bool = False) -> None:
-        names = self._names_to_merge(names, safe_merge)
-        weight = self.base_layer.weight
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        # A DoRA merge rescales the weight (W <- g (W + s B A)): its update depends on W (tuners/dora.py).
+        if dora.is_dora(self.adapters[name]):
+            return dora.merge_delta(self, name)
+        return super()._base_weight_delta(name)
+
+    def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
+        """What to add to the base weight (`current`, default: the layer's own) to take merged adapter `name` out."""
+        if dora.is_dora(self.adapters[name]):
+            return dora.unmerge_delta(self, name, dora.base_weight(self) if current is None else current)
+        return -super()._base_weight_delta(name)
+
+    def _shift_weight(self, delta: torch.Tensor) -> None:
         if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
             from deltatune.tuners.quantized import merge_into_quantized
 
-            for name in names:
-                merge_into_quantized(self.base_layer, self._base_weight_delta(name))
+            merge_into_quantized(self.base_layer, delta)
         else:
             with torch.no_grad():
-                for name in names:
-                    weight.data += self._base_weight_delta(name)  # summed in fp32, rounded once (as peft)
-        self.merged_adapters.extend(names)
+                self.base_layer.weight.data += delta  # summed in fp32, rounded once (as peft)
+
+    def merge(self, names=None, safe_merge: bool = False) -> None:
+        for name in self._names_to_merge(names, safe_merge):
+            self._shift_weight(self._base_weight_delta(name))
+            self.merged_adapters.append(name)  # one by one: a DoRA norm is taken on the weight without them
 
     def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-            from deltatune.tuners.quantized import merge_into_quantized
-
-            for name in reversed(self.merged_adapters):
-                merge_into_quantized(self.base_layer, -self._base_weight_delta(name))
-        else:
-            with torch.no_grad():
-                for name in reversed(self.merged_adapters):
-                    weight.data -= self._base_weight_delta(name)
+        for name in reversed(self.merged_adapters):
+            self._shift_weight(self._unmerge_delta(name))
         self.merged_adapters = []
 
 
