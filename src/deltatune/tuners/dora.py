@@ -29,6 +29,7 @@ from torch import nn
 
 from deltatune.tuners.quantized import dequantized_weight, is_quantized_linear
 
+
 def is_dora(adapter: nn.Module) -> bool:
     """True for a LoRA adapter that carries a DoRA magnitude vector."""
     return "lora_magnitude_vector" in adapter._parameters
