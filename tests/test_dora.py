@@ -1,7 +1,6 @@
 """DoRA (`LoraConfig(use_dora=True)`): outputs, gradients, counts, merging and files against HF peft."""
 
 import copy
-import warnings
 
 import peft
 import pytest
