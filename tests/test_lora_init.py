@@ -288,3 +288,20 @@ def test_loftq_on_an_embedding_is_refused():
     with pytest.raises(ValueError, match="init_lora_weights='loftq' does not apply to the embedding model.embed_tokens"):
         get_peft_model(tiny_model("llama"), LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(),
                                                        target_modules=["embed_tokens"]))  # fmt: skip
+
+
+def test_pissa_and_olora_on_a_4bit_base_are_refused(tmp_path):
+    """As peft refuses PiSSA under a quantised weight: decompose the full-precision base, then quantise it."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    quant = bitsandbytes_config(load_in_4bit=True, compute_dtype=torch.float32)
+    model = type(tiny_model("llama")).from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+    for init in ("pissa", "olora"):
+        with pytest.raises(TypeError, match=f"init_lora_weights='{init}' needs a float32, float16 or bfloat16 weight, "
+                                            "but model.layers.0.self_attn.q_proj is a Linear4bit"):
+            get_peft_model(model, LoraConfig(init_lora_weights=init))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_adalora_refuses_the_base_weight_inits():
+    with pytest.raises(ValueError, match="AdaLoRA does not support init_lora_weights='pissa'; use True"):
+        deltatune.AdaLoraConfig(total_step=10, init_lora_weights="pissa")

@@ -23,6 +23,7 @@ from torch import nn
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
+from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora_init import (
     LoftQConfig,
     check_init_applies,
@@ -30,7 +31,6 @@ from deltatune.tuners.lora_init import (
     init_from_base,
     reads_base_weight,
 )
-from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
