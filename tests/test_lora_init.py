@@ -126,7 +126,8 @@ def test_converted_adapter_is_plain_lora_for_the_original_base(init, tmp_path):
     ours.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
     theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
 
-    mine, reference = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "peft/adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours/adapter_model.safetensors")
+    reference = load_file(tmp_path / "peft/adapter_model.safetensors")
     assert mine.keys() == reference.keys()
     for key in reference:
         assert torch.equal(mine[key], reference[key]), key

@@ -173,7 +173,7 @@ def olora_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def low_rank(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, R) with L R the best rank-r approximation of w, split as peft's LoftQ does: L = U sqrt(S), R = sqrt(S) V^T."""
+    """(L, R), L R the best rank-r approximation of w, split as peft's LoftQ: L = U sqrt(S), R = sqrt(S) V^T."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
     left = u @ torch.sqrt(torch.diag(s)[:, :r])  # (out, r)
     right = torch.sqrt(torch.diag(s)[:r, :]) @ vh  # (r, in)
