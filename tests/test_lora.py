@@ -352,8 +352,8 @@ def test_unknown_task_type_lists_the_known_ones():
 def test_unknown_bias_and_init_are_refused():
     with pytest.raises(ValueError, match="bias='some' is not known; use 'none', 'all' or 'lora_only'"):
         LoraConfig(bias="some")
-    with pytest.raises(ValueError, match="init_lora_weights='pissa'; use True, False or 'gaussian'"):
-        LoraConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights='svd' is not known; use True, False, 'gaussian', 'pissa'"):
+        LoraConfig(init_lora_weights="svd")
 
 
 def test_target_matching_nothing_lists_the_module_names():

@@ -109,3 +109,14 @@ def test_bad_combinations_are_refused_by_name():
     ada = get_peft_model(tiny_model("llama"), AdaLoraConfig(target_modules=["q_proj"], total_step=10))
     with pytest.raises(ValueError, match=r"add_weighted_adapter combines LoRA adapters; 'default' is ADALORA"):
         ada.add_weighted_adapter(["default"], [1], "mix")
+
+
+def test_combining_pissa_adapters_leaves_the_base_weights_alone():
+    # The new adapter's factors are overwritten by the mix: PiSSA must not run again and change W a second time.
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="cat")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.peft_config["mix"].init_lora_weights is True

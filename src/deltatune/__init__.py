@@ -28,6 +28,7 @@ from deltatune.tuners.adalora import AdaLoraConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.bottleneck import AdapterConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.lora_init import LoftQConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
@@ -62,6 +63,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "BitFitConfig",
     "LeanLossTrainer",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -23,6 +23,7 @@ from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adap
 from deltatune import trainer_integration
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
+from deltatune.tuners.lora_init import convert_to_plain_lora
 from deltatune.tuners.prompt_tuning import random_start_while_loading
 
 logger = logging.getLogger(__name__)
@@ -385,7 +386,12 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
                         is_main_process: bool = True, **kwargs: Any) -> None:  # fmt: skip
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (peft's layout: the
-        "default" adapter in the folder itself, any other in a sub-folder named after it)."""
+        "default" adapter in the folder itself, any other in a sub-folder named after it).
+
+        `path_initial_model_for_weight_conversion=folder` (peft's option): `folder` holds the PiSSA / OLoRA
+        adapter as saved right after initialisation; the adapter is written as a plain LoRA of rank 2r that
+        applies to the ORIGINAL base weights (`deltatune.tuners.lora_init.convert_to_plain_lora`).
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory} is a file; give a folder")
         unknown = [name for name in selected_adapters or () if name not in self.peft_config]
@@ -400,13 +406,15 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             folder = os.path.join(save_directory, name) if name != "default" else str(save_directory)
             os.makedirs(folder, exist_ok=True)
-            config = self.peft_config[name]
+            config, state = self.peft_config[name], self.get_adapter_state_dict(name)
+            if kwargs.get("path_initial_model_for_weight_conversion") is not None:  # PiSSA / OLoRA -> plain LoRA
+                state, config = convert_to_plain_lora(state, config, kwargs["path_initial_model_for_weight_conversion"])
             inference_mode, config.inference_mode = config.inference_mode, True
             try:
                 config_text = config.to_json_string()
             finally:
                 config.inference_mode = inference_mode
-            save_adapter_files(folder, self.get_adapter_state_dict(name), config_text)  # both files or neither
+            save_adapter_files(folder, state, config_text)  # both files or neither
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip

@@ -34,6 +34,7 @@ from deltatune.config import PeftType, check_range
 from deltatune.layers import AdapterLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.lora_init import reads_base_weight
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class AdaLoraConfig(LoraConfig):
                              "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False")  # fmt: skip
         if self.r != 8:
             warnings.warn("AdaLoraConfig ignores r; the starting rank is init_r", stacklevel=3)
+        if reads_base_weight(self.init_lora_weights):  # PiSSA / OLoRA / LoftQ are LoRA's only (peft refuses LoftQ)
+            raise ValueError(f"AdaLoRA does not support init_lora_weights={self.init_lora_weights!r}; use True")
         if self.total_step is None or self.total_step <= 0:
             raise ValueError(
                 f"AdaLoRA needs total_step (got {self.total_step}): the number of optimizer steps of the run, over "

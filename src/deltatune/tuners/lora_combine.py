@@ -30,6 +30,7 @@ from deltatune.config import PeftType
 from deltatune.layers import ModulesToSaveWrapper
 from deltatune.targeting import ALL_LINEAR
 from deltatune.tuners.lora import LoraLayer
+from deltatune.tuners.lora_init import reads_base_weight
 
 if TYPE_CHECKING:
     from deltatune.peft_model import PeftModel
@@ -189,8 +190,11 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     _check(model, adapters, weights, combination_type, density, majority_sign_method)
     combination_type = "linear" if len(adapters) == 1 else combination_type  # as peft: one adapter is just scaled
     rank = _new_rank(model, adapters, combination_type, svd_rank)
-    config = dataclasses.replace(model.peft_config[adapters[0]], r=rank, lora_alpha=rank, rank_pattern={},
-                                 alpha_pattern={}, target_modules=_new_target_modules(model, adapters))  # fmt: skip
+    source = model.peft_config[adapters[0]]
+    # The mixed factors overwrite the new adapter's: an init that reads (and changes) the base weight must not run.
+    init = True if reads_base_weight(source.init_lora_weights) else source.init_lora_weights
+    config = dataclasses.replace(source, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,
+                                 loftq_config={}, target_modules=_new_target_modules(model, adapters))  # fmt: skip
     model.add_adapter(adapter_name, config)
     for layer in model.get_base_model().modules():
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapters:
