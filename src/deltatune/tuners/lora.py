@@ -22,6 +22,7 @@ from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
+from deltatune.tuners.layer_replication import check_layer_map, prepare_replication
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners import dora
@@ -56,8 +57,11 @@ class LoraConfig(PeftConfigWithTargets):
         init_lora_weights: True (Kaiming-uniform A, zero B), "gaussian" (normal A with std 1/r, zero B),
             or False (random A and B: the model does not start equal to the base; for tests).
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
-        loftq_config, layer_replication, megatron_config, megatron_core: peft's fields, so the
-            config printed in the course notes can be typed back in; each is checked below.
+        layer_replication: [start, end) ranges of the base model's layers to stack into a deeper model
+            whose repeated layers share their frozen weights, each copy with its own adapter
+            (see `tuners/layer_replication.py`), e.g. [[0, 4], [2, 5]] gives layers 0,1,2,3,2,3,4.
+        loftq_config, megatron_config, megatron_core: peft's fields, so the config printed in the course
+            notes can be typed back in; each is checked below.
     """
 
     r: int = 8
@@ -87,8 +91,8 @@ class LoraConfig(PeftConfigWithTargets):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}; use True, False or 'gaussian'")
         if self.loftq_config:
             raise ValueError("loftq_config is not supported by deltatune; leave it empty ({})")
-        if self.layer_replication:
-            raise ValueError("layer_replication is not supported by deltatune; leave it None")
+        if self.layer_replication is not None:
+            check_layer_map(self.layer_replication)  # the model's layer count is checked when it is applied
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
@@ -259,6 +263,7 @@ class LoraLayer(AdapterLayer):
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module of `model` in a `LoraLayer` and give it adapter `adapter_name`."""
+    prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     modules_to_save_names(model, config.modules_to_save)  # checked before any layer is changed
     for name in targets:
