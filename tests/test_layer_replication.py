@@ -232,3 +232,22 @@ def test_map_after_plain_adapters_is_refused():
         ours.add_adapter("b", LoraConfig(task_type="CAUSAL_LM", layer_replication=copy.deepcopy(MAP)))
     assert len(layers_of(ours)) == 4
 
+
+
+def test_dora_on_replicated_layers_equals_peft():
+    ours = get_peft_model(base("llama"), LoraConfig(**lora_kwargs("llama", use_dora=True)))
+    theirs = peft.get_peft_model(base("llama"), peft.LoraConfig(**lora_kwargs("llama", use_dora=True)))
+    randomize_adapter(ours)
+    assert not peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict()).unexpected_keys
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), rtol=0, atol=ATOL)
+
+
+def test_weighted_adapter_keeps_the_replicated_layout():
+    ours, _ = pair("llama")
+    inputs = tiny_inputs("llama")
+    expected = outputs(ours, inputs)
+    ours.add_weighted_adapter(["default"], [1.0], "copy", combination_type="cat")  # same map: not replicated again
+    ours.set_adapter("copy")
+    assert len(layers_of(ours)) == len(ORDER)
+    torch.testing.assert_close(outputs(ours, inputs), expected, rtol=0, atol=ATOL)
