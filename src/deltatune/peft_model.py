@@ -23,6 +23,7 @@ from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adap
 from deltatune import trainer_integration
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
+from deltatune.tuners.layer_replication import refuse_merge_if_replicated
 from deltatune.tuners.lora_init import convert_to_plain_lora
 from deltatune.tuners.prompt_tuning import random_start_while_loading
 
@@ -292,6 +293,7 @@ class PeftModel(nn.Module):
                 f"{self.active_peft_config.peft_type.value} adds no weight that can be folded into the base; "
                 "merging is only for LoRA-family adapters (keep the PeftModel for inference)"
             )
+        refuse_merge_if_replicated(self.get_base_model())
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it.

@@ -85,6 +85,9 @@ class AdaLoraConfig(LoraConfig):
         if self.use_dora:  # peft refuses it too: DoRA's magnitude has no place in AdaLoRA's SVD update
             raise ValueError("AdaLoraConfig does not support use_dora=True (peft neither); use "
                              "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False")  # fmt: skip
+        if self.layer_replication:
+            raise ValueError("layer_replication is implemented for LoRA only, not AdaLoRA; use LoraConfig or "
+                             "leave layer_replication=None")  # fmt: skip
         if self.r != 8:
             warnings.warn("AdaLoraConfig ignores r; the starting rank is init_r", stacklevel=3)
         if reads_base_weight(self.init_lora_weights):  # PiSSA / OLoRA / LoftQ are LoRA's only (peft refuses LoftQ)

@@ -25,6 +25,7 @@ from deltatune.layers import AdapterLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners import dora
+from deltatune.tuners.layer_replication import check_layer_map, prepare_replication
 from deltatune.tuners.lora_init import (
     LoftQConfig,
     check_init_applies,
@@ -69,8 +70,11 @@ class LoraConfig(PeftConfigWithTargets):
             its 4/8-bit quantised value Q, A and B fitted to W - Q; LoftQ, arXiv:2310.08659).
         loftq_config: `LoftQConfig(loftq_bits=4, loftq_iter=1)` (or its dict) for init_lora_weights="loftq".
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
-        layer_replication, megatron_config, megatron_core: peft's fields, so the
-            config printed in the course notes can be typed back in; each is checked below.
+        layer_replication: [start, end) ranges of the base model's layers to stack into a deeper model
+            whose repeated layers share their frozen weights, each copy with its own adapter
+            (see `tuners/layer_replication.py`), e.g. [[0, 4], [2, 5]] gives layers 0,1,2,3,2,3,4.
+        megatron_config, megatron_core: peft's fields, so the config printed in the course
+            notes can be typed back in; each is checked below.
     """
 
     r: int = 8
@@ -97,8 +101,8 @@ class LoraConfig(PeftConfigWithTargets):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
         self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
-        if self.layer_replication:
-            raise ValueError("layer_replication is not supported by deltatune; leave it None")
+        if self.layer_replication is not None:
+            check_layer_map(self.layer_replication)  # the model's layer count is checked when it is applied
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
@@ -271,6 +275,7 @@ class LoraLayer(AdapterLayer):
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module of `model` in a `LoraLayer` and give it adapter `adapter_name`."""
+    prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     modules_to_save_names(model, config.modules_to_save)  # checked before any layer is changed
     if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: every target checked before any changes
