@@ -52,7 +52,7 @@ def test_adapter_files_load_across_libraries(arch, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     peft_reads_ours = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
     we_read_peft = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft")
-    assert type(we_read_peft) is deltatune.peft_model.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
+    assert type(we_read_peft) is deltatune.task_models.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
     assert_same_logits(peft_reads_ours, ours, inputs)
     assert_same_logits(we_read_peft, theirs, inputs)
     assert we_read_peft.get_nb_trainable_parameters()[0] == 0  # loaded for inference: frozen

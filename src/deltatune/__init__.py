@@ -14,8 +14,8 @@ from deltatune.auto import (
     AutoPeftModelForTokenClassification,
 )
 from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
-from deltatune.peft_model import (
-    PeftModel,
+from deltatune.peft_model import PeftModel
+from deltatune.task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,

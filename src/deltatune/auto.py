@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from deltatune.config import PeftConfig
-from deltatune.peft_model import (
-    PeftModel,
+from deltatune.peft_model import PeftModel
+from deltatune.task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
