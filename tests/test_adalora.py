@@ -98,6 +98,10 @@ def test_bf16_base_rounds_once_like_peft():
                 getattr(layer.adapters["default"], factor).copy_(getattr(peft_layers[name], factor)["default"])
     assert len(ours_layers) == 6 and layer.adapters["default"].lora_A.dtype == torch.float32
     assert torch.equal(logits(ours), logits(theirs))
+    ours.merge_adapter()  # the merge too: the fp32 update is added to the bf16 weight and rounded once
+    theirs.merge_adapter()
+    for name, layer in ours_layers.items():
+        assert torch.equal(layer.base_layer.weight, peft_layers[name].base_layer.weight), name
 
 
 def test_default_init_starts_equal_to_base():

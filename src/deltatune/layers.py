@@ -67,19 +67,6 @@ class AdapterLayer(nn.Module):
         """Undo `merge`, restoring the base weight."""
         raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
 
-    # For the layers that merge (LoRA, AdaLoRA): their adapters have `delta_weight()`, shaped (out, in).
-    def _base_weight_delta(self, name: str) -> torch.Tensor:
-        """Adapter `name`'s update in the layout of the base weight (Conv1D stores W transposed)."""
-        delta = self.adapters[name].delta_weight()
-        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
-
-    def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
-        """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
-        if safe_merge:
-            check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
-        return names
-
     def unwrap(self) -> nn.Module:
         """The module to put back in the model when the adapters are removed."""
         return self.base_layer
@@ -106,6 +93,49 @@ class AdapterLayer(nn.Module):
             if name in self.adapters:
                 output[rows] = self.adapter_forward(name, x[rows], result[rows])
         return output
+
+
+class MergeableLayer(AdapterLayer):
+    """An `AdapterLayer` whose adapters fold into the base weight (LoRA, AdaLoRA): their containers have
+    `delta_weight()`, shaped (out, in). Merging adds each update to the weight; unmerging takes it out again."""
+
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        """What to add to the base weight to merge adapter `name`: its update in the weight's layout (Conv1D
+        stores W transposed)."""
+        delta = self.adapters[name].delta_weight()
+        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+
+    def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
+        """What to add to the base weight (`current`: default the layer's own) to take merged adapter `name` out."""
+        return -self._base_weight_delta(name)
+
+    def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
+        """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
+        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+        if safe_merge:
+            check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
+        return names
+
+    def _shift_weight(self, delta: torch.Tensor) -> None:
+        """Add `delta` to the base weight: into the codes of a 4/8-bit base, else in place, summed in the delta's
+        precision and rounded once to the weight's (as peft's `weight.data += delta`)."""
+        from deltatune.tuners.quantized import is_quantized_linear, merge_into_quantized
+
+        if is_quantized_linear(self.base_layer):
+            merge_into_quantized(self.base_layer, delta)
+        else:
+            with torch.no_grad():
+                self.base_layer.weight.data += delta
+
+    def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        for name in self._names_to_merge(names, safe_merge):
+            self._shift_weight(self._base_weight_delta(name))
+            self.merged_adapters.append(name)  # one by one: a DoRA norm is taken on the weight without them
+
+    def unmerge(self) -> None:
+        for name in reversed(self.merged_adapters):
+            self._shift_weight(self._unmerge_delta(name))
+        self.merged_adapters = []
 
 
 def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) -> None:

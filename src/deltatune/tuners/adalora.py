@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import PeftType, check_range
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import reads_base_weight
@@ -153,7 +153,7 @@ def _in_out(base: nn.Module) -> tuple[int, int]:
                     "choose other target_modules")  # fmt: skip
 
 
-class SVDLayer(AdapterLayer):
+class SVDLayer(MergeableLayer):
     """A linear layer (Linear, Conv1D or bitsandbytes 4/8-bit) with AdaLoRA adapters beside it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -177,26 +177,6 @@ class SVDLayer(AdapterLayer):
         # Same operations in the same order as peft, so outputs match bit for bit.
         update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
-
-    def _add_to_base(self, name: str, sign: float) -> None:
-        delta = sign * self._base_weight_delta(name)
-        if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-            from deltatune.tuners.quantized import merge_into_quantized
-
-            merge_into_quantized(self.base_layer, delta)
-        else:
-            with torch.no_grad():
-                self.base_layer.weight.data += delta.to(self.base_layer.weight.dtype)
-
-    def merge(self, names=None, safe_merge: bool = False) -> None:
-        for name in self._names_to_merge(names, safe_merge):
-            self._add_to_base(name, 1.0)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        for name in reversed(self.merged_adapters):
-            self._add_to_base(name, -1.0)
-        self.merged_adapters = []
 
 
 def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:

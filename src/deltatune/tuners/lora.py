@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners import dora
@@ -186,7 +186,7 @@ class LoraAdapter(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(MergeableLayer):
     """A Linear / Conv1D / Embedding (or bitsandbytes linear) with LoRA adapters beside it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -248,29 +248,9 @@ class LoraLayer(AdapterLayer):
         return super()._base_weight_delta(name)
 
     def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
-        """What to add to the base weight (`current`, default: the layer's own) to take merged adapter `name` out."""
-        if dora.is_dora(self.adapters[name]):
+        if dora.is_dora(self.adapters[name]):  # the inverse of the rescaling, read from the current weight
             return dora.unmerge_delta(self, name, dora.base_weight(self) if current is None else current)
-        return -super()._base_weight_delta(name)
-
-    def _shift_weight(self, delta: torch.Tensor) -> None:
-        if type(self.base_layer).__name__ in ("Linear4bit", "Linear8bitLt"):
-            from deltatune.tuners.quantized import merge_into_quantized
-
-            merge_into_quantized(self.base_layer, delta)
-        else:
-            with torch.no_grad():
-                self.base_layer.weight.data += delta  # summed in fp32, rounded once (as peft)
-
-    def merge(self, names=None, safe_merge: bool = False) -> None:
-        for name in self._names_to_merge(names, safe_merge):
-            self._shift_weight(self._base_weight_delta(name))
-            self.merged_adapters.append(name)  # one by one: a DoRA norm is taken on the weight without them
-
-    def unmerge(self) -> None:
-        for name in reversed(self.merged_adapters):
-            self._shift_weight(self._unmerge_delta(name))
-        self.merged_adapters = []
+        return super()._unmerge_delta(name, current)
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
