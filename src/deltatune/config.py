@@ -97,6 +97,14 @@ class PeftConfig:
         """The text of `adapter_config.json`."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
+    def saved_json_string(self) -> str:
+        """The text `PeftModel.save_pretrained` writes: this config with inference_mode=True (as peft), itself unchanged."""
+        inference_mode, self.inference_mode = self.inference_mode, True
+        try:
+            return self.to_json_string()
+        finally:
+            self.inference_mode = inference_mode
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
         from deltatune.files import atomic_write_text

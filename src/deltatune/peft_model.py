@@ -411,12 +411,7 @@ class PeftModel(nn.Module):
             config, state = self.peft_config[name], self.get_adapter_state_dict(name)
             if kwargs.get("path_initial_model_for_weight_conversion") is not None:  # PiSSA / OLoRA -> plain LoRA
                 state, config = convert_to_plain_lora(state, config, kwargs["path_initial_model_for_weight_conversion"])
-            inference_mode, config.inference_mode = config.inference_mode, True
-            try:
-                config_text = config.to_json_string()
-            finally:
-                config.inference_mode = inference_mode
-            save_adapter_files(folder, state, config_text)  # both files or neither
+            save_adapter_files(folder, state, config.saved_json_string())  # both files or neither
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip

@@ -139,7 +139,7 @@ def prepare_replication(model: nn.Module, layer_map: list | None, adapter_name: 
     adapter with a different map, or a map asked for after adapters were put on the plain layers, is refused.
     """
     done = getattr(model, REPLICATED_ATTR, None)
-    wanted = check_layer_map(layer_map) if layer_map else None
+    wanted = layer_map or None  # checked and made lists by LoraConfig
     if done is None:
         if wanted is not None and any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
             raise ValueError(

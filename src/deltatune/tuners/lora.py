@@ -101,8 +101,8 @@ class LoraConfig(PeftConfigWithTargets):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
         self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
-        if self.layer_replication is not None:
-            check_layer_map(self.layer_replication)  # the model's layer count is checked when it is applied
+        if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
+            self.layer_replication = check_layer_map(self.layer_replication)
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "

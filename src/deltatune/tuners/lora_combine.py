@@ -165,10 +165,9 @@ def _mixed_factors(layer: LoraLayer, adapters, weights, rule, density, sign_meth
 
 def _svd_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method, rank, clamp, full_matrices, driver):
     """The mixed update dW cut to `rank` by SVD: B = U S, A = V^T (clamped at the `clamp` quantile)."""
-    deltas = []
-    for name in adapters:
-        a, b = _factors(layer.adapters[name])
-        deltas.append((b @ a) * layer.adapters[name].scaling)  # (out, in) or (dim, vocab)
+    # Each s B A as B is to A (out, in); an embedding's delta_weight is (vocab, dim), its transpose.
+    deltas = [layer.adapters[name].delta_weight() for name in adapters]
+    deltas = [delta.T for delta in deltas] if layer.kind == "embedding" else deltas
     delta = mix(rule.removesuffix("_svd"), deltas, torch.tensor(list(weights)).to(deltas[0].device), density, sign_method)
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]  # (out, rank), (rank, in)

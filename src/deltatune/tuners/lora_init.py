@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.tuners.quantized import is_quantized_linear, require_bitsandbytes
+
 logger = logging.getLogger(__name__)
 
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
@@ -111,7 +113,7 @@ def check_init_applies(module_name: str, base: nn.Module, shape: tuple[str, int,
     fix = "leave this module out of target_modules, or use init_lora_weights=True"
     if kind == "embedding":
         raise ValueError(f"init_lora_weights={init!r} does not apply to the embedding {module_name}; {fix}")
-    if type(base).__name__ in ("Linear4bit", "Linear8bitLt") or base.weight.dtype not in _FLOAT_DTYPES:
+    if is_quantized_linear(base) or base.weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, but {module_name} is a "
             f"{type(base).__name__} with dtype {base.weight.dtype}; load the base unquantised to initialise (then "
@@ -183,8 +185,6 @@ def low_rank(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_roundtrip(w: torch.Tensor, bits: int, int8_device: torch.device) -> torch.Tensor:
     """dequant(quant(w)) with bitsandbytes, as peft's LoftQ computes it (NF4 blocks of 64, or LLM.int8() rows;
     peft quantises int8 on the weight's own device, `int8_device`)."""
-    from deltatune.tuners.quantized import require_bitsandbytes
-
     bnb = require_bitsandbytes("init_lora_weights='loftq'")
     if bits == 4:
         q = bnb.nn.Params4bit(w.to("cpu"), requires_grad=False, compress_statistics=False, quant_type="nf4")
@@ -222,8 +222,8 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
     """
     import copy
 
+    from deltatune.config import CONFIG_NAME
     from deltatune.files import atomic_write_text, load_weights
-
     from deltatune.tuners.lora import LoraConfig
 
     if not isinstance(config, LoraConfig):
@@ -243,17 +243,10 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
             converted[key] = torch.cat([value, -initial[key].to(value)], dim=1)  # (out, 2r)
     config = copy.deepcopy(config)
     config.init_lora_weights = True
-    atomic_write_text(os.path.join(initial_folder, "adapter_config.json"), _config_text(config))
+    atomic_write_text(os.path.join(initial_folder, CONFIG_NAME), config.saved_json_string())
     config.r *= 2
     config.lora_alpha *= 2 if not config.use_rslora else 2**0.5  # the same scale for the rank-2r product
     config.rank_pattern = {key: 2 * value for key, value in config.rank_pattern.items()}
     config.alpha_pattern = {key: 2 * value for key, value in config.alpha_pattern.items()}
     return converted, config
 
-
-def _config_text(config) -> str:
-    inference_mode, config.inference_mode = config.inference_mode, True
-    try:
-        return config.to_json_string()
-    finally:
-        config.inference_mode = inference_mode
