@@ -81,19 +81,23 @@ def _check(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], 
            density: float | None, majority_sign_method: str) -> None:  # fmt: skip
     for name in adapters:
         if name not in model.peft_config:
-            raise ValueError(f"add_weighted_adapter: no adapter named {name!r}; this model has: {', '.join(model.peft_config)}")
+            raise ValueError(f"add_weighted_adapter: no adapter named {name!r}; this model has: "
+                             f"{', '.join(model.peft_config)}")  # fmt: skip
         config = model.peft_config[name]
         if config.peft_type is not PeftType.LORA:
             raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is {config.peft_type.value}")
         if config.use_dora:
-            raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude vectors do not add")
+            raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude "
+                             "vectors do not add")  # fmt: skip
     if not adapters or len(weights) != len(adapters):
-        raise ValueError(f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, {len(weights)} weights)")
+        raise ValueError(f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, "
+                         f"{len(weights)} weights)")  # fmt: skip
     if combination_type not in ("cat", *FACTOR_RULES, *SVD_RULES):
         raise ValueError(f"combination_type={combination_type!r} is not known; use one of: "
                          f"{', '.join(('cat', *FACTOR_RULES, *SVD_RULES))}")  # fmt: skip
     if combination_type.removesuffix("_svd") in NEEDS_DENSITY and (density is None or not 0 <= density <= 1):
-        raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of entries kept), got {density}")
+        raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of entries "
+                         f"kept), got {density}")  # fmt: skip
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method={majority_sign_method!r}; use 'total' or 'frequency'")
     for wrapper in model.get_base_model().modules():
@@ -103,14 +107,15 @@ def _check(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], 
 
 
 def _new_rank(model: PeftModel, adapters: Sequence[str], combination_type: str, svd_rank: int | None) -> int:
-    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in (model.peft_config[a] for a in adapters)]
+    configs = [model.peft_config[a] for a in adapters]
+    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]  # the largest, as peft
     if combination_type == "cat":
         return sum(ranks)
     if combination_type in SVD_RULES:
         return svd_rank or max(ranks)
     if len(set(ranks)) != 1:
-        raise ValueError(f"combination_type={combination_type!r} mixes the factors, which needs one rank; the ranks are "
-                         f"{dict(zip(adapters, ranks))}: use 'svd' or 'cat'")  # fmt: skip
+        raise ValueError(f"combination_type={combination_type!r} mixes the factors, which needs one rank; the "
+                         f"ranks are {dict(zip(adapters, ranks))}: use 'svd' or 'cat'")  # fmt: skip
     return ranks[0]
 
 
@@ -168,7 +173,8 @@ def _svd_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method
     # Each s B A as B is to A (out, in); an embedding's delta_weight is (vocab, dim), its transpose.
     deltas = [layer.adapters[name].delta_weight() for name in adapters]
     deltas = [delta.T for delta in deltas] if layer.kind == "embedding" else deltas
-    delta = mix(rule.removesuffix("_svd"), deltas, torch.tensor(list(weights)).to(deltas[0].device), density, sign_method)
+    weights = torch.tensor(list(weights)).to(deltas[0].device)
+    delta = mix(rule.removesuffix("_svd"), deltas, weights, density, sign_method)  # (out, in)
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]  # (out, rank), (rank, in)
     if clamp is not None:
@@ -192,8 +198,9 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     source = model.peft_config[adapters[0]]
     # The mixed factors overwrite the new adapter's: an init that reads (and changes) the base weight must not run.
     init = True if reads_base_weight(source.init_lora_weights) else source.init_lora_weights
-    config = dataclasses.replace(source, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,
-                                 loftq_config={}, target_modules=_new_target_modules(model, adapters))  # fmt: skip
+    config = dataclasses.replace(source, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
+                                 init_lora_weights=init, loftq_config={},
+                                 target_modules=_new_target_modules(model, adapters))  # fmt: skip
     model.add_adapter(adapter_name, config)
     for layer in model.get_base_model().modules():
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapters:
