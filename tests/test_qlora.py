@@ -7,7 +7,8 @@ import warnings
 import peft
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from quant_helpers import load, save_tiny_llama
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import (
     AdaLoraConfig,
@@ -26,20 +27,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """A tiny random Llama saved as safetensors (the quantised loads read it)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, initializer_range=0.05)  # fmt: skip
     folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tiny_llama(folder)
     return folder
-
-
-def load(folder, bits: int | None = None) -> LlamaForCausalLM:
-    if bits is None:
-        return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"}).eval()
 
 
 def logits(model) -> torch.Tensor:

@@ -28,6 +28,7 @@ from deltatune.tuners.adalora import AdaLoraConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.bottleneck import AdapterConfig
 from deltatune.tuners.lora import LoraConfig
+from deltatune.tuners.loftq_replace import replace_lora_weights_loftq
 from deltatune.tuners.lora_init import LoftQConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
@@ -84,4 +85,5 @@ __all__ = [
     "get_peft_model",
     "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
 ]

@@ -1,0 +1,22 @@
+"""A tiny random Llama on disk and its 4-bit / 8-bit loads, for the QLoRA and LoftQ tests."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deltatune.tuners.quantized import bitsandbytes_config
+
+
+def save_tiny_llama(folder) -> None:
+    """A tiny random Llama saved as safetensors in `folder` (the quantised loads read it)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, initializer_range=0.05)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def load(folder, bits: int | None = None) -> LlamaForCausalLM:
+    """The model in `folder`: full precision when `bits` is None, else a 4-bit (NF4) or 8-bit load on the CPU."""
+    if bits is None:
+        return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"}).eval()
