@@ -317,6 +317,51 @@ def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     torch.testing.assert_close(logits(merged, {"input_ids": ids}), expected, rtol=0, atol=ATOL)
 
 
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
+    """merge_adapter on a 4-/8-bit base (no dequantize_model first): the DoRA-scaled weight is quantised again,
+    lossy, to the codes peft gives; unmerging quantises once more, again as peft."""
+    pytest.importorskip("bitsandbytes")
+    from quant_helpers import save_tiny_llama
+    from transformers import LlamaForCausalLM
+
+    from deltatune.tuners.quantized import bitsandbytes_config, dequantized_weight
+
+    save_tiny_llama(tmp_path)
+    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
+
+    def load():  # train mode, as in the test above (no CPU repacking of the 4-bit codes)
+        return LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"}).train()
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    ours = get_peft_model(load(), LoraConfig(**kwargs, init_lora_weights=False))
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
+    randomize_adapter(ours)
+    copy_to_peft(ours, theirs)
+    ids = {"input_ids": torch.arange(24).reshape(3, 8) % 100}
+    unmerged = logits(ours, ids)
+    names = [n for n, m in ours.get_base_model().named_modules() if isinstance(m, LoraLayer)]
+    assert len(names) == 6
+
+    def assert_same_codes():
+        for name in names:
+            mine = ours.get_base_model().get_submodule(name).base_layer
+            peft_layer = theirs.get_base_model().get_submodule(name).base_layer
+            # the same codes: a code one step off moves a weight by a grid step (> 1e-3); the block scales may
+            # differ in the last fp32 bit (the merged weight's order of rounding)
+            torch.testing.assert_close(dequantized_weight(mine), dequantized_weight(peft_layer), rtol=0, atol=1e-6,
+                                       msg=name)  # fmt: skip
+        torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=ATOL)
+
+    for model in (ours, theirs):
+        model.merge_adapter()
+    assert_same_codes()
+    assert (logits(ours, ids) - unmerged).abs().max() > ATOL  # re-quantising is lossy, so this is not a no-op
+    for model in (ours, theirs):
+        model.unmerge_adapter()
+    assert_same_codes()
+
 # ---- command line ---------------------------------------------------------------------------------------
 def test_cli_train_with_dora_writes_a_peft_dora_adapter(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
