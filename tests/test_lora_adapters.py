@@ -203,6 +203,13 @@ def test_adapter_management_errors():
         model.set_adapter("nope")
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         model.delete_adapter("nope")
+    model.set_adapter("other")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"cannot delete adapter 'other' while it is merged into the base weights; "
+                                         r"call unmerge_adapter\(\) first"):  # fmt: skip
+        model.delete_adapter("other")  # as peft refuses
+    assert "other" in model.peft_config and model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters
+    model.unmerge_adapter()
     model.delete_adapter("other")
     with pytest.raises(ValueError, match="cannot delete the only adapter; use unload"):
         model.delete_adapter("default")

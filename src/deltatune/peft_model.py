@@ -175,6 +175,10 @@ class PeftModel(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
+        if any(adapter_name in getattr(m, "merged_adapters", ()) for m in self._adapter_modules()):
+            # as peft: unmerging here would also unmerge the others, and is lossy on a quantised base
+            raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
+                             "call unmerge_adapter() first (or merge_and_unload() to keep it in the weights)")  # fmt: skip
         for module in self._adapter_modules():
             module.delete_adapter(adapter_name)
         if adapter_name in self._modules.get("prompt_encoder", {}):
