@@ -109,11 +109,17 @@ class MergeableLayer(AdapterLayer):
         """What to add to the base weight (`current`: default the layer's own) to take merged adapter `name` out."""
         return -self._base_weight_delta(name)
 
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        """What to add to the base bias to merge adapter `name`, or None (only LoRA with lora_bias has one)."""
+        return None
+
     def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
         """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
         names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
+            biases = {name: self._bias_delta(name) for name in names}
+            check_finite_merge(self.base_layer.bias, {name: b for name, b in biases.items() if b is not None})
         return names
 
     def _shift_weight(self, delta: torch.Tensor) -> None:
@@ -127,14 +133,23 @@ class MergeableLayer(AdapterLayer):
             with torch.no_grad():
                 self.base_layer.weight.data += delta
 
+    def _shift_bias(self, delta: torch.Tensor | None) -> None:
+        if delta is not None:
+            with torch.no_grad():
+                self.base_layer.bias.data += delta
+
     def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         for name in self._names_to_merge(names, safe_merge):
+            bias_delta = self._bias_delta(name)  # checked before the weight changes
             self._shift_weight(self._base_weight_delta(name))
+            self._shift_bias(bias_delta)
             self.merged_adapters.append(name)  # one by one: a DoRA norm is taken on the weight without them
 
     def unmerge(self) -> None:
         for name in reversed(self.merged_adapters):
             self._shift_weight(self._unmerge_delta(name))
+            bias_delta = self._bias_delta(name)
+            self._shift_bias(-bias_delta if bias_delta is not None else None)
         self.merged_adapters = []
 
 

@@ -3,7 +3,7 @@
 The fast paths cover the common case: a plain, frozen `nn.Linear` (no hooks, no autocast, input in the
 weight's dtype) with one unmerged active adapter (`lora_ops.lora_linear`), or a mixed batch over such a
 layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (Conv1D, embeddings,
-bitsandbytes layers, DoRA adapters, a trainable base weight, several active adapters) takes the reference
+bitsandbytes layers, DoRA adapters, lora_bias, a trainable base weight, several active adapters) takes the reference
 path, `LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
 checks and the tensors it derived (a plan) and reuses them at every decoding step; with
 `DELTATUNE_TRITON_LORA=1` (or `lora_ops.use_triton_kernels`) on a CUDA device that plan runs the fused kernel of
@@ -97,7 +97,10 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     if "lora_magnitude_vector" in adapter._parameters:  # DoRA rescales the base output: reference path
         return None
     lora_a = adapter._modules["lora_A"]._parameters["weight"]
-    lora_b = adapter._modules["lora_B"]._parameters["weight"]
+    lora_b_params = adapter._modules["lora_B"]._parameters
+    if lora_b_params["bias"] is not None:  # lora_bias: reference path
+        return None
+    lora_b = lora_b_params["weight"]
     dropout = _dropout_p(adapter)
     recording = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                              or (bias is not None and bias.requires_grad))  # fmt: skip
@@ -145,8 +148,9 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
     names = list(layer.adapters)
     if not names or not _plain_frozen_linear(layer.base_layer):
         return None
-    if any(_dropout_p(layer.adapters[n]) > 0 or "lora_magnitude_vector" in layer.adapters[n]._parameters
-           for n in names) or torch.is_autocast_enabled(x.device.type):  # fmt: skip  # DoRA: reference path
+    if any(_dropout_p(a) > 0 or "lora_magnitude_vector" in a._parameters or a.lora_B.bias is not None
+           for a in map(layer.adapters.__getitem__, names)) or torch.is_autocast_enabled(x.device.type):  # fmt: skip
+        # dropout, DoRA or lora_bias: reference path
         return None
     rows, (a_stack, bt_stack) = row_index(layer.row_adapters, names, x.shape[0], x.device), _stacks(layer, names)
     if epoch is None:

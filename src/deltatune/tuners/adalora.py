@@ -85,6 +85,8 @@ class AdaLoraConfig(LoraConfig):
         if self.use_dora:  # peft refuses it too: DoRA's magnitude has no place in AdaLoRA's SVD update
             raise ValueError("AdaLoraConfig does not support use_dora=True (peft neither); use "
                              "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False")  # fmt: skip
+        if self.lora_bias:  # its SVD layers have no B module to hold a bias
+            raise ValueError("AdaLoraConfig does not support lora_bias=True; use LoraConfig(lora_bias=True)")
         if self.layer_replication:
             raise ValueError("layer_replication is implemented for LoRA only, not AdaLoRA; use LoraConfig or "
                              "leave layer_replication=None")  # fmt: skip

@@ -11,6 +11,7 @@ alpha / sqrt(r) (Kalajdzievski, 2023). Embeddings use A: (r x vocab), B: (dim x 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from deltatune.tuners.lora_init import (
     init_from_base,
     reads_base_weight,
 )
+
+logger = logging.getLogger(__name__)
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -70,6 +73,8 @@ class LoraConfig(PeftConfigWithTargets):
             its 4/8-bit quantised value Q, A and B fitted to W - Q; LoftQ, arXiv:2310.08659).
         loftq_config: `LoftQConfig(loftq_bits=4, loftq_iter=1)` (or its dict) for init_lora_weights="loftq".
         rank_pattern / alpha_pattern: per-module r / alpha, keyed by regex or module-name suffix.
+        lora_bias: give B a bias (trainable, zero at the start) beside B A; for adapters extracted from a fully
+            fine-tuned weight, whose bias changed too. Merging adds scale * bias into the base bias.
         layer_replication: [start, end) ranges of the base model's layers to stack into a deeper model
             whose repeated layers share their frozen weights, each copy with its own adapter
             (see `tuners/layer_replication.py`), e.g. [[0, 4], [2, 5]] gives layers 0,1,2,3,2,3,4.
@@ -89,6 +94,7 @@ class LoraConfig(PeftConfigWithTargets):
     use_dora: bool = False
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     layer_replication: list[tuple[int, int]] | None = None
+    lora_bias: bool = False
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
 
@@ -101,6 +107,11 @@ class LoraConfig(PeftConfigWithTargets):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
         self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(f"lora_bias=True works with init_lora_weights=True or False (as in peft), not "
+                             f"{self.init_lora_weights!r}; drop lora_bias or use the default init")  # fmt: skip
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True does not work with use_dora=True (as in peft); pass use_dora=False")
         if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
             self.layer_replication = check_layer_map(self.layer_replication)
         if self.megatron_config:
@@ -152,7 +163,7 @@ class LoraAdapter(nn.Module):
     """One adapter's low-rank factors, dropout and scale for one layer."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 use_rslora: bool, init: bool | str, dtype: torch.dtype) -> None:  # fmt: skip
+                 use_rslora: bool, init: bool | str, dtype: torch.dtype, lora_bias: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.kind = kind
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -162,7 +173,7 @@ class LoraAdapter(nn.Module):
             self.lora_embedding_B = nn.Parameter(torch.randn(out_features, r).to(dtype))  # (dim, r)
         else:
             self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype)
-            self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype)
+            self.lora_B = nn.Linear(r, out_features, bias=lora_bias, dtype=dtype)
         self.reset(init)
 
     def reset(self, init: bool | str) -> None:
@@ -178,6 +189,8 @@ class LoraAdapter(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        if self.kind != "embedding" and self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, shaped (out, in); for embeddings (vocab, dim)."""
@@ -197,9 +210,10 @@ class LoraLayer(MergeableLayer):
         weight = self.base_layer.weight
         # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        check_lora_bias(self, name, config.lora_bias)
         self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
                                           config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                                          dtype).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
+                                          dtype, config.lora_bias).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
         if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: from W, and W changes
             init_from_base(self, self.adapters[name], config.init_lora_weights, config.loftq_config)
         if config.use_dora:
@@ -247,10 +261,32 @@ class LoraLayer(MergeableLayer):
             return dora.merge_delta(self, name)
         return super()._base_weight_delta(name)
 
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        bias = self.adapters[name].lora_B.bias if self.kind != "embedding" else None
+        if bias is None:
+            return None
+        if getattr(self.base_layer, "bias", None) is None:
+            raise RuntimeError(f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer "
+                               f"{type(self.base_layer).__name__} has no bias to add it to (as in peft); keep it "
+                               "unmerged")  # fmt: skip
+        return bias * self.adapters[name].scaling
+
     def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
         if dora.is_dora(self.adapters[name]):  # the inverse of the rescaling, read from the current weight
             return dora.unmerge_delta(self, name, dora.base_weight(self) if current is None else current)
         return super()._unmerge_delta(name, current)
+
+
+def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> None:
+    """peft's rules for `lora_bias`: not on embeddings; a warning where the base has no bias to merge into."""
+    if not lora_bias:
+        return
+    if layer.kind == "embedding":
+        raise ValueError(f"lora_bias=True does not work on an embedding layer (as in peft), and adapter "
+                         f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias")  # fmt: skip
+    if getattr(layer.base_layer, "bias", None) is None:
+        logger.warning("lora_bias=True on a %s with no bias: adapter %r will work unmerged but cannot be merged",
+                       type(layer.base_layer).__name__, adapter_name)  # fmt: skip
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
