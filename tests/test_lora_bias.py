@@ -93,7 +93,8 @@ def test_a_base_without_bias_warns_and_refuses_to_merge(caplog):
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_bias=True,
                                                                init_lora_weights=False))  # fmt: skip
-    assert "lora_bias=True on a Linear with no bias: adapter 'default' will work unmerged but cannot be merged" in caplog.text
+    warning = "lora_bias=True on a Linear with no bias: adapter 'default' will work unmerged but cannot be merged"
+    assert warning in caplog.text
     weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     with pytest.raises(RuntimeError, match=r"cannot merge adapter 'default': it has lora_bias=True but the base "
                                            r"layer Linear has no bias"):  # fmt: skip

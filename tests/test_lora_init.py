@@ -291,16 +291,40 @@ def test_loftq_on_an_embedding_is_refused():
                                                        target_modules=["embed_tokens"]))  # fmt: skip
 
 
-def test_pissa_and_olora_on_a_4bit_base_are_refused(tmp_path):
+def test_pissa_on_a_4bit_base_is_refused(tmp_path):
     """As peft refuses PiSSA under a quantised weight: decompose the full-precision base, then quantise it."""
     tiny_model("llama").save_pretrained(tmp_path)
     quant = bitsandbytes_config(load_in_4bit=True, compute_dtype=torch.float32)
     model = type(tiny_model("llama")).from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
-    for init in ("pissa", "olora"):
-        with pytest.raises(TypeError, match=f"init_lora_weights='{init}' needs a float32, float16 or bfloat16 weight, "
-                                            "but model.layers.0.self_attn.q_proj is a Linear4bit"):
-            get_peft_model(model, LoraConfig(init_lora_weights=init))
+    with pytest.raises(TypeError, match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
+                                        "but model.layers.0.self_attn.q_proj is a Linear4bit"):  # fmt: skip
+        get_peft_model(model, LoraConfig(init_lora_weights="pissa"))
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_olora_on_a_quantised_base_equals_peft(bits, tmp_path):
+    """peft's OLoRA dequantises W, takes its QR, and quantises the residual W - s B A again: the same factors and
+    the same codes here, bit for bit."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
+
+    def load():  # train mode: no CPU repacking of 4-bit codes by an eval forward (see test_dora.py)
+        return type(tiny_model("llama")).from_pretrained(tmp_path, quantization_config=quant,
+                                                         device_map={"": "cpu"}).train()  # fmt: skip
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="olora")
+    ours, theirs = get_peft_model(load(), LoraConfig(**kwargs)), peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
+    untouched = load()
+    assert_same_parameters(ours, theirs)
+    changed = 0
+    for name, module in ours.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            residual = dequantized_weight(module.base_layer)
+            assert torch.equal(residual, dequantized_weight(theirs.get_base_model().get_submodule(name).base_layer))
+            changed += not torch.equal(residual, dequantized_weight(untouched.get_submodule(name)))
+    assert changed == 4
+    assert_same_logits(ours, theirs, tiny_inputs("llama"), atol=0)
 
 
 def test_adalora_refuses_the_base_weight_inits():

@@ -211,9 +211,10 @@ class LoraLayer(MergeableLayer):
         # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         check_lora_bias(self, name, config.lora_bias)
+        device = weight.device if weight.device.type != "meta" else "meta"
         self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
                                           config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                                          dtype, config.lora_bias).to(weight.device if weight.device.type != "meta" else "meta")  # fmt: skip
+                                          dtype, config.lora_bias).to(device)  # fmt: skip
         if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: from W, and W changes
             init_from_base(self, self.adapters[name], config.init_lora_weights, config.loftq_config)
         if config.use_dora:

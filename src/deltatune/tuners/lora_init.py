@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.tuners.quantized import is_quantized_linear, require_bitsandbytes
+from deltatune.tuners.quantized import dequantized_weight, is_quantized_linear, require_bitsandbytes, requantize
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +107,25 @@ def check_init_applies(module_name: str, base: nn.Module, shape: tuple[str, int,
 
     Raises:
         ValueError: an embedding, or r larger than the weight's smaller side.
-        TypeError: a quantised or non-float base weight.
+        TypeError: a non-float base weight, or a quantised one for any init but OLoRA.
     """
-    kind, in_features, out_features = shape
+    kind = shape[0]
     fix = "leave this module out of target_modules, or use init_lora_weights=True"
     if kind == "embedding":
         raise ValueError(f"init_lora_weights={init!r} does not apply to the embedding {module_name}; {fix}")
+    if is_quantized_linear(base) and init == "olora":
+        return _check_rank(module_name, shape, r, init)  # as peft: OLoRA dequantises, and quantises the residual
     if is_quantized_linear(base) or base.weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, but {module_name} is a "
             f"{type(base).__name__} with dtype {base.weight.dtype}; load the base unquantised to initialise (then "
-            "save the changed base and quantise it when loading)"
+            "save the changed base and quantise it when loading; OLoRA also works on a 4-/8-bit base)"
         )
+    _check_rank(module_name, shape, r, init)
+
+
+def _check_rank(module_name: str, shape: tuple[str, int, int], r: int, init: bool | str) -> None:
+    _, in_features, out_features = shape
     if r > min(in_features, out_features):
         raise ValueError(
             f"r={r} is larger than the smaller side of {module_name}'s weight ({out_features} x {in_features}), "
@@ -133,7 +140,8 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
     if weight.device.type == "meta":  # built empty to be filled from a file: nothing to decompose
         return
     conv1d = layer.kind == "conv1d"  # Conv1D stores W as (in, out)
-    w = weight.to(torch.float32)  # (out, in) after the transpose below
+    quantized = is_quantized_linear(layer.base_layer)  # OLoRA only (check_init_applies): W read dequantised
+    w = (dequantized_weight(layer.base_layer) if quantized else weight).to(torch.float32)  # (out, in) after .T
     w = w.T if conv1d else w
     pissa = _PISSA.fullmatch(init)
     if pissa:
@@ -152,7 +160,10 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
                            "lora_alpha = r for Q + s B A to approximate W", adapter.scaling)  # fmt: skip
     adapter.lora_A.weight.copy_(lora_a)
     adapter.lora_B.weight.copy_(lora_b)
-    weight.copy_((new_w.T if conv1d else new_w).to(weight.dtype))
+    if quantized:  # the residual goes back onto the 4-/8-bit grid (lossy, as in peft)
+        requantize(layer.base_layer, new_w)
+    else:
+        weight.copy_((new_w.T if conv1d else new_w).to(weight.dtype))
 
 
 def pissa_factors(w: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,17 +149,21 @@ def merge_into_quantized(layer: nn.Module, delta: torch.Tensor) -> None:
     Re-quantising rounds W + delta to the 4-/8-bit grid again, so merged outputs differ slightly from the
     unmerged adapter (as in peft). For an exact merge, `dequantize_model` first (what `merge_and_unload` does).
     """
-    bnb = require_bitsandbytes(f"merging into {type(layer).__name__}")
-    weight = layer.weight
     merged = dequantized_weight(layer)
-    merged = (merged.to(torch.float32) + delta.to(merged.device, torch.float32)).to(merged.dtype)
+    requantize(layer, (merged.to(torch.float32) + delta.to(merged.device, torch.float32)).to(merged.dtype))
+
+
+def requantize(layer: nn.Module, new_weight: torch.Tensor) -> None:
+    """Replace a bitsandbytes layer's weight by `new_weight` (out, in), quantised with the layer's settings."""
+    bnb = require_bitsandbytes(f"quantising into {type(layer).__name__}")
+    weight = layer.weight
     if type(layer).__name__ == "Linear4bit":
         # Same block size, quant type and double quantisation as before; `bnb_quantized=False` re-quantises.
         kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
         kwargs.update(bnb_quantized=False, requires_grad=False)
-        layer.weight = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(weight.device)
+        layer.weight = bnb.nn.Params4bit(new_weight.to("cpu"), **kwargs).to(weight.device)
     else:
-        layer.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
+        layer.weight = bnb.nn.Int8Params(new_weight.to("cpu"), requires_grad=False,
                                          has_fp16_weights=weight.has_fp16_weights).to(weight.device)  # fmt: skip
         layer.state.reset_grads()
         layer.state.SCB = layer.state.CB = None  # the next forward takes the new scales from the weight
