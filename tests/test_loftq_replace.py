@@ -4,7 +4,6 @@ peft 0.21.2's `_loftq_init_new` hard-codes a CUDA compute device; the oracle is 
 to "cpu" (as for `loftq_init` in test_lora_init.py).
 """
 
-import inspect
 import json
 import logging
 
@@ -12,6 +11,7 @@ import peft
 import peft.utils.loftq_utils as peft_loftq
 import pytest
 import torch
+from peft_on_cpu import loftq_function_on_cpu
 from quant_helpers import load, save_tiny_llama
 from safetensors.torch import load_file
 
@@ -32,12 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def peft_replace_on_cpu(monkeypatch):
-    source = inspect.getsource(peft_loftq._loftq_init_new)
-    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
-    assert line in source  # peft changed: re-read its _loftq_init_new
-    namespace = dict(vars(peft_loftq))
-    exec(compile(source.replace(line, 'compute_device = "cpu"'), peft_loftq.__file__, "exec"), namespace)
-    monkeypatch.setattr(peft_loftq, "_loftq_init_new", namespace["_loftq_init_new"])
+    monkeypatch.setattr(peft_loftq, "_loftq_init_new", loftq_function_on_cpu("_loftq_init_new"))
 
 
 def ours_4bit(folder, **config):

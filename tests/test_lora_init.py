@@ -6,15 +6,14 @@ the CPU here, which is what deltatune does without CUDA).
 """
 
 import copy
-import inspect
 import json
 import logging
 
 import peft
 import peft.tuners.lora.layer as peft_lora_layer
-import peft.utils.loftq_utils as peft_loftq
 import pytest
 import torch
+from peft_on_cpu import loftq_function_on_cpu
 from safetensors.torch import load_file
 from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model, twins
 
@@ -199,12 +198,7 @@ def test_float64_base_is_refused_like_peft():
 @pytest.fixture
 def peft_loftq_on_cpu(monkeypatch):
     """peft's `loftq_init`, verbatim except its hard-coded CUDA compute device (see the module docstring)."""
-    source = inspect.getsource(peft_loftq.loftq_init)
-    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
-    assert line in source  # peft changed: re-read its loftq_init
-    namespace = dict(vars(peft_loftq))
-    exec(compile(source.replace(line, 'compute_device = "cpu"'), peft_loftq.__file__, "exec"), namespace)
-    monkeypatch.setattr(peft_lora_layer, "loftq_init", namespace["loftq_init"])
+    monkeypatch.setattr(peft_lora_layer, "loftq_init", loftq_function_on_cpu("loftq_init"))
 
 
 def peft_loftq_config(bits: int, iters: int, **kwargs):
