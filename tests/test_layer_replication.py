@@ -176,9 +176,30 @@ def test_model_without_a_known_layer_list_is_refused_as_in_peft():
         peft.get_peft_model(base("gpt2"), peft.LoraConfig(task_type="CAUSAL_LM", layer_replication=[[0, 2]]))
 
 
-def test_adalora_refuses_layer_replication():
-    with pytest.raises(ValueError, match="layer_replication is implemented for LoRA only, not AdaLoRA"):
-        AdaLoraConfig(total_step=10, layer_replication=[[0, 2]])
+def test_adalora_on_replicated_layers_equals_peft(tmp_path):
+    """peft's AdaLoRA replicates too (its model is LoRA's): counts, outputs and files agree, and each copy of a
+    shared layer gets its own SVD adapter, which the rank allocator then sees as separate triplets."""
+    kwargs = dict(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"],
+                  layer_replication=MAP)  # fmt: skip
+    ours = get_peft_model(base("llama"), AdaLoraConfig(**kwargs))
+    theirs = peft.get_peft_model(base("llama"), peft.AdaLoraConfig(**kwargs))
+    (trainable, total), (peft_trainable, peft_total) = (m.get_nb_trainable_parameters() for m in (ours, theirs))
+    assert trainable == peft_trainable and total == peft_total - 12  # peft's 1-element ranknum is our buffer
+    randomize_adapter(ours)
+    result = peft.set_peft_model_state_dict(theirs, ours.get_adapter_state_dict())
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    layers = layers_of(ours)
+    assert layers[1].self_attn.q_proj.base_layer.weight is layers[3].self_attn.q_proj.base_layer.weight
+    first, copy_ = (layers[i].self_attn.q_proj.adapters["default"].lora_E for i in (1, 3))
+    assert first is not copy_ and not torch.equal(first, copy_)
+    inputs = tiny_inputs("llama")
+    torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), rtol=0, atol=ATOL)
+    ours.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base("llama"), tmp_path)
+    assert len(layers_of(reloaded)) == len(ORDER)
+    torch.testing.assert_close(outputs(reloaded, inputs), outputs(ours, inputs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cannot merge adapters into a model whose layers are replicated"):
+        ours.merge_and_unload()
 
 
 # ---- merging and more adapters -------------------------------------------------------------------------------------
@@ -186,7 +207,7 @@ def test_merging_is_refused_and_leaves_the_weights_alone():
     ours, _ = pair("llama")
     inputs = tiny_inputs("llama")
     before = outputs(ours, inputs)
-    message = r"cannot merge LoRA into a model whose layers are replicated \(layer_replication=\[\[0, 3\], \[1, 4\]\]\)"
+    message = r"cannot merge adapters into a model whose layers are replicated \(layer_replication=\[\[0, 3\], \[1, 4\]\]\)"
     for merge in (ours.merge_and_unload, ours.merge_adapter):
         with pytest.raises(ValueError, match=message + ": the repeated layers share one base weight"):
             merge()

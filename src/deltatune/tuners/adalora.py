@@ -35,6 +35,7 @@ from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import reads_base_weight
+from deltatune.tuners.layer_replication import prepare_replication
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,6 @@ class AdaLoraConfig(LoraConfig):
                              "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False")  # fmt: skip
         if self.lora_bias:  # its SVD layers have no B module to hold a bias
             raise ValueError("AdaLoraConfig does not support lora_bias=True; use LoraConfig(lora_bias=True)")
-        if self.layer_replication:
-            raise ValueError("layer_replication is implemented for LoRA only, not AdaLoRA; use LoraConfig or "
-                             "leave layer_replication=None")  # fmt: skip
         if self.r != 8:
             warnings.warn("AdaLoraConfig ignores r; the starting rank is init_r", stacklevel=3)
         if reads_base_weight(self.init_lora_weights):  # PiSSA / OLoRA / LoftQ are LoRA's only (peft refuses LoftQ)
@@ -186,6 +184,7 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
 
     A `rank_pattern` in the config is applied when weights are loaded (`load_rank_pattern`), as in peft.
     """
+    prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft (and LoRA)
     for name in find_targets(model, config, DEFAULT_TARGET_MODULES):
         module = model.get_submodule(name)
         if not isinstance(module, SVDLayer):

@@ -166,7 +166,7 @@ def refuse_merge_if_replicated(model: nn.Module) -> None:
     done = getattr(model, REPLICATED_ATTR, None)
     if done is not None:
         raise ValueError(
-            f"cannot merge LoRA into a model whose layers are replicated (layer_replication={done}): the repeated "
+            f"cannot merge adapters into a model whose layers are replicated (layer_replication={done}): the repeated "
             "layers share one base weight, so each copy's update would be added to all of them. Keep the PeftModel "
             "with the adapters unmerged for inference (unload() returns the replicated base without adapters)"
         )
