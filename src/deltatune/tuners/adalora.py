@@ -35,6 +35,7 @@ from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import reads_base_weight
+from deltatune.tuners.trainable_tokens import add_trainable_tokens, plan_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,9 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
 
     A `rank_pattern` in the config is applied when weights are loaded (`load_rank_pattern`), as in peft.
     """
-    for name in find_targets(model, config, DEFAULT_TARGET_MODULES):
+    targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
+    tokens = plan_trainable_tokens(model, config, targets)  # checked before any layer is changed
+    for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, SVDLayer):
             if isinstance(module, AdapterLayer):
@@ -193,6 +196,7 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
             replace_module(model, name, module)
         module.add(adapter_name, config.init_r, config)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+    add_trainable_tokens(model, tokens, adapter_name)  # token rows train beside it, as with LoRA
 
 
 # ---- the rank allocator --------------------------------------------------------------------------------------
