@@ -236,6 +236,9 @@ class ModulesToSaveWrapper(nn.Module):
 
 def peft_key(internal_key: str, adapter_name: str) -> str:
     """Our state-dict key -> peft's file key: drop the per-adapter container level."""
+    # peft keeps trainable-token rows one level deeper, in its wrapper's `token_adapter` (tuners/trainable_tokens.py)
+    tokens = f".adapters.{adapter_name}.trainable_tokens_"
+    internal_key = internal_key.replace(tokens, ".token_adapter.trainable_tokens_")
     return internal_key.replace(f".adapters.{adapter_name}.", ".").replace(f".modules_to_save.{adapter_name}.", ".")
 
 

@@ -36,6 +36,7 @@ from deltatune.targeting import find_targets, replace_module, wrap_modules_to_sa
 from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import reads_base_weight
 from deltatune.tuners.layer_replication import prepare_replication
+from deltatune.tuners.trainable_tokens import add_trainable_tokens, plan_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,9 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
     A `rank_pattern` in the config is applied when weights are loaded (`load_rank_pattern`), as in peft.
     """
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft (and LoRA)
-    for name in find_targets(model, config, DEFAULT_TARGET_MODULES):
+    targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
+    tokens = plan_trainable_tokens(model, config, targets)  # checked before any layer is changed
+    for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, SVDLayer):
             if isinstance(module, AdapterLayer):
@@ -194,6 +197,7 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
             replace_module(model, name, module)
         module.add(adapter_name, config.init_r, config)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+    add_trainable_tokens(model, tokens, adapter_name)  # token rows train beside it, as with LoRA
 
 
 # ---- the rank allocator --------------------------------------------------------------------------------------

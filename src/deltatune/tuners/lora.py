@@ -27,6 +27,7 @@ from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners import dora
 from deltatune.tuners.layer_replication import check_layer_map, prepare_replication
+from deltatune.tuners.trainable_tokens import add_trainable_tokens, check_token_indices, plan_trainable_tokens
 from deltatune.tuners.lora_init import (
     LoftQConfig,
     check_init_applies,
@@ -78,6 +79,9 @@ class LoraConfig(PeftConfigWithTargets):
         layer_replication: [start, end) ranges of the base model's layers to stack into a deeper model
             whose repeated layers share their frozen weights, each copy with its own adapter
             (see `tuners/layer_replication.py`), e.g. [[0, 4], [2, 5]] gives layers 0,1,2,3,2,3,4.
+        trainable_token_indices: token ids whose embedding rows train beside the adapter (new special tokens),
+            without training the whole embedding: a list (rows of the model's input embedding; a tied LM head
+            follows) or {module name or name suffix: list} for other embedding layers (tuners/trainable_tokens.py).
         megatron_config, megatron_core: peft's fields, so the config printed in the course
             notes can be typed back in; each is checked below.
     """
@@ -95,6 +99,7 @@ class LoraConfig(PeftConfigWithTargets):
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     layer_replication: list[tuple[int, int]] | None = None
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
 
@@ -114,6 +119,7 @@ class LoraConfig(PeftConfigWithTargets):
             raise ValueError("lora_bias=True does not work with use_dora=True (as in peft); pass use_dora=False")
         if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
             self.layer_replication = check_layer_map(self.layer_replication)
+        self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
@@ -295,6 +301,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     modules_to_save_names(model, config.modules_to_save)  # checked before any layer is changed
+    tokens = plan_trainable_tokens(model, config, targets)  # likewise
     if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: every target checked before any changes
         for name in targets:
             base = model.get_submodule(name)
@@ -314,6 +321,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
         module.add(adapter_name, r, alpha, config)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+    add_trainable_tokens(model, tokens, adapter_name)
 
 
 def lora_bias_is_trainable(param_name: str, config: LoraConfig) -> bool:
