@@ -149,6 +149,6 @@ def test_refusals_name_the_option_and_the_fix():
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
     model, _ = bias_pair("bloom")
     model.add_adapter("other", LoraConfig(target_modules=TARGETS["bloom"]))
-    with pytest.raises(ValueError, match=r"cannot combine adapters with lora_bias=True \('default'\)"):
+    with pytest.raises(ValueError, match=r"cannot combine adapters with lora_bias set \('default'\)"):
         model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", combination_type="cat")
     assert not any(isinstance(m, LoraLayer) and "both" in m.adapters for m in model.modules())

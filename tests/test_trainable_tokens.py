@@ -295,6 +295,15 @@ def test_merging_two_adapters_needs_disjoint_rows():
         ours.merge_adapter(["default", "overlap"])
 
 
+def test_weighted_combination_refuses_adapters_with_token_rows():
+    """peft's add_weighted_adapter would drop the rows silently; deltatune says so and adds nothing."""
+    ours, _ = two_adapters()
+    with pytest.raises(ValueError, match=r"cannot combine adapters with trainable_token_indices set \('default'\): "
+                                         r"the combined adapter would lose their B biases / token rows"):  # fmt: skip
+        ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", combination_type="cat")
+    assert "both" not in ours.peft_config
+
+
 def test_deleting_an_adapter_drops_its_rows():
     ours, _ = two_adapters()
     ours.set_adapter("default")

@@ -89,9 +89,10 @@ def _check(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], 
         if config.use_dora:
             raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude "
                              "vectors do not add")  # fmt: skip
-        if config.lora_bias:  # peft drops the bias silently; saying so is better than losing it
-            raise ValueError(f"add_weighted_adapter cannot combine adapters with lora_bias=True ({name!r}): the "
-                             "combined adapter would lose their B biases")  # fmt: skip
+        lost = [field for field in ("lora_bias", "trainable_token_indices") if getattr(config, field)]
+        if lost:  # peft drops these silently; saying so is better than losing them
+            raise ValueError(f"add_weighted_adapter cannot combine adapters with {lost[0]} set ({name!r}): the "
+                             "combined adapter would lose their B biases / token rows")  # fmt: skip
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, "
                          f"{len(weights)} weights)")  # fmt: skip
