@@ -165,6 +165,17 @@ def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) ->
                 )
 
 
+def embedding_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor an embedding applies in its own forward (Gemma 3's `embed_scale`, 1.0 for a plain one), for
+    what an adapter puts in the embedding's place too (as peft): LoRA's update, trainable-token rows."""
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale, dtype=base.weight.dtype, device=base.weight.device)
+    return scale.to(dtype)
+
+
 def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (adapter name, row indices of `x`) for each distinct name in a mixed batch.
 

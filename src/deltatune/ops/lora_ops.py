@@ -302,7 +302,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = _input_grad(g, weight, lora_a, g_after_a, s, keep) if need_x else None
         # (out, r) computed as ((A x)^T g)^T: the skinny operand first is about twice as fast on CPU BLAS
         grad_b = torch.addmm(lora_b.T, after_a.T, g_low, beta=0, alpha=s).T if need_b else None
-        if need_a:
+        if need_a:  # after grad_x: on the CPU `_masked` writes the dropped input into `keep`
             x_low = _low_rank_input(x.reshape(-1, n_in), keep, lora_a.dtype)  # (N, in): the dropped input
             grad_a = torch.addmm(lora_a, g_after_a.T, x_low, beta=0, alpha=s)  # (r, in)
         if need_bias:

@@ -34,8 +34,8 @@ from deltatune.config import PeftType, check_range
 from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.tuners.lora import LoraConfig
-from deltatune.tuners.lora_init import reads_base_weight
 from deltatune.tuners.layer_replication import prepare_replication
+from deltatune.tuners.lora_init import reads_base_weight
 from deltatune.tuners.trainable_tokens import add_trainable_tokens, plan_trainable_tokens
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,6 @@ roll that layer back; calling the function again may improve further, since each
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 from typing import Callable
 
@@ -26,10 +24,8 @@ from torch import nn
 
 from deltatune.tuners.dora import is_dora
 from deltatune.tuners.lora import LoraLayer
-from deltatune.tuners.lora_init import low_rank
+from deltatune.tuners.lora_init import low_rank, warn_if_loftq_scaled
 from deltatune.tuners.quantized import dequantized_weight, require_bitsandbytes
-
-logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -140,6 +136,8 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
         FileNotFoundError / KeyError: the weights file, or a layer's weight in it, is missing.
     """
     require_bitsandbytes("replace_lora_weights_loftq")
+    from tqdm.auto import tqdm  # installed with transformers; imported here, not with the package
+
     config = getattr(peft_model, "peft_config", {}).get(adapter_name)
     if getattr(config, "layer_replication", None):
         raise ValueError("replace_lora_weights_loftq cannot read the weights of replicated layers "
@@ -148,7 +146,7 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
     layers = _four_bit_layers(base_model, adapter_name)
     reader = _WeightReader(_model_path(base_model, model_path), getattr(base_model, "base_model_prefix", None))
     kept = []
-    for name, layer in _progress(layers):
+    for name, layer in tqdm(layers, desc="LoftQ", unit="layer", disable=len(layers) < 8):
         adapter = layer.adapters[adapter_name]
         lora_a, lora_b = loftq_factors_for_quantized(layer.base_layer, reader.get(name + ".weight"),
                                                      adapter.lora_A.out_features)  # fmt: skip
@@ -160,15 +158,6 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
             adapter.lora_B.weight.copy_(before[1])
             continue
         kept.append(name)
-    if any(not math.isclose(layer.adapters[adapter_name].scaling, 1.0) for _, layer in layers):
-        logger.warning("replace_lora_weights_loftq with lora_alpha / r != 1: A and B fit W - Q at scale 1 "
-                       "(as in peft); set lora_alpha = r for Q + s B A to approximate W")  # fmt: skip
+    for scaling in dict.fromkeys(layer.adapters[adapter_name].scaling for _, layer in layers):
+        warn_if_loftq_scaled(scaling)
     return kept
-
-
-def _progress(layers: list):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with transformers; without it, no bar
-        return layers
-    return tqdm(layers, desc="LoftQ", unit="layer", disable=len(layers) < 8)

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
-from deltatune.layers import AdapterLayer, MergeableLayer
+from deltatune.layers import AdapterLayer, MergeableLayer, embedding_scale
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
 from deltatune.tuners import dora
 from deltatune.tuners.layer_replication import check_layer_map, prepare_replication
-from deltatune.tuners.trainable_tokens import add_trainable_tokens, check_token_indices, plan_trainable_tokens
 from deltatune.tuners.lora_init import (
     LoftQConfig,
     check_init_applies,
@@ -35,6 +34,7 @@ from deltatune.tuners.lora_init import (
     init_from_base,
     reads_base_weight,
 )
+from deltatune.tuners.trainable_tokens import add_trainable_tokens, check_token_indices, plan_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -149,16 +149,6 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     )
 
 
-def _embed_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float:
-    """The factor an embedding applies in its own forward (Gemma 3's `embed_scale`), for the update too (as peft)."""
-    scale = getattr(base, "embed_scale", None)
-    if scale is None:
-        return 1.0
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(scale, dtype=base.weight.dtype, device=base.weight.device)
-    return scale.to(dtype)
-
-
 def _per_adapter(attribute: str) -> property:
     """A read-only property: {adapter name: that adapter's `attribute`} for the adapters that have it."""
     return property(lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items()
@@ -250,13 +240,13 @@ class LoraLayer(MergeableLayer):
         if dora.is_dora(adapter):
             if self.kind != "embedding":
                 return dora.linear_forward(self, adapter, x, result)
-            return dora.embedding_forward(self, adapter, x, result, _embed_scale(self.base_layer, result.dtype))
+            return dora.embedding_forward(self, adapter, x, result, embedding_scale(self.base_layer, result.dtype))
         if self.kind == "embedding":
             base = self.base_layer
             after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
             update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
-            return (result + update * _embed_scale(base, update.dtype)).to(result.dtype)
+            return (result + update * embedding_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
         low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
         # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)

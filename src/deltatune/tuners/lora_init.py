@@ -155,15 +155,20 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
     else:
         new_w, lora_a, lora_b = loftq_factors(w, adapter.lora_A.out_features, loftq_config["loftq_bits"],
                                               loftq_config["loftq_iter"])  # fmt: skip
-        if not math.isclose(adapter.scaling, 1.0):
-            logger.warning("LoftQ with lora_alpha / r = %s: A and B fit W - Q at scale 1 (as in peft); set "
-                           "lora_alpha = r for Q + s B A to approximate W", adapter.scaling)  # fmt: skip
+        warn_if_loftq_scaled(adapter.scaling)
     adapter.lora_A.weight.copy_(lora_a)
     adapter.lora_B.weight.copy_(lora_b)
     if quantized:  # the residual goes back onto the 4-/8-bit grid (lossy, as in peft)
         requantize(layer.base_layer, new_w)
     else:
         weight.copy_((new_w.T if conv1d else new_w).to(weight.dtype))
+
+
+def warn_if_loftq_scaled(scaling: float) -> None:
+    """LoftQ's factors approximate W - Q at scale 1 (as in peft): say so when the adapter scales them."""
+    if not math.isclose(scaling, 1.0):
+        logger.warning("LoftQ with lora_alpha / r = %s: A and B fit W - Q at scale 1 (as in peft); set "
+                       "lora_alpha = r for Q + s B A to approximate W", scaling)  # fmt: skip
 
 
 def pissa_factors(w: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:

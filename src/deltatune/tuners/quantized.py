@@ -13,7 +13,8 @@ Nothing here is a new layer class: `LoraLayer` (and AdaLoRA's `SVDLayer`) wrap `
   bitsandbytes is missing);
 - `prepare_model_for_kbit_training`: peft's preparation (freeze, upcast half-precision params such as the
   norms to fp32, input grads, gradient checkpointing), also under its old name `prepare_model_for_int8_training`;
-- `merge_into_quantized`: fold an update into a quantised weight (dequantise, add, quantise again; lossy);
+- `merge_into_quantized`: fold an update into a quantised weight (dequantise, add, quantise again; lossy), through
+  `requantize`, which also puts OLoRA's residual back on the 4-/8-bit grid;
 - `dequantize_model`: swap every bitsandbytes layer for a plain `nn.Linear` holding its dequantised weight, which
   is what `PeftModel.merge_and_unload` does first on a quantised base, so the merge itself is exact.
 """

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.layers import AdapterLayer, rows_by_adapter
+from deltatune.layers import AdapterLayer, embedding_scale, rows_by_adapter
 from deltatune.targeting import adapter_internal_names, modules_to_save_names, replace_module
 
 FIELD = "trainable_token_indices"
@@ -122,11 +122,9 @@ class TrainableTokensLayer(AdapterLayer):
         """The base layer's own computation, with `weight` in place of its weight."""
         base = self.base_layer
         if isinstance(base, nn.Embedding):
-            from deltatune.tuners.lora import _embed_scale  # lora.py imports this file
-
             out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                               base.sparse)  # fmt: skip  # (B, T, dim)
-            return out * _embed_scale(base, out.dtype) if getattr(base, "embed_scale", None) is not None else out
+            return out * embedding_scale(base, out.dtype) if getattr(base, "embed_scale", None) is not None else out
         return F.linear(x, weight, base.bias)  # a linear head, tied or named in the dict: (B, T, vocab)
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
