@@ -14,9 +14,16 @@ def save_tiny_llama(folder) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def load(folder, bits: int | None = None) -> LlamaForCausalLM:
-    """The model in `folder`: full precision when `bits` is None, else a 4-bit (NF4) or 8-bit load on the CPU."""
+def load(folder, bits: int | None = None, train: bool = False) -> LlamaForCausalLM:
+    """The Llama in `folder`: full precision when `bits` is None, else a 4-bit (NF4) or 8-bit load on the CPU.
+
+    `train=True` returns it in train mode: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit codes for
+    inference on the first eval forward, which peft's dequantisation then misreads (deltatune unpacks them
+    first); comparisons with peft that dequantise stay in train mode.
+    """
     if bits is None:
-        return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"}).eval()
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"})
+    return model.train(train)

@@ -278,23 +278,19 @@ def test_adalora_refuses_dora_like_peft():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
+    from quant_helpers import load
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deltatune.tuners.quantized import bitsandbytes_config, dequantize_model, dequantized_weight
+    from deltatune.tuners.quantized import dequantize_model, dequantized_weight
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path)
-    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-
-    def load():  # train mode: bitsandbytes repacks 4-bit codes for CPU inference on the first eval forward,
-        # which peft's dequantisation (its DoRA norm) then misreads; deltatune unpacks them first
-        return LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"}).train()
-
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
-    ours = get_peft_model(load(), LoraConfig(**kwargs, init_lora_weights=False))
-    theirs = peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
+    # train mode: peft's DoRA norm dequantises, and would misread codes an eval forward repacked (quant_helpers)
+    ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs, init_lora_weights=False))
+    theirs = peft.get_peft_model(load(tmp_path, bits, train=True), peft.LoraConfig(**kwargs))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     randomize_adapter(ours)
     copy_to_peft(ours, theirs)
@@ -323,20 +319,14 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
     """merge_adapter on a 4-/8-bit base (no dequantize_model first): the DoRA-scaled weight is quantised again,
     lossy, to the codes peft gives; unmerging quantises once more, again as peft."""
     pytest.importorskip("bitsandbytes")
-    from quant_helpers import save_tiny_llama
-    from transformers import LlamaForCausalLM
+    from quant_helpers import load, save_tiny_llama
 
-    from deltatune.tuners.quantized import bitsandbytes_config, dequantized_weight
+    from deltatune.tuners.quantized import dequantized_weight
 
     save_tiny_llama(tmp_path)
-    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-
-    def load():  # train mode, as in the test above (no CPU repacking of the 4-bit codes)
-        return LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"}).train()
-
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
-    ours = get_peft_model(load(), LoraConfig(**kwargs, init_lora_weights=False))
-    theirs = peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs, init_lora_weights=False))
+    theirs = peft.get_peft_model(load(tmp_path, bits, train=True), peft.LoraConfig(**kwargs))
     randomize_adapter(ours)
     copy_to_peft(ours, theirs)
     ids = {"input_ids": torch.arange(24).reshape(3, 8) % 100}

@@ -14,6 +14,7 @@ import peft.tuners.lora.layer as peft_lora_layer
 import pytest
 import torch
 from peft_on_cpu import loftq_function_on_cpu
+from quant_helpers import load
 from safetensors.torch import load_file
 from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model, twins
 
@@ -288,8 +289,7 @@ def test_loftq_on_an_embedding_is_refused():
 def test_pissa_on_a_4bit_base_is_refused(tmp_path):
     """As peft refuses PiSSA under a quantised weight: decompose the full-precision base, then quantise it."""
     tiny_model("llama").save_pretrained(tmp_path)
-    quant = bitsandbytes_config(load_in_4bit=True, compute_dtype=torch.float32)
-    model = type(tiny_model("llama")).from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+    model = load(tmp_path, 4)
     with pytest.raises(TypeError, match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
                                         "but model.layers.0.self_attn.q_proj is a Linear4bit"):  # fmt: skip
         get_peft_model(model, LoraConfig(init_lora_weights="pissa"))
@@ -301,15 +301,10 @@ def test_olora_on_a_quantised_base_equals_peft(bits, tmp_path):
     """peft's OLoRA dequantises W, takes its QR, and quantises the residual W - s B A again: the same factors and
     the same codes here, bit for bit."""
     tiny_model("llama").save_pretrained(tmp_path)
-    quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-
-    def load():  # train mode: no CPU repacking of 4-bit codes by an eval forward (see test_dora.py)
-        return type(tiny_model("llama")).from_pretrained(tmp_path, quantization_config=quant,
-                                                         device_map={"": "cpu"}).train()  # fmt: skip
-
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="olora")
-    ours, theirs = get_peft_model(load(), LoraConfig(**kwargs)), peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
-    untouched = load()
+    ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs))  # train mode: see quant_helpers
+    theirs = peft.get_peft_model(load(tmp_path, bits, train=True), peft.LoraConfig(**kwargs))
+    untouched = load(tmp_path, bits, train=True)
     assert_same_parameters(ours, theirs)
     changed = 0
     for name, module in ours.get_base_model().named_modules():
