@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.tuners.quantized import dequantized_weight, is_quantized_linear
+from deltatune.tuners.quantized import readable_weight
 
 
 def is_dora(adapter: nn.Module) -> bool:
@@ -37,8 +37,7 @@ def is_dora(adapter: nn.Module) -> bool:
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The wrapped layer's weight in its own layout, dequantised for a bitsandbytes base (QDoRA)."""
-    base = layer.base_layer
-    return dequantized_weight(base) if is_quantized_linear(base) else base.weight
+    return readable_weight(layer.base_layer)
 
 
 def _rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:

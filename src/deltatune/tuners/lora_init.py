@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.tuners.quantized import dequantized_weight, is_quantized_linear, require_bitsandbytes, requantize
+from deltatune.tuners.quantized import is_quantized_linear, readable_weight, require_bitsandbytes, requantize
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
         return
     conv1d = layer.kind == "conv1d"  # Conv1D stores W as (in, out)
     quantized = is_quantized_linear(layer.base_layer)  # OLoRA only (check_init_applies): W read dequantised
-    w = (dequantized_weight(layer.base_layer) if quantized else weight).to(torch.float32)  # (out, in) after .T
+    w = readable_weight(layer.base_layer).to(torch.float32)  # (out, in) after the transpose below
     w = w.T if conv1d else w
     pissa = _PISSA.fullmatch(init)
     if pissa:

@@ -131,6 +131,11 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
 
 
+def readable_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight as numbers in its own layout: dequantised for a bitsandbytes layer, else the weight."""
+    return dequantized_weight(layer) if is_quantized_linear(layer) else layer.weight
+
+
 def _unpack_cpu_4bit(weight: nn.Parameter) -> None:
     """Undo bitsandbytes' CPU inference repacking of a 4-bit weight (as its own state-dict saving does).
 
