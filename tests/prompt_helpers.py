@@ -70,13 +70,44 @@ def tiny_model(arch: str, task: str = "CAUSAL_LM", seed: int = 0):
     return model.eval()
 
 
+def peft_on_renamed_cache(theirs):
+    """peft 0.21.2 looks for the KV cache under the name `past_key_values` only: in a backbone's forward signature
+    (prefix tuning on encoder classifiers) and in the inputs `prepare_inputs_for_generation` returns (prompt methods
+    in generate). transformers releases that call the cache `cache` still take the old name, so hand it to peft
+    under that name on this instance; the model is unchanged, so peft stays the oracle for what it computes."""
+    prepare = theirs.__dict__.get("base_model_prepare_inputs_for_generation")  # generating task models only
+
+    def prepare_with_old_name(*args, **kwargs):
+        model_kwargs = prepare(*args, **kwargs)
+        if "cache" in model_kwargs and "past_key_values" not in model_kwargs:
+            model_kwargs["past_key_values"] = model_kwargs.pop("cache")
+        return model_kwargs
+
+    if prepare is not None:
+        theirs.base_model_prepare_inputs_for_generation = prepare_with_old_name
+    name = getattr(theirs, "transformer_backbone_name", None)
+    backbone = theirs.base_model.get_submodule(name) if name else None
+    forward = getattr(backbone, "forward", None)
+    parameters = inspect.signature(forward).parameters if forward is not None else {}
+    if "past_key_values" in parameters or "cache" not in parameters:
+        return theirs
+
+    def forward_taking_old_name(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    backbone.forward = forward_taking_old_name
+    return theirs
+
+
 def peft_twin(ours, peft_config, base):
     """peft's model on a copy of `base` with the same adapter weights as `ours` (encoder and trained heads)."""
     import peft
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+        theirs = peft_on_renamed_cache(peft.get_peft_model(copy.deepcopy(base), peft_config))
     theirs.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
     ours_heads = {k.replace("base_model.model.", "base_model."): v for k, v in ours.state_dict().items()
                   if ".modules_to_save." in k}  # fmt: skip
@@ -200,7 +231,8 @@ def check_files_both_ways(ours_config, peft_config, arch: str, task: str, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs.save_pretrained(tmp_path / "peft")
-        peft_loaded = peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "ours").eval()
+        peft_loaded = peft_on_renamed_cache(peft.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "ours"))
+    peft_loaded.eval()
     ours_loaded = deltatune.PeftModel.from_pretrained(tiny_model(arch, task), tmp_path / "peft").eval()
     assert_same_outputs(peft_loaded, ours, arch, task, with_loss=False)
     assert_same_outputs(ours_loaded, theirs, arch, task, with_loss=False)

@@ -115,8 +115,10 @@ def test_merge_is_refused_and_disable_gives_the_base_model():
 
 def test_an_architecture_without_past_key_values_is_refused_by_name():
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
-    with pytest.raises(ValueError, match=r"DistilBertForSequenceClassification \(model_type='distilbert'\) has no "
-                                         "attention that takes them; use prompt tuning or P-tuning"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"prefix tuning puts learned keys/values .* but under transformers \d+\.\d+\S* "
+                                         r"DistilBertForSequenceClassification \(model_type='distilbert'\) takes no KV "
+                                         r"cache \(no forward among its modules takes cache or past_key_values\); use "
+                                         r"prompt tuning or P-tuning"):
         get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
 
 
@@ -130,7 +132,8 @@ class LlamaThatDropsThePast(LlamaForCausalLM):
 def test_a_model_that_silently_ignores_the_prefix_is_caught_at_the_first_forward():
     model = LlamaThatDropsThePast(tiny_model("llama").config)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    with pytest.raises(ValueError, match=r"LlamaThatDropsThePast \(model_type='llama'\) ran without reading past_key_values"):
+    with pytest.raises(ValueError, match=r"LlamaThatDropsThePast \(model_type='llama'\) ran without reading its KV cache \(passed as "
+                                         r"past_key_values=\) under transformers \d+\.\d+"):
         peft_model(input_ids=torch.tensor([[5, 6]]))
 
 

@@ -7,6 +7,7 @@ import logging
 import peft
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from prompt_helpers import (
     DECODERS,
     SEEDS_TEXT,
@@ -26,7 +27,8 @@ from prompt_helpers import (
 from test_seeds_table import bloom_on_meta
 
 import deltatune
-from deltatune import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from deltatune import PeftModel, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from deltatune.kv_cache import cache_argument, passed_cache
 
 CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
 
@@ -84,6 +86,38 @@ def test_greedy_generate_with_cache_equals_decoding_without_cache(arch):
 @pytest.mark.parametrize("arch", ["opt", "t5"])
 def test_sampling_draws_what_peft_draws(arch):
     check_sampling_matches_peft(*configs(TASK_OF[arch]), arch)
+
+
+class LlamaWithAWrappedCache(LlamaForCausalLM):
+    """Hands its KV cache from generate to forward inside a list: the way a future transformers release might
+    change how the cache travels, which deltatune cannot follow."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        key, cache = passed_cache(inputs)
+        if key is not None:
+            inputs["wrapped_cache"] = [inputs.pop(key)]
+        return inputs
+
+    def forward(self, input_ids=None, attention_mask=None, wrapped_cache=None, **kwargs):
+        if wrapped_cache:
+            kwargs[cache_argument(self)] = wrapped_cache[0]
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                                    PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)])  # fmt: skip
+def test_a_cache_that_cannot_be_found_is_named_not_a_shape_error(config):
+    model = get_peft_model(LlamaWithAWrappedCache(tiny_model("llama").config), config).eval()
+    ids, mask = batch("llama")  # 2 rows of 5 tokens
+    method = config.peft_type.value
+    with pytest.raises(ValueError, match=rf"{method}: this step continues a KV cache \(6 masked positions for 1 new "
+                                         r"tokens\) that deltatune cannot find among the model's inputs \(.*"
+                                         r"wrapped_cache\) under transformers \d+\.\d+\S*; generate with "
+                                         r"use_cache=False"):  # fmt: skip
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, use_cache=False)
+    assert generated.shape == (2, 8)
 
 
 def test_training_lowers_loss_and_keeps_base_weights():

@@ -7,7 +7,8 @@ every real token can attend to them:
 
 The base model is untouched. The prefixes reach the attention layers as an already-filled KV cache (a
 `transformers` DynamicCache, or an EncoderDecoderCache whose self-attention part holds them for encoder-decoders),
-so the model needs an attention that takes `past_key_values`; for one that does not we raise an error naming it.
+so the model needs an attention that takes a KV cache (`cache` since transformers 5.24, `past_key_values` before;
+deltatune.kv_cache reads which from the model); for one that takes none we raise an error naming it.
 
 Parameters: with `prefix_projection=False` the prefixes are trained directly, n x (2 * layers * d) values
 (983,040 on bloom-1b4-zh with n = 10). With `prefix_projection=True` they come from a small network,
@@ -22,22 +23,22 @@ rows 4i, 4i + 1 of the table laid side by side with itself (peft's layout, kept 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from deltatune.config import PeftType
+from deltatune.kv_cache import CACHE_ARGUMENTS, cache_length, passed_cache, require_cache_argument
 from deltatune.tuners.virtual_tokens import (
     PromptLearningConfig,
     VirtualTokenEncoder,
     adjust_ids,
     batch_size,
     build_on_device,
-    cache_length,
     file_tensors,
     generate_inputs,
     load_file_tensors,
@@ -129,8 +130,12 @@ def with_prefix(peft_model: nn.Module, inputs: dict[str, Any], fresh: bool = Fal
     mask_key = "decoder_attention_mask" if config.num_transformer_submodules == 2 else "attention_mask"
     if inputs.get(mask_key) is not None:
         inputs[mask_key] = prepend(inputs[mask_key], n, 1)
-    if fresh or cache_length(inputs.get("past_key_values")) == 0:
-        inputs["past_key_values"] = prefix_cache(peft_model, batch_size(inputs))
+    key, cache = passed_cache(inputs)
+    if fresh or cache_length(cache) == 0:
+        key = key or require_cache_argument(peft_model.get_base_model(), "prefix tuning", *NEEDS_CACHE)
+        for name in CACHE_ARGUMENTS:
+            inputs.pop(name, None)  # an explicit None under the other name would clash with the prefix cache
+        inputs[key] = prefix_cache(peft_model, batch_size(inputs))
     return inputs
 
 
@@ -140,13 +145,14 @@ def prefix_forward(peft_model: nn.Module, **inputs: Any) -> Any:
     if peft_model._adapters_disabled:
         return model(**inputs)
     inputs = with_prefix(peft_model, inputs)
-    cache = inputs["past_key_values"]
+    key, cache = passed_cache(inputs)
     before = cache_length(cache)
     outputs = model(**inputs)
     if cache_length(cache) == before:  # no attention layer appended its keys to the prefix cache
         raise ValueError(
-            f"prefix tuning: {describe(model)} ran without reading past_key_values, so the prefixes had no "
-            "effect; this architecture cannot take prefix tuning (use prompt tuning, P-tuning or LoRA)"
+            f"prefix tuning: {describe(model)} ran without reading its KV cache (passed as {key}=) under "
+            f"transformers {transformers.__version__}, so the prefixes had no effect; this architecture cannot "
+            "take prefix tuning (use prompt tuning, P-tuning or LoRA)"
         )
     return outputs
 
@@ -165,27 +171,18 @@ def prefix_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
         return model.generate(**kwargs)
 
 
+NEEDS_CACHE = ("puts learned keys/values into every attention layer through the model's KV cache",
+               "use prompt tuning or P-tuning (they prepend embeddings and need no cache) or LoRA")
+
+
 def describe(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return f"{type(model).__name__} (model_type={model_type!r})"
 
 
-def check_takes_past_key_values(model: nn.Module) -> None:
-    """Raise unless some module of `model` accepts past key/values (where the prefixes go)."""
-    for module_class in {type(m) for m in model.modules()}:
-        parameters = inspect.signature(module_class.forward).parameters
-        if "past_key_values" in parameters or "layer_past" in parameters:
-            return
-    raise ValueError(
-        f"prefix tuning puts learned keys/values into every attention layer through past_key_values, but "
-        f"{describe(model)} has no attention that takes them; use prompt tuning or P-tuning (they prepend "
-        "embeddings instead) or LoRA"
-    )
-
-
 def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:
     """Check the architecture, size the config (key/value heads on grouped-query attention), build the encoder."""
-    check_takes_past_key_values(model)
+    require_cache_argument(model, "prefix tuning", *NEEDS_CACHE)
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError(
             "prefix tuning does not work with gradient checkpointing (the prefix cache would be filled twice); "

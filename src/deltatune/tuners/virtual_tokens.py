@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from deltatune.config import PeftConfig, TaskType
+from deltatune.kv_cache import cache_length, passed_cache
 from deltatune.targeting import wrap_modules_to_save
 
 logger = logging.getLogger(__name__)
@@ -227,11 +229,6 @@ def prepend(values: torch.Tensor | None, n: int, fill: float) -> torch.Tensor | 
     return torch.cat((front, values), dim=1)
 
 
-def cache_length(cache: Any) -> int:
-    """Tokens already in a transformers Cache (0 for None)."""
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
 def adjust_ids(inputs: dict[str, Any], task: TaskType, n: int, prefix: bool, warn: bool = True) -> None:
     """position_ids and token_type_ids as peft treats them (see the module docstring). `warn`: say so when the
     caller's ids are dropped (not for the ones `generate` makes itself)."""
@@ -265,6 +262,22 @@ def prompt_table(peft_model: nn.Module, n: int) -> torch.Tensor:
     return peft_model.prompt_encoder[peft_model.active_adapter].table()[:n]
 
 
+def refuse_unseen_cache(inputs: dict[str, Any], method: str) -> None:
+    """Raise when a call continues a KV cache that is not among its inputs: the mask covers more tokens than the
+    call brings, yet no filled Cache was passed. A transformers release that hands the cache over in a new way
+    would otherwise end in a shape error deep inside attention."""
+    mask, tokens = inputs.get("attention_mask"), inputs.get("input_ids")
+    tokens = inputs.get("inputs_embeds") if tokens is None else tokens
+    if mask is None or tokens is None or mask.shape[1] <= tokens.shape[1]:
+        return
+    raise ValueError(
+        f"{method}: this step continues a KV cache ({mask.shape[1]} masked positions for {tokens.shape[1]} new "
+        f"tokens) that deltatune cannot find among the model's inputs ({', '.join(sorted(inputs))}) under "
+        f"transformers {transformers.__version__}; generate with use_cache=False, or install a transformers "
+        "release that deltatune supports (see the README's compatibility table)"
+    )
+
+
 def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any], warn: bool = True) -> dict[str, Any]:
     """Rewrite model inputs for prompt tuning / P-tuning: [prompt ; token embeddings], masks and targets extended.
 
@@ -275,10 +288,12 @@ def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any], warn: 
     config = peft_model.active_peft_config
     task, n = config.task_type, config.num_virtual_tokens
     adjust_ids(inputs, task, n, prefix=False, warn=warn)
+    continuing = cache_length(passed_cache(inputs)[1]) > 0 and task != TaskType.SEQ_2_SEQ_LM
+    if not continuing and inputs.get("encoder_outputs") is None:
+        refuse_unseen_cache(inputs, config.peft_type.value)
     inputs["attention_mask"] = prepend(inputs.get("attention_mask"), n, 1)
     if inputs["attention_mask"] is None:
         del inputs["attention_mask"]
-    continuing = cache_length(inputs.get("past_key_values")) > 0 and task != TaskType.SEQ_2_SEQ_LM
     if continuing or inputs.get("encoder_outputs") is not None:
         return inputs
     embeds = inputs.pop("inputs_embeds", None)
