@@ -147,8 +147,15 @@ def step_time(model, inputs, steps: int = 20, warmup: int = 5) -> float:
 
 def benchmark(rounds: int = 3) -> list[dict]:
     """ms per training step, ours and peft's measured in turn `rounds` times (the best median of each is kept)."""
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )  # SmolLM2-135M's shape
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16)
     ids = torch.randint(0, 49152, (8, 256), device=DEVICE)
@@ -157,13 +164,21 @@ def benchmark(rounds: int = 3) -> list[dict]:
     for method, make in METHODS.items():
         ours_class, peft_class, extra = make("CAUSAL_LM")
         ours = dt.get_peft_model(copy.deepcopy(base), ours_class(task_type="CAUSAL_LM", num_virtual_tokens=20, **extra))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft_class(task_type="CAUSAL_LM", num_virtual_tokens=20, **extra))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft_class(task_type="CAUSAL_LM", num_virtual_tokens=20, **extra)
+        )
         times = {"ours": [], "peft": []}
         for _ in range(rounds):
             times["ours"].append(step_time(ours.train(), inputs))
             times["peft"].append(step_time(theirs.train(), inputs))
-        rows.append({"method": method, "trainable": ours.get_nb_trainable_parameters()[0],
-                     "ours ms/step": min(times["ours"]), "peft ms/step": min(times["peft"])})
+        rows.append(
+            {
+                "method": method,
+                "trainable": ours.get_nb_trainable_parameters()[0],
+                "ours ms/step": min(times["ours"]),
+                "peft ms/step": min(times["peft"]),
+            }
+        )
         del ours, theirs
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
@@ -175,14 +190,27 @@ def show(rows: list[dict]) -> None:
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        cells = [f"{row[k]:.2e}" if isinstance(row.get(k), float) and "diff" in k
-                 else f"{row[k]:.1f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        cells = [
+            f"{row[k]:.2e}"
+            if isinstance(row.get(k), float) and "diff" in k
+            else f"{row[k]:.1f}"
+            if isinstance(row.get(k), float)
+            else str(row.get(k, ""))
+            for k in keys
+        ]
         print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch", torch.__version__, "transformers", __import__("transformers").__version__,
-          "peft", peft.__version__)
+    print(
+        torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        "torch",
+        torch.__version__,
+        "transformers",
+        __import__("transformers").__version__,
+        "peft",
+        peft.__version__,
+    )
     if os.environ.get("ONLY") != "benchmark":
         show([check(method, arch) for method in METHODS for arch in TASK_OF])
     show(benchmark())

@@ -39,8 +39,9 @@ def load(bits: int | None = None) -> LlamaForCausalLM:
     if bits is None:
         return LlamaForCausalLM.from_pretrained(FOLDER + "/base", dtype=torch.bfloat16).to(DEVICE).eval()
     quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.bfloat16)
-    return LlamaForCausalLM.from_pretrained(FOLDER + "/base", quantization_config=quant, dtype=torch.bfloat16,
-                                            device_map={"": DEVICE}).eval()  # fmt: skip
+    return LlamaForCausalLM.from_pretrained(
+        FOLDER + "/base", quantization_config=quant, dtype=torch.bfloat16, device_map={"": DEVICE}
+    ).eval()
 
 
 def logits(model) -> torch.Tensor:
@@ -93,8 +94,14 @@ def qlora(peft) -> None:
         print("peft reload on 4-bit: max diff", gap(logits(theirs), trained))
     merged = on_4bit.merge_and_unload()
     q_proj = merged.model.layers[0].self_attn.q_proj
-    print("merged:", type(q_proj).__name__, q_proj.weight.dtype, q_proj.weight.device,
-          "max diff", gap(logits(merged), trained))  # fmt: skip
+    print(
+        "merged:",
+        type(q_proj).__name__,
+        q_proj.weight.dtype,
+        q_proj.weight.device,
+        "max diff",
+        gap(logits(merged), trained),
+    )
 
 
 def eight_bit() -> None:
@@ -108,8 +115,9 @@ def eight_bit() -> None:
 
 
 def adalora() -> None:
-    config = dt.AdaLoraConfig(init_r=8, target_r=2, total_step=12, tinit=2, target_modules=["q_proj", "v_proj"],
-                              task_type="CAUSAL_LM")  # fmt: skip
+    config = dt.AdaLoraConfig(
+        init_r=8, target_r=2, total_step=12, tinit=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     model = dt.get_peft_model(dt.prepare_model_for_kbit_training(load(4)), config)
     losses = train(model, 12, allocate=True)
     pattern = model.peft_config["default"].rank_pattern
@@ -137,11 +145,27 @@ def main() -> None:
         import peft
     except ImportError:
         peft = None
-    print("torch", torch.__version__, torch.cuda.get_device_name(0), "| transformers", transformers.__version__,
-          "| bitsandbytes", bitsandbytes.__version__, "| peft", getattr(peft, "__version__", None))  # fmt: skip
+    print(
+        "torch",
+        torch.__version__,
+        torch.cuda.get_device_name(0),
+        "| transformers",
+        transformers.__version__,
+        "| bitsandbytes",
+        bitsandbytes.__version__,
+        "| peft",
+        getattr(peft, "__version__", None),
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, initializer_range=0.05)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        initializer_range=0.05,
+    )
     LlamaForCausalLM(config).save_pretrained(FOLDER + "/base")
     qlora(peft)
     eight_bit()

@@ -38,12 +38,15 @@ def median_us(call, calls: int = 300, repeats: int = 7) -> float:
 def step_split() -> None:
     base = vs_peft.load_base("tiny", "cpu", torch.float32)
     ids = vs_peft.batch(base, 4, 128, "cpu")
-    models = {"bound": vs_peft.frozen_bound(copy.deepcopy(base)), "peft": vs_peft.wrap("peft", copy.deepcopy(base)),
-              "deltatune": vs_peft.wrap("deltatune", copy.deepcopy(base))}  # fmt: skip
+    models = {
+        "bound": vs_peft.frozen_bound(copy.deepcopy(base)),
+        "peft": vs_peft.wrap("peft", copy.deepcopy(base)),
+        "deltatune": vs_peft.wrap("deltatune", copy.deepcopy(base)),
+    }
     print("model      fwd+bwd ms  faults/step  AdamW ms")
     for name, model in models.items():
         model.train()
-        forward_backward = lambda: vs_peft.hf_loss(model, ids).backward()  # noqa: E731
+        forward_backward = lambda model=model: vs_peft.hf_loss(model, ids).backward()  # noqa: E731
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         took = median_us(forward_backward, calls=30) / 1e3
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (30 * 7 + 3)
@@ -68,8 +71,10 @@ def layer_split() -> None:
         return after_a.T @ g, g_after_a @ a, g_after_a.T @ x2
 
     print("\none 512 x 64 -> 64 layer, r=8 (us)")
-    print(f"frozen layer backward     {median_us(lambda: torch.autograd.grad(frozen, [x], grad_out, retain_graph=True)):7.1f}")
-    print(f"deltatune layer backward  {median_us(lambda: torch.autograd.grad(adapted, [x, lora_a, lora_b], grad_out, retain_graph=True)):7.1f}")
+    frozen_backward = median_us(lambda: torch.autograd.grad(frozen, [x], grad_out, retain_graph=True))
+    print(f"frozen layer backward     {frozen_backward:7.1f}")
+    adapted_backward = median_us(lambda: torch.autograd.grad(adapted, [x, lora_a, lora_b], grad_out, retain_graph=True))
+    print(f"deltatune layer backward  {adapted_backward:7.1f}")
     print(f"the frozen product g @ W  {median_us(lambda: g @ weight):7.1f}")
     print(f"rank-r products, backward {median_us(rank_r_backward):7.1f}")
     print(f"rank-r products, forward  {median_us(lambda: (x2 @ a.T) @ b.T):7.1f}")

@@ -35,11 +35,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_report  # noqa: E402
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                     rms_norm_eps=1e-5, tie_word_embeddings=True)  # fmt: skip
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)  # fmt: skip
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -169,7 +185,7 @@ def alternate(cases: dict, device: str, rounds: int, inner: int = 1, warmup: int
             cases[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             start = time.perf_counter()
             for _ in range(inner):
@@ -188,8 +204,11 @@ def train_section(args, base, name: str) -> list[dict]:
     rows = []
     ids = batch(base, 4, 128, args.device)
     for dropout in (0.0, 0.05):
-        models = {"bound": frozen_bound(copy.deepcopy(base)), "peft": wrap("peft", copy.deepcopy(base), dropout),
-                  "deltatune": wrap("deltatune", copy.deepcopy(base), dropout)}  # fmt: skip
+        models = {
+            "bound": frozen_bound(copy.deepcopy(base)),
+            "peft": wrap("peft", copy.deepcopy(base), dropout),
+            "deltatune": wrap("deltatune", copy.deepcopy(base), dropout),
+        }
         if dropout == 0:  # same weights, same loss: the two libraries must agree
             with torch.no_grad():
                 diff = (hf_loss(models["peft"].eval(), ids) - hf_loss(models["deltatune"].eval(), ids)).abs().item()
@@ -218,6 +237,7 @@ def with_triton_kernels(run):
     def wrapped():
         with use_triton_kernels(True):
             return run()
+
     return wrapped
 
 
@@ -242,8 +262,22 @@ def median_memory_of(args, name: str, case: str, dropout: float) -> float:
 
 def memory_of(args, name: str, case: str, dropout: float) -> float:
     """Peak bytes of `case` measured in a fresh process (RSS on CPU, max_memory_allocated on CUDA)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, "--models", name, "--device", args.device,
-           "--dtype", args.dtype, "--dropout", str(dropout), "--threads", str(args.threads)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        case,
+        "--models",
+        name,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--dropout",
+        str(dropout),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [s for s in out.stdout.splitlines() if s.startswith("PEAK ")]
     if not line:
@@ -300,6 +334,7 @@ def generate_section(args, base, name: str) -> dict:
         def run():
             with torch.no_grad():
                 outs[key] = model.generate(input_ids=prompt, **kw)
+
         return run
 
     cases = {k: case(k) for k in models}
@@ -331,18 +366,23 @@ def mixed_section(args, base, name: str) -> dict:
         def run():
             with torch.no_grad():
                 outs[lib] = models[lib].generate(input_ids=prompts, **rows(lib), **kw)
+
         return run
 
     def fwd(lib):
         def run():
             with torch.no_grad():
                 models[lib](input_ids=long_batch, **rows(lib))
+
         return run
 
     cases = {f"{lib} generate": gen(lib) for lib in models} | {f"{lib} forward": fwd(lib) for lib in models}
     med = alternate(cases, args.device, args.rounds, 1, args.warmup)
-    row = {"model": name, "tokens_per_s": {k: (8 * new if "generate" in k else 8 * 128) / t for k, t in med.items()},
-           "same_tokens": torch.equal(outs["peft"], outs["deltatune"])}  # fmt: skip
+    row = {
+        "model": name,
+        "tokens_per_s": {k: (8 * new if "generate" in k else 8 * 128) / t for k, t in med.items()},
+        "same_tokens": torch.equal(outs["peft"], outs["deltatune"]),
+    }
     print(f"[{name}] mixed 8 adapters: " + bench_report.mixed_line(row), flush=True)
     return row
 
@@ -357,8 +397,9 @@ def prompt_section(args, base, name: str) -> list[dict]:
             continue
         ids = batch(base, 4, 128, args.device)
         models = {lib: wrap(lib, copy.deepcopy(base), method=method) for lib in ("peft", "deltatune")}
-        med = alternate({lib: make_step(m, ids) for lib, m in models.items()}, args.device, args.rounds,
-                        args.inner, args.warmup)  # fmt: skip
+        med = alternate(
+            {lib: make_step(m, ids) for lib, m in models.items()}, args.device, args.rounds, args.inner, args.warmup
+        )
         rows.append({"model": name, "method": method, "time": med})
         print(f"[{name}] {method} tuning step: " + bench_report.ratio_line(med), flush=True)
     return rows
@@ -381,12 +422,21 @@ def environment(args) -> dict:
 
     import deltatune
 
-    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": args.device,
-           "dtype": args.dtype, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "peft": peft.__version__,
-           "deltatune": getattr(deltatune, "__version__", "repo"), "cpu": cpu_name(),
-           "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "rounds": args.rounds,
-           "memory_repeats": args.memory_repeats}  # fmt: skip
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "deltatune": getattr(deltatune, "__version__", "repo"),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_before": os.getloadavg()[0],
+        "rounds": args.rounds,
+        "memory_repeats": args.memory_repeats,
+    }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -403,9 +453,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--triton-lora", action="store_true",
-                   help="also time training and unmerged generate with the opt-in Triton kernels "
-                        "(CUDA, DELTATUNE_TRITON_LORA=1)")
+    p.add_argument(
+        "--triton-lora",
+        action="store_true",
+        help="also time training and unmerged generate with the opt-in Triton kernels (CUDA, DELTATUNE_TRITON_LORA=1)",
+    )
     p.add_argument("--memory-models", default="smollm2", help="models to probe for peak memory ('' for none)")
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh-process probes per case (median taken)")
     p.add_argument("--json-dir", default=RESULTS_DIR)

@@ -26,15 +26,31 @@ def tiny_dataset(n: int = 64, length: int = 16):
 
 def main() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, attention_bias=True, mlp_bias=True)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     model = LlamaForCausalLM(config)  # 1. model (Llama has biases only when asked: BitFit needs some)
     peft_config = BitFitConfig(task_type=TaskType.CAUSAL_LM)  # 2. config: every bias trains
     model = get_peft_model(model, peft_config)  # 3. PeftModel
     model.print_trainable_parameters()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=30, learning_rate=1e-2,
-                                 logging_steps=10, save_strategy="no", report_to=[], use_cpu=True)  # 4. args  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=30,
+            learning_rate=1e-2,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+        )  # 4. args
         trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset())  # 5. trainer
         trainer.train()  # 6. train
         model.save_pretrained(out + "/adapter")  # the trained biases, in adapter_model.safetensors

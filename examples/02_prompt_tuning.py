@@ -37,20 +37,39 @@ def main() -> None:
     tokenizer = word_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=100, pad_token_id=0, initializer_range=0.2)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         LlamaForCausalLM(config).save_pretrained(out + "/base")  # stands in for a pretrained model
         model = LlamaForCausalLM.from_pretrained(out + "/base")  # 1. model
         text = "w1 w2 w3 w4 w5"  # the hard prompt: its word embeddings start the soft prompt
-        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
-                                         prompt_tuning_init_text=text,
-                                         num_virtual_tokens=len(tokenizer(text)["input_ids"]),
-                                         tokenizer_name_or_path=tokenizer)  # 2. config  # fmt: skip
+        peft_config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=text,
+            num_virtual_tokens=len(tokenizer(text)["input_ids"]),
+            tokenizer_name_or_path=tokenizer,
+        )  # 2. config
         model = get_peft_model(model, peft_config)  # 3. PeftModel
         model.print_trainable_parameters()  # 5 virtual tokens x 64 = 320
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=100, learning_rate=1e-1,
-                                 logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
-                                 disable_tqdm=True)  # 4. args  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=100,
+            learning_rate=1e-1,
+            logging_steps=20,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )  # 4. args
         Trainer(model=model, args=args, train_dataset=question_answer_rows()).train()  # 5-6. train
         model.save_pretrained(out + "/adapter")  # adapter_model.safetensors holds `prompt_embeddings`, as in peft
         base = LlamaForCausalLM.from_pretrained(out + "/base")

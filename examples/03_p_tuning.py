@@ -40,21 +40,44 @@ def main() -> None:
     tokenizer = word_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=100, pad_token_id=0, initializer_range=0.2)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         LlamaForCausalLM(config).save_pretrained(out + "/base")  # stands in for a pretrained model
         for kind in (PromptEncoderReparameterizationType.LSTM, PromptEncoderReparameterizationType.MLP):
-            probe = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, encoder_reparameterization_type=kind)
-            trainable, _ = get_peft_model(LlamaForCausalLM.from_pretrained(out + "/base"), probe).get_nb_trainable_parameters()
+            probe = PromptEncoderConfig(
+                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, encoder_reparameterization_type=kind
+            )
+            trainable, _ = get_peft_model(
+                LlamaForCausalLM.from_pretrained(out + "/base"), probe
+            ).get_nb_trainable_parameters()
             print(f"{kind.value} encoder (hidden size 64): {trainable:,} trainable parameters")
         model = LlamaForCausalLM.from_pretrained(out + "/base")  # 1. model
-        peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5,
-                                          encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
-                                          encoder_hidden_size=64)  # 2. config  # fmt: skip
+        peft_config = PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=5,
+            encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
+            encoder_hidden_size=64,
+        )  # 2. config
         model = get_peft_model(model, peft_config)  # 3. PeftModel
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=60, learning_rate=1e-2,
-                                 logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
-                                 disable_tqdm=True)  # 4. args  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=60,
+            learning_rate=1e-2,
+            logging_steps=20,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )  # 4. args
         Trainer(model=model, args=args, train_dataset=question_answer_rows()).train()  # 5-6. train
         model.save_pretrained(out + "/adapter")
         reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out + "/base"), out + "/adapter")  # 7.

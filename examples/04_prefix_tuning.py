@@ -34,8 +34,13 @@ def question_answer_rows(n: int = 512, width: int = 9) -> list[dict]:
         length = int(torch.randint(2, 6, (), generator=generator))
         question = torch.randint(1, 100, (length,), generator=generator).tolist()
         pad = width - length - len(ANSWER)
-        rows.append({"input_ids": question + ANSWER + [0] * pad, "attention_mask": [1] * (length + 4) + [0] * pad,
-                     "labels": [-100] * length + ANSWER + [-100] * pad})  # fmt: skip
+        rows.append(
+            {
+                "input_ids": question + ANSWER + [0] * pad,
+                "attention_mask": [1] * (length + 4) + [0] * pad,
+                "labels": [-100] * length + ANSWER + [-100] * pad,
+            }
+        )
     return rows
 
 
@@ -43,21 +48,42 @@ def main() -> None:
     tokenizer = word_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=100, pad_token_id=0, initializer_range=0.2)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
         LlamaForCausalLM(config).save_pretrained(out + "/base")  # stands in for a pretrained model
         raw = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)  # prefixes trained directly
-        trainable, _ = get_peft_model(LlamaForCausalLM.from_pretrained(out + "/base"), raw).get_nb_trainable_parameters()
-        print(f"without projection: {trainable} trainable = 5 tokens x 2 layers x (key + value) x {raw.token_dim} "
-              "(2 key/value heads x 16: grouped-query attention, not the hidden size 64)")
+        trainable, _ = get_peft_model(
+            LlamaForCausalLM.from_pretrained(out + "/base"), raw
+        ).get_nb_trainable_parameters()
+        print(
+            f"without projection: {trainable} trainable = 5 tokens x 2 layers x (key + value) x {raw.token_dim} "
+            "(2 key/value heads x 16: grouped-query attention, not the hidden size 64)"
+        )
         model = LlamaForCausalLM.from_pretrained(out + "/base")  # 1. model
-        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5,
-                                         prefix_projection=True)  # 2. config: embedding -> Linear -> Tanh -> Linear
+        peft_config = PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True
+        )  # 2. config: embedding -> Linear -> Tanh -> Linear
         model = get_peft_model(model, peft_config)  # 3. PeftModel
         model.print_trainable_parameters()  # with projection
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=100, learning_rate=1e-2,
-                                 logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
-                                 disable_tqdm=True)  # 4. args  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=100,
+            learning_rate=1e-2,
+            logging_steps=20,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )  # 4. args
         Trainer(model=model, args=args, train_dataset=question_answer_rows()).train()  # 5-6. train
         model.save_pretrained(out + "/adapter")  # the computed prefixes, (5, 2 layers x 2 x 32), as in peft
         reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out + "/base"), out + "/adapter")  # 7.

@@ -23,15 +23,29 @@ def tiny_dataset(n: int = 64, length: int = 16):
 
 def main() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = LlamaForCausalLM(config)  # 1. model
     peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16)  # 2. config
     model = get_peft_model(model, peft_config)  # 3. PeftModel
     model.print_trainable_parameters()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=30, learning_rate=5e-3,
-                                 logging_steps=10, save_strategy="no", report_to=[], use_cpu=True)  # 4. args  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=30,
+            learning_rate=5e-3,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+        )  # 4. args
         trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset())  # 5. trainer
         trainer.train()  # 6. train
         model.save_pretrained(out + "/adapter")

@@ -30,16 +30,37 @@ def tiny_dataset(n: int = 64, length: int = 16):
 
 def main() -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
-    peft_config = AdaLoraConfig(task_type=TaskType.CAUSAL_LM, init_r=8, target_r=2, lora_alpha=16,
-                                target_modules=["q_proj", "v_proj", "down_proj"],
-                                tinit=4, tfinal=4, total_step=STEPS)  # fmt: skip  # the budget schedule spans the run
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    peft_config = AdaLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        init_r=8,
+        target_r=2,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        tinit=4,
+        tfinal=4,
+        total_step=STEPS,
+    )  # the budget schedule spans the run
     model = get_peft_model(LlamaForCausalLM(config), peft_config)
     model.print_trainable_parameters()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=STEPS, learning_rate=1e-2,
-                                 logging_steps=10, save_strategy="no", report_to=[], use_cpu=True)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=8,
+            max_steps=STEPS,
+            learning_rate=1e-2,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=[AdaLoraCallback()])
         trainer.train()
         pattern = model.peft_config["default"].rank_pattern  # which rank-1 components each module kept

@@ -15,8 +15,20 @@ import json
 import os
 import random
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]  # fmt: skip
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
 EN_INSTRUCTIONS = [
     "Rewrite the date in YYYY-MM-DD format.",
@@ -43,8 +55,11 @@ def written(year: int, month: int, day: int, style: int) -> str:
 
 def example(rng: random.Random, year: int, month: int, day: int, style: int) -> dict[str, str]:
     instructions = ZH_INSTRUCTIONS if style == 2 else EN_INSTRUCTIONS
-    return {"instruction": rng.choice(instructions), "input": written(year, month, day, style),
-            "output": f"{year:04d}-{month:02d}-{day:02d}"}  # fmt: skip
+    return {
+        "instruction": rng.choice(instructions),
+        "input": written(year, month, day, style),
+        "output": f"{year:04d}-{month:02d}-{day:02d}",
+    }
 
 
 def unique_dates(rng: random.Random, count: int) -> list[tuple[int, int, int]]:

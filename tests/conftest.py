@@ -28,8 +28,16 @@ def held_out(tmp_path_factory) -> str:
 @pytest.fixture
 def run_options(tiny, held_out):
     def make(model: str, out, **extra) -> dict:
-        values = dict(model=model, output=str(out), max_steps=4, batch_size=4, logging_steps=1, save_steps=2, lr=1e-2,
-                      eval_data=held_out)  # fmt: skip
+        values = dict(
+            model=model,
+            output=str(out),
+            max_steps=4,
+            batch_size=4,
+            logging_steps=1,
+            save_steps=2,
+            lr=1e-2,
+            eval_data=held_out,
+        )
         return {**values, **extra}
 
     return make

@@ -19,8 +19,14 @@ def relative_error(a, b):
 
 def tiny_llama(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     return LlamaForCausalLM(config).to(device)
 
 
@@ -29,8 +35,13 @@ def leaves(*shapes, device="cpu", dtype=torch.float32):
 
 
 def lora_model(device="cpu", dropout=0.0, names=("default",), bias="none"):
-    model = get_peft_model(tiny_llama(5, device), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN,
-                           lora_dropout=dropout, init_lora_weights=False, bias=bias), names[0])  # fmt: skip
+    model = get_peft_model(
+        tiny_llama(5, device),
+        LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, lora_dropout=dropout, init_lora_weights=False, bias=bias),
+        names[0],
+    )
     for i, name in enumerate(names[1:]):
-        model.add_adapter(name, LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=SEVEN, init_lora_weights=False))
+        model.add_adapter(
+            name, LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=SEVEN, init_lora_weights=False)
+        )
     return model

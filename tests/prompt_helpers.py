@@ -36,32 +36,79 @@ def tiny_model(arch: str, task: str = "CAUSAL_LM", seed: int = 0):
     """A tiny random transformers model of `arch` for `task`, in eval mode (no dropout)."""
     torch.manual_seed(seed)
     if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                             pad_token_id=PAD))  # fmt: skip
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                pad_token_id=PAD,
+            )
+        )
     elif arch == "bloom":
         model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB, pad_token_id=PAD))
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                           pad_token_id=PAD, bos_token_id=PAD, eos_token_id=PAD))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                pad_token_id=PAD,
+                bos_token_id=PAD,
+                eos_token_id=PAD,
+            )
+        )
     elif arch == "opt":
-        model = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                                         vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=32,
-                                         pad_token_id=PAD))  # fmt: skip
+        model = OPTForCausalLM(
+            OPTConfig(
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+                pad_token_id=PAD,
+            )
+        )
     elif arch == "t5":
-        model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                    num_heads=4, decoder_start_token_id=PAD, pad_token_id=PAD))  # fmt: skip
+        model = T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=PAD,
+                pad_token_id=PAD,
+            )
+        )
     elif arch == "bert":
-        config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=VOCAB, max_position_embeddings=64,
-                            num_labels=2 if task == "QUESTION_ANS" else 3)  # fmt: skip
-        head = {"SEQ_CLS": BertForSequenceClassification, "TOKEN_CLS": BertForTokenClassification,
-                "QUESTION_ANS": BertForQuestionAnswering, "FEATURE_EXTRACTION": BertModel}[task]  # fmt: skip
+        config = BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            num_labels=2 if task == "QUESTION_ANS" else 3,
+        )
+        head = {
+            "SEQ_CLS": BertForSequenceClassification,
+            "TOKEN_CLS": BertForTokenClassification,
+            "QUESTION_ANS": BertForQuestionAnswering,
+            "FEATURE_EXTRACTION": BertModel,
+        }[task]
         model = head(config)
     else:
         raise ValueError(arch)
     with torch.no_grad():  # wider random weights than the default init, so greedy decoding does not repeat one token
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.3)
     if getattr(model, "generation_config", None) is not None:
@@ -109,8 +156,11 @@ def peft_twin(ours, peft_config, base):
         warnings.simplefilter("ignore")
         theirs = peft_on_renamed_cache(peft.get_peft_model(copy.deepcopy(base), peft_config))
     theirs.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
-    ours_heads = {k.replace("base_model.model.", "base_model."): v for k, v in ours.state_dict().items()
-                  if ".modules_to_save." in k}  # fmt: skip
+    ours_heads = {
+        k.replace("base_model.model.", "base_model."): v
+        for k, v in ours.state_dict().items()
+        if ".modules_to_save." in k
+    }
     missing = set(ours_heads) - set(theirs.state_dict())
     assert not missing, missing
     theirs.load_state_dict(ours_heads, strict=False)
@@ -150,8 +200,14 @@ def decode_without_cache(model, ids, mask, steps: int, encoder_decoder: bool):
 
 # ---- the checks every prompt-method test file runs ------------------------------------------------------------
 
-TASK_OF = {"llama": "CAUSAL_LM", "bloom": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "opt": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM",
-           "bert": "SEQ_CLS"}  # fmt: skip
+TASK_OF = {
+    "llama": "CAUSAL_LM",
+    "bloom": "CAUSAL_LM",
+    "gpt2": "CAUSAL_LM",
+    "opt": "CAUSAL_LM",
+    "t5": "SEQ_2_SEQ_LM",
+    "bert": "SEQ_CLS",
+}
 DECODERS = ["llama", "bloom", "gpt2", "opt", "t5"]
 
 
@@ -258,17 +314,20 @@ def check_generate_matches_no_cache(config, arch: str, steps: int = 6) -> None:
         hook.remove()
     reference = decode_without_cache(model, ids, mask, steps, encoder_decoder=arch == "t5")
     assert torch.equal(out, reference), (out, reference)
-    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=False)
+    uncached = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=False
+    )
     assert torch.equal(uncached, reference), (uncached, reference)
-    assert fed[-(steps - 1):] == [1] * (steps - 1), fed
+    assert fed[-(steps - 1) :] == [1] * (steps - 1), fed
 
 
 def check_sampling_matches_peft(ours_config, peft_config, arch: str) -> None:
     """Sampling with two sequences per prompt draws the same tokens as peft with the same seed."""
     ours, theirs = make_pair(ours_config, peft_config, arch, TASK_OF[arch])
     ids, mask = batch(arch)
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=20,
-                  num_return_sequences=2)  # fmt: skip
+    kwargs = dict(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=20, num_return_sequences=2
+    )
     torch.manual_seed(7)
     a = ours.generate(**kwargs)
     torch.manual_seed(7)

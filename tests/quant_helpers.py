@@ -9,8 +9,15 @@ from deltatune.tuners.quantized import bitsandbytes_config
 def save_tiny_llama(folder) -> None:
     """A tiny random Llama saved as safetensors in `folder` (the quantised loads read it)."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, initializer_range=0.05)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        initializer_range=0.05,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
 
 

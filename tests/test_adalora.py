@@ -21,8 +21,14 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # 3 modules x 2 layers
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -63,11 +69,15 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
         base, targets = tiny_llama(), TARGETS
     else:
         torch.manual_seed(0)
-        base, targets = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)), ["c_attn", "c_fc"]
+        base, targets = (
+            GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)),
+            ["c_attn", "c_fc"],
+        )
     base.eval()  # no dropout: both libraries see the same computation
     # init_lora_weights=False: Λ random too, so the update is non-zero and the comparison means something.
-    theirs, ours = both(base, init_r=6, target_r=2, total_step=10, lora_alpha=16, target_modules=targets,
-                        init_lora_weights=False)  # fmt: skip
+    theirs, ours = both(
+        base, init_r=6, target_r=2, total_step=10, lora_alpha=16, target_modules=targets, init_lora_weights=False
+    )
     n_modules = sum(isinstance(m, SVDLayer) for m in ours.modules())
     assert n_modules == 2 * len(targets)
     trainable, total = ours.get_nb_trainable_parameters()
@@ -79,17 +89,27 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
     assert torch.equal(out_ours.logits, out_theirs.logits)
     assert torch.equal(out_ours.loss, out_theirs.loss)  # includes the orthogonality penalty
     plain = ours.get_base_model()(input_ids=IDS, labels=IDS).loss  # the transformers model alone: no penalty
-    norms = [torch.linalg.matrix_norm(m @ m.T - torch.eye(m.shape[0]))
-             for layer in ours.modules() if isinstance(layer, SVDLayer)
-             for m in (layer.adapters["default"].lora_A, layer.adapters["default"].lora_B.T)]  # fmt: skip
+    norms = [
+        torch.linalg.matrix_norm(m @ m.T - torch.eye(m.shape[0]))
+        for layer in ours.modules()
+        if isinstance(layer, SVDLayer)
+        for m in (layer.adapters["default"].lora_A, layer.adapters["default"].lora_B.T)
+    ]
     penalty = 0.5 * sum(norms) / len(norms)  # orth_reg_weight x mean Frobenius distance from orthogonal
     assert penalty > 1 and torch.allclose(out_ours.loss - plain, penalty, atol=1e-4)
 
 
 def test_bf16_base_rounds_once_like_peft():
     """An fp32 update on a bf16 base is added before rounding (peft's in-place `+=`), not rounded twice."""
-    theirs, ours = both(tiny_llama().to(torch.bfloat16).eval(), init_r=6, target_r=2, total_step=10, lora_alpha=16,
-                        target_modules=TARGETS, init_lora_weights=False)  # fmt: skip
+    theirs, ours = both(
+        tiny_llama().to(torch.bfloat16).eval(),
+        init_r=6,
+        target_r=2,
+        total_step=10,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        init_lora_weights=False,
+    )
     peft_layers = dict(theirs.get_base_model().named_modules())
     ours_layers = {n: m for n, m in ours.get_base_model().named_modules() if isinstance(m, SVDLayer)}
     with torch.no_grad():  # peft's random init passes through bf16 on such a base: give ours its exact values
@@ -114,7 +134,9 @@ def test_default_init_starts_equal_to_base():
 def test_budget_schedule_equals_peft():
     kwargs = dict(init_r=6, target_r=2, tinit=3, tfinal=4, deltaT=2, total_step=20, target_modules=TARGETS)
     allocator = peft.tuners.adalora.layer.RankAllocator(
-        peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**kwargs)).base_model.model, peft.AdaLoraConfig(**kwargs), "default"
+        peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**kwargs)).base_model.model,
+        peft.AdaLoraConfig(**kwargs),
+        "default",
     )
     config = AdaLoraConfig(**kwargs)
     schedule = [budget_schedule(config, step, 6 * 6, 2 * 6) for step in range(22)]
@@ -163,11 +185,21 @@ def test_training_run_equals_peft_and_prunes_to_budget(tmp_path):
 
 
 def test_trainer_callback_reaches_budget(tmp_path):
-    model = get_peft_model(tiny_llama(), AdaLoraConfig(init_r=4, target_r=1, total_step=6, tinit=1,
-                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        tiny_llama(),
+        AdaLoraConfig(init_r=4, target_r=1, total_step=6, tinit=1, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     rows = [{"input_ids": list(range(i, i + 10)), "labels": list(range(i, i + 10))} for i in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-                             save_strategy="no", report_to=[], use_cpu=True, logging_steps=100)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+    )
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[AdaLoraCallback()]).train()
     pattern = model.peft_config["default"].rank_pattern
     assert pattern is not None and sum(sum(keep) for keep in pattern.values()) == 1 * 6
@@ -193,19 +225,25 @@ def test_safe_merge_refuses_an_update_with_nan_and_merges_nothing_there():
     before = layer.base_layer.weight.clone()
     with torch.no_grad():
         layer.adapters["default"].lora_E[0] = float("nan")
-    with pytest.raises(ValueError, match=r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN"):
+    with pytest.raises(
+        ValueError, match=r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN"
+    ):
         ours.merge_adapter(safe_merge=True)
     assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []
 
 
 def test_update_and_allocate_entry_points_and_errors():
     model = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS))
-    with pytest.raises(RuntimeError, match=r"q_proj\.lora_A has no gradient: call update_and_allocate\(step\) after loss\.backward\(\)"):
+    with pytest.raises(
+        RuntimeError, match=r"q_proj\.lora_A has no gradient: call update_and_allocate\(step\) after loss\.backward\(\)"
+    ):
         model.base_model.update_and_allocate(0)
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert model.update_and_allocate(0) == 12 * 6  # PeftModel passes the call to base_model, as peft users expect
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
-    with pytest.raises(ValueError, match="update_and_allocate is AdaLoRA's rank budget step, but this model holds no AdaLoRA"):
+    with pytest.raises(
+        ValueError, match="update_and_allocate is AdaLoRA's rank budget step, but this model holds no AdaLoRA"
+    ):
         lora.base_model.update_and_allocate(0)
 
 

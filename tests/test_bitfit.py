@@ -18,12 +18,13 @@ def bias_names(model) -> set[str]:
 
 def trainable_names(model) -> set[str]:
     prefix = "base_model.model."
-    return {n[len(prefix):] for n, p in model.named_parameters() if p.requires_grad}
+    return {n[len(prefix) :] for n, p in model.named_parameters() if p.requires_grad}
 
 
 def trained_bitfit(arch="bloom", **config_kwargs):
-    model = get_peft_model(tiny_model(arch), BitFitConfig(task_type=config_kwargs.pop("task_type", CAUSAL),
-                                                          **config_kwargs))  # fmt: skip
+    model = get_peft_model(
+        tiny_model(arch), BitFitConfig(task_type=config_kwargs.pop("task_type", CAUSAL), **config_kwargs)
+    )
     randomize_adapter(model, scale=0.5)
     return model
 
@@ -54,7 +55,7 @@ def test_print_trainable_parameters_uses_peft_line(capsys):
         (["self_attention.dense", "dense_4h_to_h"], lambda n: n.endswith(("self_attention.dense.bias", "h_to_h.bias"))),
         (r".*\.1\..*mlp.*bias", lambda n: ".1.mlp." in n),
     ],
-)  # fmt: skip
+)
 def test_bias_pattern_list_or_regex(pattern, expected):
     base = tiny_model("bloom")
     wanted = {n for n in bias_names(base) if expected(n)}
@@ -147,5 +148,9 @@ def test_mixed_batch_with_base_rows_is_refused():
     model = trained_bitfit()
     with pytest.raises(ValueError, match="BitFit trains the base biases in place, so one batch cannot mix"):
         model(**tiny_inputs("bloom"), adapter_names=["default", "__base__", "default"])
-    torch.testing.assert_close(logits(model, tiny_inputs("bloom"), adapter_names=["default"] * 3),
-                               logits(model, tiny_inputs("bloom")), rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        logits(model, tiny_inputs("bloom"), adapter_names=["default"] * 3),
+        logits(model, tiny_inputs("bloom")),
+        rtol=0,
+        atol=0,
+    )

@@ -24,18 +24,44 @@ from deltatune.tuners.bottleneck import BottleneckLayer
 
 D = 32  # hidden size of the tiny models
 TINY = {
-    "llama": LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100),
+    "llama": LlamaConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    ),
     "bloom": BloomConfig(hidden_size=D, n_layer=2, n_head=4, vocab_size=100),
     "gpt2": GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
-    "opt": OPTConfig(hidden_size=D, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-                     max_position_embeddings=64, word_embed_proj_dim=D),
-    "bert": BertConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       vocab_size=100, max_position_embeddings=64),
-    "roberta": RobertaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             vocab_size=100, max_position_embeddings=70, pad_token_id=1),
+    "opt": OPTConfig(
+        hidden_size=D,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=64,
+        word_embed_proj_dim=D,
+    ),
+    "bert": BertConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=64,
+    ),
+    "roberta": RobertaConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=70,
+        pad_token_id=1,
+    ),
     "t5": T5Config(d_model=D, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=100),
-}  # fmt: skip
+}
 N_LAYERS = {"t5": 4}  # T5: 2 encoder + 2 decoder blocks, each with self-attention and a feed-forward block
 SITES = {"houlsby": 2, "pfeiffer": 1}
 
@@ -81,8 +107,10 @@ def test_counts_follow_formula_and_start_equal_to_base(kind, preset):
     assert torch.equal(output(peft_model, kind), base)  # zero up-projection: exactly the base
 
 
-@pytest.mark.parametrize("preset, bottleneck_size, expected",
-                         [("houlsby", None, 25_270_272), ("pfeiffer", None, 12_635_136), ("houlsby", 64, 12_684_288)])
+@pytest.mark.parametrize(
+    "preset, bottleneck_size, expected",
+    [("houlsby", None, 25_270_272), ("pfeiffer", None, 12_635_136), ("houlsby", 64, 12_684_288)],
+)
 def test_paper_size_bloom_on_meta(preset, bottleneck_size, expected):
     # bloom-1b4-zh, the seeds' model: d = 2048, 24 layers; reduction 16 -> m = 128.
     config = BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16)
@@ -98,8 +126,9 @@ def test_paper_size_bloom_on_meta(preset, bottleneck_size, expected):
 
 
 def test_paper_size_llama_7b_on_meta():
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         vocab_size=32000)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     trainable, _ = get_peft_model(model, AdapterConfig(preset="pfeiffer")).get_nb_trainable_parameters()
@@ -110,9 +139,18 @@ def test_paper_size_llama_7b_on_meta():
 def test_short_run_lowers_loss(preset):
     # initializer_range 0.1: activations of a realistic size (at 0.02 a tiny random model barely reacts to adapters)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, initializer_range=0.1)  # fmt: skip
-    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config), AdapterConfig(preset=preset, reduction_factor=2))
+    config = LlamaConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        initializer_range=0.1,
+    )
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_config(config), AdapterConfig(preset=preset, reduction_factor=2)
+    )
     peft_model.train()
     ids = torch.arange(40).reshape(4, 10) % 100  # counting sequences
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -132,8 +170,9 @@ def test_switching_adapters_and_files(tmp_path):
     model = build("gpt2")
     base = output(model, "gpt2")
     peft_model = get_peft_model(model, AdapterConfig(preset="houlsby", reduction_factor=4, init_weights=False))
-    peft_model.add_adapter("other", AdapterConfig(preset="houlsby", bottleneck_size=3, init_weights=False,
-                                                  non_linearity="tanh"))  # fmt: skip
+    peft_model.add_adapter(
+        "other", AdapterConfig(preset="houlsby", bottleneck_size=3, init_weights=False, non_linearity="tanh")
+    )
     first = output(peft_model, "gpt2")
     peft_model.set_adapter("other")
     second = output(peft_model, "gpt2")
@@ -168,22 +207,33 @@ def test_adapters_cannot_be_merged():
 
 
 def test_layers_to_transform_and_target_modules():
-    peft_model = get_peft_model(build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4, layers_to_transform=[1]))
+    peft_model = get_peft_model(
+        build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4, layers_to_transform=[1])
+    )
     names = [n for n, m in peft_model.named_modules() if isinstance(m, BottleneckLayer)]
-    assert names == ["base_model.model.model.layers.1.self_attn.o_proj", "base_model.model.model.layers.1.mlp.down_proj"]
+    assert names == [
+        "base_model.model.model.layers.1.self_attn.o_proj",
+        "base_model.model.model.layers.1.mlp.down_proj",
+    ]
     peft_model = get_peft_model(build("llama"), AdapterConfig(target_modules=["up_proj"], bottleneck_size=4))
     assert peft_model.get_nb_trainable_parameters()[0] == 2 * (2 * 64 * 4 + 4 + 64)  # after up_proj: width 64
-    peft_model = get_peft_model(build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4,
-                                                              exclude_modules=["o_proj"]))  # fmt: skip
+    peft_model = get_peft_model(
+        build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4, exclude_modules=["o_proj"])
+    )
     names = [n for n, m in peft_model.named_modules() if isinstance(m, BottleneckLayer)]
     assert names == [f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"preset='adapterhub' is not a known adapter preset; use one of: houlsby, pfeiffer"):
+    with pytest.raises(
+        ValueError, match=r"preset='adapterhub' is not a known adapter preset; use one of: houlsby, pfeiffer"
+    ):
         AdapterConfig(preset="adapterhub")
-    with pytest.raises(ValueError, match=r"reduction_factor=64 leaves no hidden unit .* model\.layers\.0\.self_attn\.o_proj "
-                                         r"\(hidden size 32 // 64 = 0\); use reduction_factor <= 32 or set bottleneck_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"reduction_factor=64 leaves no hidden unit .* model\.layers\.0\.self_attn\.o_proj "
+        r"\(hidden size 32 // 64 = 0\); use reduction_factor <= 32 or set bottleneck_size",
+    ):
         get_peft_model(build("llama"), AdapterConfig(reduction_factor=64))
     with pytest.raises(ValueError, match="non_linearity='gleu' is not known"):
         AdapterConfig(non_linearity="gleu")
@@ -192,5 +242,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="not model_type='gpt_neox'; pass target_modules"):
         from transformers import GPTNeoXConfig
 
-        config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)
+        config = GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+        )
         get_peft_model(AutoModelForCausalLM.from_config(config), AdapterConfig())

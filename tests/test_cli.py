@@ -12,13 +12,13 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_chat_model import make_tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from deltatune import PeftModel
 from deltatune.cli import chat, evaluate, main, merge, train
 from deltatune.cli.methods import METHODS
 from deltatune.tuners import method_for
-from tiny_chat_model import make_tiny_model
 
 
 def adapter_tensors(folder) -> dict[str, torch.Tensor]:
@@ -49,8 +49,13 @@ def test_train_save_load_chat_eval_merge(method, tiny, tmp_path, run_options):
     assert scores.examples == 8 and 0.0 <= scores.exact_match <= 1.0 and len(scores.answers) == 8
     # chat: one prompt, with the base answer beside the tuned one
     stream = io.StringIO()
-    turns = chat(adapter=str(out), prompt="Normalize the date to YYYY-MM-DD.\n5 March 2024", compare_base=True,
-                 max_new_tokens=6, out=stream)  # fmt: skip
+    turns = chat(
+        adapter=str(out),
+        prompt="Normalize the date to YYYY-MM-DD.\n5 March 2024",
+        compare_base=True,
+        max_new_tokens=6,
+        out=stream,
+    )
     assert len(turns) == 1 and isinstance(turns[0].answer, str) and isinstance(turns[0].base_answer, str)
     streamed = stream.getvalue()  # "[base]  <streamed base answer>\n[tuned] <streamed tuned answer>\n"
     assert streamed.index(turns[0].base_answer) < streamed.index("[tuned]") < streamed.rindex(turns[0].answer)
@@ -79,7 +84,9 @@ def test_a_run_given_relative_paths_is_read_from_another_folder(tiny, held_out, 
     assert chat(adapter=str(tmp_path / "run"), prompt="hi", max_new_tokens=2, out=None)[0].answer is not None
 
 
-@pytest.mark.parametrize("text, message", [("model: [unclosed\n", "is not valid YAML"), ("- a\n", "must hold a mapping")])
+@pytest.mark.parametrize(
+    "text, message", [("model: [unclosed\n", "is not valid YAML"), ("- a\n", "must hold a mapping")]
+)
 def test_damaged_run_yaml_in_an_adapter_folder(tiny, tmp_path, run_options, text, message):
     out = tmp_path / "run"
     train(run_options(tiny, out, max_steps=1))
@@ -167,7 +174,21 @@ def test_main_runs_every_subcommand(tiny, tmp_path, held_out, capsys):
     assert "adapter in" in capsys.readouterr().out
     run = (tmp_path / "run" / "run.yaml").read_text()
     assert "max_steps: 2\n" in run and "r: 4\n" in run and "batch_size: 4\n" in run  # flags win over the file
-    assert main(["chat", "--adapter", out, "--prompt", "Normalize the date to YYYY-MM-DD.\n5 May 2020", "--max-new-tokens", "4", "--compare-base"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--adapter",
+                out,
+                "--prompt",
+                "Normalize the date to YYYY-MM-DD.\n5 May 2020",
+                "--max-new-tokens",
+                "4",
+                "--compare-base",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[base]" in printed and "[tuned]" in printed
     assert main(["eval", "--adapter", out]) == 0
@@ -207,9 +228,20 @@ def test_chat_repl_streams_and_keeps_history(tiny, tmp_path, run_options):
 # flag would start a single process.
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"],
-}  # fmt: skip
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
@@ -219,10 +251,35 @@ def test_two_processes_give_the_same_adapter_as_one(tiny, tmp_path, held_out, la
     import sys
 
     common = ["--model", tiny, "--max-steps", "3", "--dropout", "0", "--eval-data", held_out, "--lr", "1e-2"]
-    train(dict(model=tiny, max_steps=3, dropout=0.0, eval_data=held_out, lr=1e-2, batch_size=4, output=str(tmp_path / "one")))
+    train(
+        dict(
+            model=tiny,
+            max_steps=3,
+            dropout=0.0,
+            eval_data=held_out,
+            lr=1e-2,
+            batch_size=4,
+            output=str(tmp_path / "one"),
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "deltatune.cli", "train", *common,
-                          "--batch-size", "2", "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)  # fmt: skip
+    two = subprocess.run(
+        [
+            sys.executable,
+            *LAUNCHERS[launcher],
+            "-m",
+            "deltatune.cli",
+            "train",
+            *common,
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("adapter in") == 1  # one process reports
     assert "'epoch': '0.03333'" in two.stdout + two.stderr  # 3 steps x 2 processes x 2 rows of 360: two ran
@@ -248,7 +305,9 @@ def test_compare_tabulates_and_plots_every_method(tiny, tmp_path, held_out):
     assert [t["method"] for t in table] == list(METHODS)
     for row, line in zip(rows, table, strict=True):
         assert int(line["trainable_params"]) == row.trainable_params > 0
-        assert float(line["trainable_percent"]) == pytest.approx(row.trainable_percent) and 0 < row.trainable_percent < 100
+        assert (
+            float(line["trainable_percent"]) == pytest.approx(row.trainable_percent) and 0 < row.trainable_percent < 100
+        )
         assert float(line["seconds_per_step"]) > 0 and float(line["peak_memory_mb"]) > 0
         assert float(line["eval_loss"]) > 0 and 0 <= float(line["exact_match"]) <= 1
         assert [step for step, _ in row.losses] == [1, 2]
@@ -265,7 +324,9 @@ def test_compare_in_separate_processes(tiny, tmp_path, held_out):
 
     options = dict(model=tiny, max_steps=1, batch_size=4, eval_data=held_out, output=str(tmp_path / "cmp"), r=4)
     [row] = compare(options, methods=["lora"], isolate=True)
-    assert row.error is None and row.trainable_params == 2 * 4 * ((32 + 32) + (32 + 16))  # r=4 on q_proj (32->32), v_proj (32->16), 2 layers
+    assert row.error is None and row.trainable_params == 2 * 4 * (
+        (32 + 32) + (32 + 16)
+    )  # r=4 on q_proj (32->32), v_proj (32->16), 2 layers
     assert row.peak_memory_mb > 50  # a fresh process holding torch and the model
 
 
@@ -285,8 +346,28 @@ def test_compare_keeps_earlier_runs_and_refuses_options_no_compared_method_reads
     with pytest.raises(FileExistsError, match="holds a train run"):
         compare({**options, "output": str(out / "bitfit")}, methods=["lora"], isolate=False)
     # the command line: a space after a comma is fine, and --overwrite replaces the earlier runs
-    assert main(["compare", "--model", tiny, "--max-steps", "1", "--batch-size", "4", "--eval-data", held_out,
-                 "--output", str(out), "--methods", "bitfit, lora", "--overwrite", "--in-process"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                tiny,
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--eval-data",
+                held_out,
+                "--output",
+                str(out),
+                "--methods",
+                "bitfit, lora",
+                "--overwrite",
+                "--in-process",
+            ]
+        )
+        == 0
+    )
     assert "| lora |" in capsys.readouterr().out
 
 

@@ -48,7 +48,9 @@ def test_resume_of_another_method_or_shape_is_refused_and_keeps_the_run(tiny, tm
     out = tmp_path / "run"
     train(run_options(tiny, out, method="bitfit", max_steps=2, save_steps=2))
     before = (out / "run.yaml").read_text()
-    with pytest.raises(ValueError, match=r"checkpoint-2 holds a BITFIT adapter, but --method prompt-tuning makes PROMPT_TUNING"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint-2 holds a BITFIT adapter, but --method prompt-tuning makes PROMPT_TUNING"
+    ):
         train(run_options(tiny, out, method="prompt-tuning", max_steps=4, resume=True))
     lora = tmp_path / "lora"
     train(run_options(tiny, lora, r=8, max_steps=2, save_steps=2))
@@ -75,8 +77,12 @@ def test_resume_skips_an_incomplete_checkpoint_and_refuses_a_folder_that_is_none
     (out / "checkpoint-3").mkdir()  # a save cut short
     (out / "checkpoint-3" / "adapter_config.json").write_text("{}")
     assert train(run_options(tiny, out, max_steps=3, resume=True)).steps == 3
-    assert "checkpoint-3 is incomplete (no adapter_model.safetensors, trainer_state.json); continuing from" in caplog.text
-    with pytest.raises(FileNotFoundError, match=r"--resume .*run: not a checkpoint of deltatune train \(no trainer_state\.json\)"):
+    assert (
+        "checkpoint-3 is incomplete (no adapter_model.safetensors, trainer_state.json); continuing from" in caplog.text
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"--resume .*run: not a checkpoint of deltatune train \(no trainer_state\.json\)"
+    ):
         train(run_options(tiny, tmp_path / "other", max_steps=3, resume=str(out)))
 
 
@@ -111,7 +117,10 @@ class Unpickled:
     [
         (None, r"data file .*missing\.jsonl not found"),
         ("this is not json\n", r"bad\.jsonl, row 1: not valid JSON"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n', r"bad\.jsonl, row 2: no 'output' field"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n',
+            r"bad\.jsonl, row 2: no 'output' field",
+        ),
         ("", r"bad\.jsonl holds no rows"),
     ],
 )
@@ -125,7 +134,9 @@ def test_bad_data_is_refused_with_file_and_row(tiny, tmp_path, run_options, cont
 
 
 def test_max_length_too_small_for_any_response(tiny, tmp_path, run_options):
-    with pytest.raises(DataError, match=r"--max-length 8 is too small for any response .* shortest prompt is \d+ tokens"):
+    with pytest.raises(
+        DataError, match=r"--max-length 8 is too small for any response .* shortest prompt is \d+ tokens"
+    ):
         train(run_options(tiny, tmp_path / "run", max_length=8))
 
 

@@ -27,8 +27,17 @@ def test_short_lora_run_lowers_held_out_loss_and_changes_the_answer(tmp_path):
     tuned_loss, tuned_em, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
     with model.disable_adapter():
         base_loss, base_em, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
-    print(f"held-out (12 rows): base loss {base_loss:.3f} EM {base_em:.0%} -> tuned loss {tuned_loss:.3f} EM {tuned_em:.0%}")
+    print(
+        f"held-out (12 rows): base loss {base_loss:.3f} EM {base_em:.0%} "
+        f"-> tuned loss {tuned_loss:.3f} EM {tuned_em:.0%}"
+    )
     assert tuned_loss < base_loss - 0.1
     assert tuned_em > base_em
-    [turn] = chat(adapter=str(out), prompt="把日期改写成 YYYY-MM-DD 格式。\n2031年7月4日", compare_base=True, max_new_tokens=24, out=None)
+    [turn] = chat(
+        adapter=str(out),
+        prompt="把日期改写成 YYYY-MM-DD 格式。\n2031年7月4日",
+        compare_base=True,
+        max_new_tokens=24,
+        out=None,
+    )
     assert turn.answer != turn.base_answer

@@ -22,7 +22,7 @@ def test_linear_cross_entropy_matches_full_logits(device, chunk):
     assert close(loss, ref)[0]
     got = torch.autograd.grad(loss * 3, [hidden, weight, bias])
     want = torch.autograd.grad(ref * 3, [hidden, weight, bias])
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert close(g, w)[0], close(g, w)[1]
 
 
@@ -51,7 +51,7 @@ def test_lean_causal_lm_loss_equals_model_loss():
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     ref = model(input_ids=ids, labels=labels, attention_mask=mask).loss
-    for g, w in zip(grads, torch.autograd.grad(ref, params)):
+    for g, w in zip(grads, torch.autograd.grad(ref, params), strict=True):
         assert close(g, w)[0], close(g, w)[1]
     assert close(loss, ref)[0]
 

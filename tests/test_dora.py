@@ -28,8 +28,11 @@ def dora_pair(arch: str, **kwargs):
 def file_key(name: str) -> str:
     """A parameter name of either library -> peft's file key (no adapter name, no `.weight` on the magnitude)."""
     name = name.replace(".adapters.default.", ".").replace(".default.", ".").replace(".default", "")
-    return name.removesuffix("lora_magnitude_vector.weight") + "lora_magnitude_vector" if name.endswith(
-        "lora_magnitude_vector.weight") else name  # fmt: skip
+    return (
+        name.removesuffix("lora_magnitude_vector.weight") + "lora_magnitude_vector"
+        if name.endswith("lora_magnitude_vector.weight")
+        else name
+    )
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -44,8 +47,9 @@ def assert_same_logits(a, b, inputs, **kwargs):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_outputs_and_gradients_equal_peft(arch, dropout):
-    ours, theirs = dora_pair(arch, lora_dropout=dropout, target_modules=None if arch == "gpt2" else
-                             ["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    ours, theirs = dora_pair(
+        arch, lora_dropout=dropout, target_modules=None if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    )
     inputs = tiny_inputs(arch)
     ours.train(), theirs.train()  # dropout on: the same seed gives both libraries the same masks
     outputs = []
@@ -70,8 +74,12 @@ def test_magnitude_starts_at_the_weight_norm_and_the_model_at_the_base():
     expected = logits(base, tiny_inputs("llama"))
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, use_dora=True))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(layer.adapters["default"].lora_magnitude_vector,
-                               torch.linalg.norm(layer.base_layer.weight, dim=1), rtol=0, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        layer.adapters["default"].lora_magnitude_vector,
+        torch.linalg.norm(layer.base_layer.weight, dim=1),
+        rtol=0,
+        atol=1e-6,
+    )
     torch.testing.assert_close(logits(model, tiny_inputs("llama")), expected, rtol=0, atol=ATOL)
 
 
@@ -99,8 +107,11 @@ def test_parameter_counts_and_printed_line_equal_peft(arch, capsys):
 
 # ---- merging --------------------------------------------------------------------------------------------
 def base_weights(model) -> dict[str, torch.Tensor]:
-    return {file_key(n).replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()
-            if "base_layer.weight" in n}  # fmt: skip
+    return {
+        file_key(n).replace(".base_layer", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if "base_layer.weight" in n
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -224,8 +235,7 @@ def test_fast_paths_never_take_a_dora_adapter(monkeypatch):
     ours(**inputs, labels=inputs["input_ids"]).loss.backward()
     ours.eval()
     generated = ours.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=3, do_sample=False)
-    assert torch.equal(generated, theirs.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=3,
-                                                  do_sample=False))  # fmt: skip
+    assert torch.equal(generated, theirs.generate(input_ids=inputs["input_ids"][:1], max_new_tokens=3, do_sample=False))
     plain = get_peft_model(tiny_model("llama"), LoraConfig(r=4))  # the spy works: a plain adapter is taken
     with pytest.raises(AssertionError, match="a fast path ran"):
         logits(plain, inputs)
@@ -284,8 +294,14 @@ def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     from deltatune.tuners.quantized import dequantize_model, dequantized_weight
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
     # train mode: peft's DoRA norm dequantises, and would misread codes an eval forward repacked (quant_helpers)
@@ -311,7 +327,6 @@ def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     expected = logits(ours, {"input_ids": ids})
     merged = ours.merge_and_unload()
     torch.testing.assert_close(logits(merged, {"input_ids": ids}), expected, rtol=0, atol=ATOL)
-
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -340,8 +355,9 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
             peft_layer = theirs.get_base_model().get_submodule(name).base_layer
             # the same codes: a code one step off moves a weight by a grid step (> 1e-3); the block scales may
             # differ in the last fp32 bit (the merged weight's order of rounding)
-            torch.testing.assert_close(dequantized_weight(mine), dequantized_weight(peft_layer), rtol=0, atol=1e-6,
-                                       msg=name)  # fmt: skip
+            torch.testing.assert_close(
+                dequantized_weight(mine), dequantized_weight(peft_layer), rtol=0, atol=1e-6, msg=name
+            )
         torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=ATOL)
 
     for model in (ours, theirs):
@@ -352,17 +368,39 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
         model.unmerge_adapter()
     assert_same_codes()
 
+
 # ---- command line ---------------------------------------------------------------------------------------
 def test_cli_train_with_dora_writes_a_peft_dora_adapter(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
     from tiny_chat_model import make_tiny_model
+    from transformers import AutoModelForCausalLM
 
     from deltatune.cli import main, train
 
     tiny = make_tiny_model(str(tmp_path / "model"))
     out = str(tmp_path / "run")
-    assert main(["train", "--model", tiny, "--method", "lora", "--dora", "--r", "4", "--max-steps", "1",
-                 "--batch-size", "2", "--max-length", "64", "--output", out]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                tiny,
+                "--method",
+                "lora",
+                "--dora",
+                "--r",
+                "4",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--max-length",
+                "64",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     assert "dora: true" in (tmp_path / "run" / "run.yaml").read_text()
     tensors = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)

@@ -194,8 +194,16 @@ def test_pickled_adapter_is_refused_without_unpickling(tmp_path):
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     saved_lora(tmp_path)
-    wider = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=100))  # fmt: skip
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
     with pytest.raises(ValueError) as error:
         PeftModel.from_pretrained(wider, tmp_path)
     assert str(error.value) == (
@@ -222,15 +230,21 @@ def test_adapter_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"target_modules=\['fc1'\] matched no module of LlamaForCausalLM"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     saved_lora(tmp_path / "opt_q", arch="opt", target_modules=["q_proj"])  # q_proj exists in both: keys differ
-    with pytest.raises(ValueError, match=r"4 tensors in the adapter file have no place in this model, e.g. "
-                                         r"\['base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"4 tensors in the adapter file have no place in this model, e.g. "
+        r"\['base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight'",
+    ):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "opt_q")
     saved_lora(tmp_path / "llama_q", target_modules=["q_proj"])
     weights = load_file(tmp_path / "llama_q" / "adapter_model.safetensors")
     weights["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
     save_file(weights, tmp_path / "llama_q" / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"1 tensors in the adapter file have no place in this model, e.g. "
-                                         r"\['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 tensors in the adapter file have no place in this model, e.g. "
+        r"\['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'\]",
+    ):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "llama_q")
 
 
@@ -261,8 +275,9 @@ def test_unknown_config_key_warns_and_loads(tmp_path, caplog):
 
 
 def test_peft_default_keys_do_not_warn(tmp_path, caplog):
-    theirs = peft.get_peft_model(tiny_model("t5", "SEQ_2_SEQ_LM"),
-                                 peft.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules="all-linear"))  # fmt: skip
+    theirs = peft.get_peft_model(
+        tiny_model("t5", "SEQ_2_SEQ_LM"), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules="all-linear")
+    )
     theirs.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert len(written) > 25  # peft writes every one of its fields
@@ -277,26 +292,42 @@ def test_unknown_peft_type_in_file(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["peft_type"] = "IA3"
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"adapter_config.json: peft_type='IA3' is not a method deltatune has; known: LORA"):
+    with pytest.raises(
+        ValueError, match=r"adapter_config.json: peft_type='IA3' is not a method deltatune has; known: LORA"
+    ):
         PeftConfig.from_pretrained(tmp_path)
-
 
 
 @pytest.mark.parametrize(
     "config_dict",
     [
         # The seeds' LoRA settings (seed 001 imports get_peft_config next to LoraConfig), as a dict.
-        {"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "inference_mode": False, "r": 8, "lora_alpha": 32,
-         "lora_dropout": 0.1},
+        {
+            "peft_type": "LORA",
+            "task_type": "SEQ_2_SEQ_LM",
+            "inference_mode": False,
+            "r": 8,
+            "lora_alpha": 32,
+            "lora_dropout": 0.1,
+        },
         # peft's README example (less a field peft has since dropped).
-        {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM", "inference_mode": False, "num_virtual_tokens": 20,
-         "token_dim": 768, "num_transformer_submodules": 1, "num_attention_heads": 12, "num_layers": 12,
-         "encoder_hidden_size": 768, "prefix_projection": False},
+        {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "SEQ_2_SEQ_LM",
+            "inference_mode": False,
+            "num_virtual_tokens": 20,
+            "token_dim": 768,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": 12,
+            "num_layers": 12,
+            "encoder_hidden_size": 768,
+            "prefix_projection": False,
+        },
         {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 10, "encoder_hidden_size": 128},
         # Everything peft writes for a LoRA config, its own keys included.
         peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]).to_dict(),
     ],
-)  # fmt: skip
+)
 def test_get_peft_config_builds_the_config_peft_builds(config_dict):
     ours, theirs = get_peft_config(config_dict), peft.get_peft_config(config_dict)
     assert type(ours).__name__ == type(theirs).__name__
@@ -313,30 +344,39 @@ def test_get_peft_config_without_peft_type():
     with pytest.raises(KeyError, match=r"get_peft_config: the dict has no 'peft_type' \(keys: r\); add one"):
         get_peft_config({"r": 8})
 
+
 # ---- AutoPeftModel* ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "arch, auto_class, peft_auto, base_class",
     [
         ("llama", AutoPeftModelForCausalLM, peft.AutoPeftModelForCausalLM, AutoModelForCausalLM),
-        ("bert", AutoPeftModelForSequenceClassification, peft.AutoPeftModelForSequenceClassification,
-         AutoModelForSequenceClassification),
+        (
+            "bert",
+            AutoPeftModelForSequenceClassification,
+            peft.AutoPeftModelForSequenceClassification,
+            AutoModelForSequenceClassification,
+        ),
     ],
-)  # fmt: skip
+)
 def test_auto_peft_model_loads_base_and_adapter(tmp_path, arch, auto_class, peft_auto, base_class):
     tiny_model(arch).save_pretrained(tmp_path / "base")
     task = TaskType.SEQ_CLS if arch == "bert" else TaskType.CAUSAL_LM
-    model = get_peft_model(base_class.from_pretrained(tmp_path / "base"),
-                           LoraConfig(task_type=task, r=4, init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        base_class.from_pretrained(tmp_path / "base"), LoraConfig(task_type=task, r=4, init_lora_weights=False)
+    )
     randomize_adapter(model)
     assert model.active_peft_config.base_model_name_or_path == str(tmp_path / "base")
     model.save_pretrained(tmp_path / "adapter")
     inputs = tiny_inputs(arch)
     expected = logits(model, inputs)
     loaded = auto_class.from_pretrained(tmp_path / "adapter")
-    assert type(loaded).__name__ == ("PeftModelForCausalLM" if arch == "llama" else "PeftModelForSequenceClassification")
+    assert type(loaded).__name__ == (
+        "PeftModelForCausalLM" if arch == "llama" else "PeftModelForSequenceClassification"
+    )
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits(peft_auto.from_pretrained(tmp_path / "adapter"), inputs), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        logits(peft_auto.from_pretrained(tmp_path / "adapter"), inputs), expected, rtol=0, atol=1e-5
+    )
 
 
 def test_auto_peft_model_without_base_path(tmp_path):

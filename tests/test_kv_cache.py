@@ -35,16 +35,26 @@ class NoCache(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("model, name", [(OldName(), "past_key_values"), (NewName(), "cache"),
-                                         (ClassifierHead(OldName()), "past_key_values"),
-                                         (ClassifierHead(NewName()), "cache"), (ClassifierHead(NoCache()), None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        (OldName(), "past_key_values"),
+        (NewName(), "cache"),
+        (ClassifierHead(OldName()), "past_key_values"),
+        (ClassifierHead(NewName()), "cache"),
+        (ClassifierHead(NoCache()), None),
+    ],
+)
 def test_the_cache_keyword_is_read_from_the_model(model, name):
     assert cache_argument(model) == name
 
 
 def test_the_installed_release_names_a_keyword_deltatune_knows():
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                                   num_attention_heads=2, vocab_size=10))  # fmt: skip
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10
+        )
+    )
     assert cache_argument(model) in ("cache", "past_key_values")
 
 
@@ -55,7 +65,10 @@ def test_the_cache_in_a_call_is_found_by_type_under_any_name():
 
 
 def test_a_model_without_a_cache_is_refused_naming_method_model_and_release():
-    with pytest.raises(ValueError, match=rf"^prefix tuning needs it, but under transformers {re.escape(transformers.__version__)} "
-                                         r"ClassifierHead \(model_type=None\) takes no KV cache \(no forward among its "
-                                         r"modules takes cache or past_key_values\); use LoRA$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^prefix tuning needs it, but under transformers {re.escape(transformers.__version__)} "
+        r"ClassifierHead \(model_type=None\) takes no KV cache \(no forward among its "
+        r"modules takes cache or past_key_values\); use LoRA$",
+    ):
         require_cache_argument(ClassifierHead(NoCache()), "prefix tuning", "needs it", "use LoRA")

@@ -179,8 +179,14 @@ def test_model_without_a_known_layer_list_is_refused_as_in_peft():
 def test_adalora_on_replicated_layers_equals_peft(tmp_path):
     """peft's AdaLoRA replicates too (its model is LoRA's): counts, outputs and files agree, and each copy of a
     shared layer gets its own SVD adapter, which the rank allocator then sees as separate triplets."""
-    kwargs = dict(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"],
-                  layer_replication=MAP)  # fmt: skip
+    kwargs = dict(
+        task_type="CAUSAL_LM",
+        init_r=4,
+        target_r=2,
+        total_step=10,
+        target_modules=["q_proj", "v_proj"],
+        layer_replication=MAP,
+    )
     ours = get_peft_model(base("llama"), AdaLoraConfig(**kwargs))
     theirs = peft.get_peft_model(base("llama"), peft.AdaLoraConfig(**kwargs))
     (trainable, total), (peft_trainable, peft_total) = (m.get_nb_trainable_parameters() for m in (ours, theirs))
@@ -207,7 +213,9 @@ def test_merging_is_refused_and_leaves_the_weights_alone():
     ours, _ = pair("llama")
     inputs = tiny_inputs("llama")
     before = outputs(ours, inputs)
-    message = r"cannot merge adapters into a model whose layers are replicated \(layer_replication=\[\[0, 3\], \[1, 4\]\]\)"
+    message = (
+        r"cannot merge adapters into a model whose layers are replicated \(layer_replication=\[\[0, 3\], \[1, 4\]\]\)"
+    )
     for merge in (ours.merge_and_unload, ours.merge_adapter):
         with pytest.raises(ValueError, match=message + ": the repeated layers share one base weight"):
             merge()
@@ -241,8 +249,11 @@ def test_second_adapter_with_the_same_map_is_not_replicated_again(tmp_path):
 
 def test_second_adapter_with_another_map_is_refused():
     ours, _ = pair("llama")
-    with pytest.raises(ValueError, match=r"adapter 'b' asks for layer_replication=\[\[0, 2\]\], but this model's "
-                                         r"layers were already replicated with \[\[0, 3\], \[1, 4\]\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'b' asks for layer_replication=\[\[0, 2\]\], but this model's "
+        r"layers were already replicated with \[\[0, 3\], \[1, 4\]\]",
+    ):
         ours.add_adapter("b", LoraConfig(task_type="CAUSAL_LM", layer_replication=[[0, 2]]))
     assert "b" not in ours.peft_config and len(layers_of(ours)) == len(ORDER)
 
@@ -252,7 +263,6 @@ def test_map_after_plain_adapters_is_refused():
     with pytest.raises(ValueError, match=r"already holds adapters on its unreplicated layers"):
         ours.add_adapter("b", LoraConfig(task_type="CAUSAL_LM", layer_replication=copy.deepcopy(MAP)))
     assert len(layers_of(ours)) == 4
-
 
 
 def test_dora_on_replicated_layers_equals_peft():

@@ -36,8 +36,7 @@ def peft_replace_on_cpu(monkeypatch):
 
 
 def ours_4bit(folder, **config):
-    return get_peft_model(load(folder, 4), LoraConfig(**{"r": 4, "lora_alpha": 4, "target_modules": TARGETS,
-                                                         **config}))  # fmt: skip
+    return get_peft_model(load(folder, 4), LoraConfig(**{"r": 4, "lora_alpha": 4, "target_modules": TARGETS, **config}))
 
 
 def lora_layers(model) -> dict[str, LoraLayer]:
@@ -45,8 +44,11 @@ def lora_layers(model) -> dict[str, LoraLayer]:
 
 
 def factors(model) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": getattr(m.adapters["default"], k).weight.detach().clone()
-            for n, m in lora_layers(model).items() for k in ("lora_A", "lora_B")}  # fmt: skip
+    return {
+        f"{n}.{k}": getattr(m.adapters["default"], k).weight.detach().clone()
+        for n, m in lora_layers(model).items()
+        for k in ("lora_A", "lora_B")
+    }
 
 
 def logits(model) -> torch.Tensor:
@@ -59,8 +61,11 @@ def test_factors_and_logits_equal_peft(model_dir, peft_replace_on_cpu):
     theirs = peft.get_peft_model(load(model_dir, 4), peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
     assert replace_lora_weights_loftq(ours, model_path=str(model_dir)) == list(lora_layers(ours))
     peft_loftq.replace_lora_weights_loftq(theirs, model_path=str(model_dir))
-    theirs_factors = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p.detach()
-                      for n, p in theirs.named_parameters() if "lora_" in n}  # fmt: skip
+    theirs_factors = {
+        n.removeprefix("base_model.model.").replace(".default.weight", ""): p.detach()
+        for n, p in theirs.named_parameters()
+        if "lora_" in n
+    }
     ours_factors = factors(ours)
     assert ours_factors.keys() == theirs_factors.keys() and len(ours_factors) == 28
     for name, value in ours_factors.items():
@@ -126,7 +131,9 @@ def test_a_second_adapter_is_set_by_name_and_the_first_is_left(model_dir):
     ours.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
     before = factors(ours)
     assert replace_lora_weights_loftq(ours, model_path=model_dir, adapter_name="other") == [
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # fmt: skip
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert all(torch.equal(v, before[n]) for n, v in factors(ours).items())  # "default" untouched
     q_proj = lora_layers(ours)["model.layers.0.self_attn.q_proj"]
     assert q_proj.adapters["other"].lora_A.weight.shape == (2, 64)
@@ -142,13 +149,19 @@ def test_scale_other_than_one_warns_as_peft_fits_at_scale_one(model_dir, caplog)
 
 def test_bad_inputs_name_the_problem_and_the_fix(model_dir, tmp_path):
     full_precision = get_peft_model(load(model_dir), LoraConfig(r=4, target_modules=TARGETS))
-    with pytest.raises(ValueError, match=r"no LoRA adapter 'default' on a bitsandbytes 4-bit layer: load the base "
-                                         r"with load_in_4bit"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"no LoRA adapter 'default' on a bitsandbytes 4-bit layer: load the base "
+        r"with load_in_4bit",
+    ):
         replace_lora_weights_loftq(full_precision, model_path=model_dir)
     with pytest.raises(ValueError, match=r"found no LoRA adapter 'missing'"):
         replace_lora_weights_loftq(ours_4bit(model_dir), model_path=model_dir, adapter_name="missing")
-    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or model.safetensors.index.json at .*pass "
-                                                r"model_path= the folder of the unquantised model"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no model.safetensors or model.safetensors.index.json at .*pass "
+        r"model_path= the folder of the unquantised model",
+    ):
         replace_lora_weights_loftq(ours_4bit(model_dir), model_path=tmp_path)
     with pytest.raises(ValueError, match=r"the model's name_or_path 'some/hub-id' is not a local folder"):
         hub_named = ours_4bit(model_dir)
@@ -164,6 +177,9 @@ def test_a_file_of_another_model_is_refused_by_tensor_name(model_dir, tmp_path):
 
     save_file({k: v for k, v in state.items() if "q_proj" not in k}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({}))
-    with pytest.raises(KeyError, match=r"holds no tensor 'model.layers.0.self_attn.q_proj.weight' or "
-                                       r"'layers.0.self_attn.q_proj.weight': is it the full-precision version"):  # fmt: skip
+    with pytest.raises(
+        KeyError,
+        match=r"holds no tensor 'model.layers.0.self_attn.q_proj.weight' or "
+        r"'layers.0.self_attn.q_proj.weight': is it the full-precision version",
+    ):
         replace_lora_weights_loftq(ours_4bit(model_dir), model_path=tmp_path)

@@ -30,8 +30,6 @@ from deltatune.ops.lora_dispatch import use_fast_paths
 from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
 
 
-
-
 # ---- parity with peft, per architecture ------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", PARITY_ARCHS)
 def test_same_weights_give_peft_logits_and_counts(arch):
@@ -52,7 +50,10 @@ def test_adapter_files_load_across_libraries(arch, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     peft_reads_ours = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
     we_read_peft = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft")
-    assert type(we_read_peft) is deltatune.task_models.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
+    assert (
+        type(we_read_peft)
+        is deltatune.task_models.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
+    )
     assert_same_logits(peft_reads_ours, ours, inputs)
     assert_same_logits(we_read_peft, theirs, inputs)
     assert we_read_peft.get_nb_trainable_parameters()[0] == 0  # loaded for inference: frozen
@@ -95,8 +96,10 @@ def test_half_precision_base_matches_peft_merged_and_unmerged(dtype):
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
 
 
-@pytest.mark.parametrize("arch, target_modules", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["embed_tokens", "q_proj"]),
-                                                   ("llama", "all-linear")])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, target_modules",
+    [("gpt2", ["c_attn", "c_fc"]), ("llama", ["embed_tokens", "q_proj"]), ("llama", "all-linear")],
+)
 def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
     """Conv1D and embeddings take the reference path: base + fp32 update is rounded to bf16 once, as in peft."""
     base = tiny_model(arch).to(torch.bfloat16)
@@ -109,7 +112,6 @@ def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
     with use_fast_paths(False):
         assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
     assert torch.equal(logits(ours, inputs), logits(theirs, inputs))
-
 
 
 # ---- which modules are adapted ----------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
         ("bert", "all-linear"),
         ("opt", "all-linear"),
     ],
-)  # fmt: skip
+)
 def test_target_modules_select_the_same_modules_as_peft(arch, target_modules):
     ours, theirs = lora_pair(arch, target_modules=target_modules)
     expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
@@ -153,11 +155,14 @@ def test_default_targets_per_architecture_equal_peft(arch):
     assert ours.active_peft_config.target_modules == DEFAULT_TARGET_MODULES[model_type]  # written into the config
 
 
-@pytest.mark.parametrize("target_modules, exclude_modules", [
-    ("all-linear", ["down_proj", "model.layers.0.self_attn.q_proj"]),
-    (["q_proj", "v_proj", "up_proj"], r".*\.1\..*"),
-    (["q_proj", "v_proj"], {"v_proj"}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "target_modules, exclude_modules",
+    [
+        ("all-linear", ["down_proj", "model.layers.0.self_attn.q_proj"]),
+        (["q_proj", "v_proj", "up_proj"], r".*\.1\..*"),
+        (["q_proj", "v_proj"], {"v_proj"}),
+    ],
+)
 def test_exclude_modules_leaves_out_what_peft_leaves_out(target_modules, exclude_modules, tmp_path):
     ours, theirs = lora_pair("llama", target_modules=target_modules, exclude_modules=exclude_modules)
     expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
@@ -167,15 +172,19 @@ def test_exclude_modules_leaves_out_what_peft_leaves_out(target_modules, exclude
 
 
 def test_exclude_modules_that_remove_every_target_are_refused():
-    with pytest.raises(ValueError, match=r"exclude_modules=\['q_proj'\] removes every module target_modules=\['q_proj'\] "
-                                         r"selects \(model.layers.0.self_attn.q_proj, .*exclude fewer modules"):
+    with pytest.raises(
+        ValueError,
+        match=r"exclude_modules=\['q_proj'\] removes every module target_modules=\['q_proj'\] "
+        r"selects \(model.layers.0.self_attn.q_proj, .*exclude fewer modules",
+    ):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize("layers, pattern", [([1], None), (0, "layers"), ([0, 1], ["layers"])])
 def test_layers_to_transform_like_peft(layers, pattern):
-    ours, theirs = lora_pair("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=layers,
-                             layers_pattern=pattern)  # fmt: skip
+    ours, theirs = lora_pair(
+        "llama", target_modules=["q_proj", "v_proj"], layers_to_transform=layers, layers_pattern=pattern
+    )
     expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
     assert wrapped_names(ours, LoraLayer) == expected
     wanted = [layers] if isinstance(layers, int) else layers
@@ -226,9 +235,15 @@ def test_use_rslora_scale(use_rslora, expected_scale):
 
 
 def test_rank_and_alpha_patterns_like_peft():
-    ours, theirs = lora_pair("llama", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False,
-                             rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
-                             alpha_pattern={"q_proj": 24})  # fmt: skip
+    ours, theirs = lora_pair(
+        "llama",
+        target_modules=["q_proj", "v_proj"],
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+        alpha_pattern={"q_proj": 24},
+    )
     for name in wrapped_names(ours, LoraLayer):
         adapter = ours.get_base_model().get_submodule(name).adapters["default"]
         reference = theirs.get_base_model().get_submodule(name)
@@ -297,9 +312,17 @@ def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged()
     """Gemma 3's embedding multiplies by embed_scale in its forward; peft scales the update too."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    config = Gemma3TextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
-                              tie_word_embeddings=False)  # fmt: skip
+    config = Gemma3TextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).eval()
     lora = dict(r=4, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"])
@@ -330,7 +353,6 @@ def test_lora_dropout_only_in_training_mode():
     assert not torch.equal(logits(model, inputs), logits(model, inputs))
 
 
-
 # ---- bad settings --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("r", [0, -2])
 def test_rank_must_be_positive(r):
@@ -345,7 +367,9 @@ def test_dropout_must_be_in_zero_one(dropout):
 
 
 def test_unknown_task_type_lists_the_known_ones():
-    with pytest.raises(ValueError, match="task_type='CAUSAL' is not known; use one of: SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"):
+    with pytest.raises(
+        ValueError, match="task_type='CAUSAL' is not known; use one of: SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"
+    ):
         LoraConfig(task_type="CAUSAL")
 
 
@@ -373,8 +397,11 @@ def test_layers_to_transform_with_a_regex_is_refused():
 
 
 def test_layers_pattern_needs_layers_to_transform():
-    with pytest.raises(ValueError, match=r"layers_pattern='layers' only tells where the layer index is; give "
-                                         r"layers_to_transform=\[...\] too"):
+    with pytest.raises(
+        ValueError,
+        match=r"layers_pattern='layers' only tells where the layer index is; give "
+        r"layers_to_transform=\[...\] too",
+    ):
         LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
 
 
@@ -401,4 +428,3 @@ def test_a_failed_add_adapter_leaves_the_model_as_it_was():
 def test_unsupported_target_type_is_named():
     with pytest.raises(TypeError, match="LoRA supports nn.Linear, Conv1D, nn.Embedding .* not LlamaRMSNorm"):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
-

@@ -49,8 +49,9 @@ def test_mixed_batch_rows_equal_each_adapter_alone(arch):
     assert not torch.allclose(mixed[0], run_alone(model, "default", lambda: logits(model, inputs))[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("arch, num_beams", [("llama", 1), ("llama", 2), ("bloom", 1), ("gpt2", 1), ("opt", 1),
-                                             ("t5", 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, num_beams", [("llama", 1), ("llama", 2), ("bloom", 1), ("gpt2", 1), ("opt", 1), ("t5", 1)]
+)
 def test_mixed_batch_generate_rows_equal_each_adapter_alone(arch, num_beams):
     model = two_adapter_model(arch)
     inputs = {k: v for k, v in tiny_inputs(arch).items() if k != "decoder_input_ids"}
@@ -205,8 +206,11 @@ def test_adapter_management_errors():
         model.delete_adapter("nope")
     model.set_adapter("other")
     model.merge_adapter()
-    with pytest.raises(ValueError, match=r"cannot delete adapter 'other' while it is merged into the base weights; "
-                                         r"call unmerge_adapter\(\) first"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"cannot delete adapter 'other' while it is merged into the base weights; "
+        r"call unmerge_adapter\(\) first",
+    ):
         model.delete_adapter("other")  # as peft refuses
     assert "other" in model.peft_config and model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters
     model.unmerge_adapter()
@@ -222,5 +226,7 @@ def test_print_trainable_parameters_prints_peft_line(capsys):
     ours.print_trainable_parameters()
     assert capsys.readouterr().out == expected
     trainable, total = ours.get_nb_trainable_parameters()
-    assert expected.strip() == f"trainable params: {trainable:,d} || all params: {total:,d} || " \
-                               f"trainable%: {100 * trainable / total:.4f}"  # fmt: skip
+    assert (
+        expected.strip() == f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )

@@ -1,6 +1,6 @@
 """LoraConfig(lora_bias=True): a trainable bias on B beside the low-rank product, checked against peft.
 
-    h = W x + b + s (B A x + b_B)        merged: b <- b + s b_B
+h = W x + b + s (B A x + b_B)        merged: b <- b + s b_B
 """
 
 import logging
@@ -27,8 +27,7 @@ def bias_pair(arch: str, **kwargs):
 
 
 def lora_biases(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if n.endswith("lora_B.default.bias")
-            or n.endswith("lora_B.bias")}  # fmt: skip
+    return {n: p for n, p in model.named_parameters() if n.endswith("lora_B.default.bias") or n.endswith("lora_B.bias")}
 
 
 @pytest.mark.parametrize("arch", sorted(TARGETS))
@@ -57,8 +56,9 @@ def test_default_init_zeroes_the_bias_and_the_model_starts_at_the_base():
 
 
 def test_the_bias_alone_shifts_the_output_by_scale_times_bias():
-    model = get_peft_model(tiny_model("bloom"), LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"],
-                                                           lora_bias=True))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("bloom"), LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], lora_bias=True)
+    )
     layer = model.base_model.model.transformer.h[0].self_attention.query_key_value
     adapter = layer.adapters["default"]
     with torch.no_grad():
@@ -91,13 +91,17 @@ def test_merge_adds_the_scaled_bias_like_peft_and_unmerge_restores(arch):
 
 def test_a_base_without_bias_warns_and_refuses_to_merge(caplog):
     with caplog.at_level(logging.WARNING, logger="deltatune"):
-        model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_bias=True,
-                                                               init_lora_weights=False))  # fmt: skip
+        model = get_peft_model(
+            tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+        )
     warning = "lora_bias=True on a Linear with no bias: adapter 'default' will work unmerged but cannot be merged"
     assert warning in caplog.text
     weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
-    with pytest.raises(RuntimeError, match=r"cannot merge adapter 'default': it has lora_bias=True but the base "
-                                           r"layer Linear has no bias"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"cannot merge adapter 'default': it has lora_bias=True but the base "
+        r"layer Linear has no bias",
+    ):
         model.merge_adapter()
     assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
 
@@ -137,15 +141,21 @@ def test_mixed_batch_with_a_bias_adapter_equals_each_adapter_alone():
 
 
 def test_refusals_name_the_option_and_the_fix():
-    with pytest.raises(ValueError, match=r"lora_bias=True works with init_lora_weights=True or False \(as in peft\), "
-                                         r"not 'pissa'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"lora_bias=True works with init_lora_weights=True or False \(as in peft\), "
+        r"not 'pissa'",
+    ):
         LoraConfig(lora_bias=True, init_lora_weights="pissa")
     with pytest.raises(ValueError, match=r"lora_bias=True does not work with use_dora=True"):
         LoraConfig(lora_bias=True, use_dora=True)
     with pytest.raises(ValueError, match=r"AdaLoraConfig does not support lora_bias=True"):
         AdaLoraConfig(lora_bias=True, total_step=10)
-    with pytest.raises(ValueError, match=r"lora_bias=True does not work on an embedding layer \(as in peft\), and "
-                                         r"adapter 'default' targets one"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"lora_bias=True does not work on an embedding layer \(as in peft\), and "
+        r"adapter 'default' targets one",
+    ):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
     model, _ = bias_pair("bloom")
     model.add_adapter("other", LoraConfig(target_modules=TARGETS["bloom"]))

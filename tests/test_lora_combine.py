@@ -10,10 +10,23 @@ from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.tuners.lora import LoraLayer
 
-RULES = ["svd", "cat", "linear", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-         "magnitude_prune", "magnitude_prune_svd"]  # fmt: skip
-CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-           "b": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj"])}  # fmt: skip
+RULES = [
+    "svd",
+    "cat",
+    "linear",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+]
+CONFIGS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj"]),
+}
 
 
 def two_adapter_pair(arch="llama", configs=CONFIGS):
@@ -56,8 +69,11 @@ def test_every_combination_type_gives_peft_factors_and_logits(rule):
 
 def updates(model, name):
     """{layer name: scaling * B A} of adapter `name`."""
-    return {key: layer.adapters[name].delta_weight() for key, layer in model.named_modules()
-            if isinstance(layer, LoraLayer) and name in layer.adapters}  # fmt: skip
+    return {
+        key: layer.adapters[name].delta_weight()
+        for key, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and name in layer.adapters
+    }
 
 
 def test_cat_is_exactly_the_weighted_sum_of_updates_and_svd_its_best_low_rank_cut():
@@ -74,14 +90,19 @@ def test_cat_is_exactly_the_weighted_sum_of_updates_and_svd_its_best_low_rank_cu
 
 
 def test_svd_and_cat_combine_different_ranks_on_gpt2_conv1d_like_peft():
-    configs = {"a": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
-               "b": dict(r=6, lora_alpha=6, target_modules=["c_attn", "c_proj"])}  # fmt: skip
+    configs = {
+        "a": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
+        "b": dict(r=6, lora_alpha=6, target_modules=["c_attn", "c_proj"]),
+    }
     for rule, options in (("svd", dict(svd_clamp=0.9)), ("cat", {})):
         ours, theirs = combined_in_both(rule, arch="gpt2", configs=configs, **options)
         inputs = tiny_inputs("gpt2")
         torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match=r"combination_type='linear' mixes the factors, which needs one rank; the ranks "
-                                         r"are \{'a': 2, 'b': 6\}: use 'svd' or 'cat'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"combination_type='linear' mixes the factors, which needs one rank; the ranks "
+        r"are \{'a': 2, 'b': 6\}: use 'svd' or 'cat'",
+    ):
         two_adapter_pair("gpt2", configs)[0].add_weighted_adapter(["a", "b"], [1, 1], "mix", combination_type="linear")
 
 

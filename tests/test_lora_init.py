@@ -51,8 +51,11 @@ def assert_same_logits(a, b, inputs, atol: float = ATOL) -> None:
 def changed_base_weights(model, original) -> list[str]:
     """Names of base weights (inside LoRA layers) that differ from `original`'s."""
     reference = dict(original.named_parameters())
-    return [name for name, module in model.get_base_model().named_modules() if isinstance(module, LoraLayer)
-            and not torch.equal(module.base_layer.weight, reference[f"{name}.weight"])]  # fmt: skip
+    return [
+        name
+        for name, module in model.get_base_model().named_modules()
+        if isinstance(module, LoraLayer) and not torch.equal(module.base_layer.weight, reference[f"{name}.weight"])
+    ]
 
 
 # ---- PiSSA and OLoRA ---------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def test_starts_equal_to_the_base_and_equals_peft(init):
 
 
 def test_pissa_factors_are_the_top_singular_triplets():
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=3, lora_alpha=6, init_lora_weights="pissa",
-                                                           target_modules=["q_proj"]))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=3, lora_alpha=6, init_lora_weights="pissa", target_modules=["q_proj"])
+    )
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     original = tiny_model("llama").model.layers[0].self_attn.q_proj.weight
     adapter = layer.adapters["default"]
@@ -137,14 +141,17 @@ def test_converted_adapter_is_plain_lora_for_the_original_base(init, tmp_path):
 
     inputs = tiny_inputs("llama")
     trained = logits(ours, inputs)
-    for loaded in (peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours"),
-                   PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")):  # fmt: skip
+    for loaded in (
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours"),
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours"),
+    ):
         torch.testing.assert_close(logits(loaded, inputs), trained, rtol=0, atol=ATOL)
 
 
 def test_conversion_with_rslora_and_patterns_is_refused(tmp_path):
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, init_lora_weights="pissa", use_rslora=True,
-                                                           rank_pattern={"v_proj": 2}))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=4, init_lora_weights="pissa", use_rslora=True, rank_pattern={"v_proj": 2})
+    )
     model.save_pretrained(tmp_path / "init")
     with pytest.raises(ValueError, match="cannot keep the scale with use_rslora=True and rank_pattern / alpha_pattern"):
         model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
@@ -168,30 +175,42 @@ def test_adapter_files_load_across_libraries(init, tmp_path):
 # ---- validation --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["pissa_niter_x", "pissa_niter_", "PiSSA", "svd", "olora_niter_2"])
 def test_unknown_init_strings_name_the_field_and_the_forms(init):
-    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' is not known; use True, False, 'gaussian', "
-                                         r"'pissa', 'pissa_niter_\[N\]' \(N an integer >= 0\), 'olora' or 'loftq'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"init_lora_weights='{init}' is not known; use True, False, 'gaussian', "
+        r"'pissa', 'pissa_niter_\[N\]' \(N an integer >= 0\), 'olora' or 'loftq'",
+    ):
         LoraConfig(init_lora_weights=init)
 
 
 def test_embedding_is_refused_by_name_before_any_weight_changes():
     """peft silently gives an embedding its default init here; deltatune says that PiSSA cannot apply."""
     model, original = twins("llama")
-    with pytest.raises(ValueError, match="init_lora_weights='pissa' does not apply to the embedding "
-                                         "model.embed_tokens; leave this module out of target_modules"):
+    with pytest.raises(
+        ValueError,
+        match="init_lora_weights='pissa' does not apply to the embedding "
+        "model.embed_tokens; leave this module out of target_modules",
+    ):
         get_peft_model(model, LoraConfig(init_lora_weights="pissa", target_modules=["q_proj", "embed_tokens"]))
-    for (name, value), (_, before) in zip(model.named_parameters(), original.named_parameters()):
+    for (name, value), (_, before) in zip(model.named_parameters(), original.named_parameters(), strict=True):
         assert torch.equal(value, before), name  # the q_proj weights were not turned into residuals
 
 
 def test_rank_above_the_weight_side_is_refused():
-    with pytest.raises(ValueError, match=r"r=40 is larger than the smaller side of model.layers.0.self_attn.q_proj's "
-                                         r"weight \(32 x 32\), so 'olora' has too few singular vectors"):
+    with pytest.raises(
+        ValueError,
+        match=r"r=40 is larger than the smaller side of model.layers.0.self_attn.q_proj's "
+        r"weight \(32 x 32\), so 'olora' has too few singular vectors",
+    ):
         get_peft_model(tiny_model("llama"), LoraConfig(r=40, init_lora_weights="olora"))
 
 
 def test_float64_base_is_refused_like_peft():
-    with pytest.raises(TypeError, match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
-                                        "but model.layers.0.self_attn.q_proj is a Linear with dtype torch.float64"):
+    with pytest.raises(
+        TypeError,
+        match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
+        "but model.layers.0.self_attn.q_proj is a Linear with dtype torch.float64",
+    ):
         get_peft_model(tiny_model("llama").double(), LoraConfig(init_lora_weights="pissa"))
 
 
@@ -213,8 +232,9 @@ def peft_loftq_config(bits: int, iters: int, **kwargs):
 def test_loftq_equals_peft(bits, iters, peft_loftq_on_cpu):
     ours_base, peft_base = twins("llama")
     kwargs = dict(r=4, lora_alpha=4, target_modules=ALL)
-    ours = get_peft_model(ours_base, LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(bits, iters),
-                                                **kwargs))  # fmt: skip
+    ours = get_peft_model(
+        ours_base, LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(bits, iters), **kwargs)
+    )
     theirs = peft.get_peft_model(peft_base, peft_loftq_config(bits, iters, **kwargs))
     assert ours.peft_config["default"].loftq_config == {"loftq_bits": bits, "loftq_iter": iters}  # a dict, as peft
     assert len(changed_base_weights(ours, tiny_model("llama"))) == 14
@@ -224,8 +244,12 @@ def test_loftq_equals_peft(bits, iters, peft_loftq_on_cpu):
 @pytest.mark.parametrize("iters", [1, 3])
 def test_loftq_adapter_brings_the_quantised_weight_closer_to_w(iters):
     original = tiny_model("llama")
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=8, lora_alpha=8, init_lora_weights="loftq",
-                                                           loftq_config={"loftq_iter": iters}, target_modules=ALL))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(
+            r=8, lora_alpha=8, init_lora_weights="loftq", loftq_config={"loftq_iter": iters}, target_modules=ALL
+        ),
+    )
     for name, module in model.get_base_model().named_modules():
         if isinstance(module, LoraLayer):
             w, q = original.get_submodule(name).weight, module.base_layer.weight
@@ -237,8 +261,10 @@ def test_loftq_adapter_brings_the_quantised_weight_closer_to_w(iters):
 def test_loftq_base_saved_and_loaded_in_4bit_keeps_q(tmp_path):
     """The LoftQ workflow: save the changed base, load it in NF4 (no double quantisation): the 4-bit weights
     dequantise to Q exactly, so Q + s B A is what training starts from."""
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=4, init_lora_weights="loftq",
-                                                           loftq_config=LoftQConfig(), target_modules=["q_proj"]))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="loftq", loftq_config=LoftQConfig(), target_modules=["q_proj"]),
+    )
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     model.unload().save_pretrained(tmp_path)
     quant = bitsandbytes_config(load_in_4bit=True, compute_dtype=torch.float32, double_quant=False)
@@ -247,7 +273,9 @@ def test_loftq_base_saved_and_loaded_in_4bit_keeps_q(tmp_path):
 
 
 def test_loftq_config_checks():
-    with pytest.raises(ValueError, match=r"init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig"):
+    with pytest.raises(
+        ValueError, match=r"init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig"
+    ):
         LoraConfig(init_lora_weights="loftq")
     with pytest.raises(ValueError, match=r"loftq_config\['loftq_bits'\]=3; use 4 \(NF4\) or 8 \(LLM.int8\(\)\)"):
         LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=3))
@@ -267,31 +295,46 @@ def test_loftq_config_without_loftq_is_dropped_as_peft_does(caplog):
 
 def test_loftq_with_a_scale_other_than_one_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="deltatune.tuners.lora_init"):
-        get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, init_lora_weights="loftq",
-                                                       loftq_config=LoftQConfig(), target_modules=["q_proj"]))  # fmt: skip
+        get_peft_model(
+            tiny_model("llama"),
+            LoraConfig(
+                r=4, lora_alpha=8, init_lora_weights="loftq", loftq_config=LoftQConfig(), target_modules=["q_proj"]
+            ),
+        )
     assert "LoftQ with lora_alpha / r = 2.0" in caplog.text
 
 
 def test_loftq_config_round_trips_through_the_adapter_file(tmp_path):
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=4, init_lora_weights="loftq",
-                                                           loftq_config=LoftQConfig(8, 2), target_modules=["q_proj"]))  # fmt: skip
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="loftq", loftq_config=LoftQConfig(8, 2), target_modules=["q_proj"]
+        ),
+    )
     model.save_pretrained(tmp_path)
     config = deltatune.PeftConfig.from_pretrained(tmp_path)
     assert (config.init_lora_weights, config.loftq_config) == ("loftq", {"loftq_bits": 8, "loftq_iter": 2})
 
 
 def test_loftq_on_an_embedding_is_refused():
-    with pytest.raises(ValueError, match="init_lora_weights='loftq' does not apply to the embedding model.embed_tokens"):
-        get_peft_model(tiny_model("llama"), LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(),
-                                                       target_modules=["embed_tokens"]))  # fmt: skip
+    with pytest.raises(
+        ValueError, match="init_lora_weights='loftq' does not apply to the embedding model.embed_tokens"
+    ):
+        get_peft_model(
+            tiny_model("llama"),
+            LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(), target_modules=["embed_tokens"]),
+        )
 
 
 def test_pissa_on_a_4bit_base_is_refused(tmp_path):
     """As peft refuses PiSSA under a quantised weight: decompose the full-precision base, then quantise it."""
     tiny_model("llama").save_pretrained(tmp_path)
     model = load(tmp_path, 4)
-    with pytest.raises(TypeError, match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
-                                        "but model.layers.0.self_attn.q_proj is a Linear4bit"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match="init_lora_weights='pissa' needs a float32, float16 or bfloat16 weight, "
+        "but model.layers.0.self_attn.q_proj is a Linear4bit",
+    ):
         get_peft_model(model, LoraConfig(init_lora_weights="pissa"))
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
 

@@ -26,7 +26,6 @@ def reference_lora(x, weight, bias, a, b, scaling, mask, keep_scale):
     return F.linear(x, weight, bias) + ((x_low @ a.T @ b.T) * scaling).to(x.dtype)
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -44,7 +43,7 @@ def test_lora_linear_matches_reference(device, dropout, with_bias):
     inputs = [t for t in (x, a, b, bias) if t is not None]
     got = torch.autograd.grad(out, inputs, grad)
     want = torch.autograd.grad(ref, inputs, grad)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert close(g, w)[0], close(g, w)[1]
 
 
@@ -60,7 +59,7 @@ def test_lora_linear_half_precision_base_fp32_adapter(device):
     assert relative_error(out, ref) < 1e-2  # bf16 rounding: one rounding here, two in the reference
     got = torch.autograd.grad(out.float().square().sum(), [x, a, b])
     want = torch.autograd.grad(ref.float().square().sum(), [x, a, b])
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) < 2e-2
 
 
@@ -70,7 +69,11 @@ def test_lora_linear_half_precision_base_fp32_adapter(device):
 def test_lora_linear_inference_matches_reference(device, shape, layout):
     """The generate path: batched matmuls on a (1, tokens, in) view, with A^T and B^T as views or copies."""
     torch.manual_seed(3)
-    x, weight, bias = torch.randn(*shape, device=device), torch.randn(24, 16, device=device), torch.randn(24, device=device)
+    x, weight, bias = (
+        torch.randn(*shape, device=device),
+        torch.randn(24, 16, device=device),
+        torch.randn(24, device=device),
+    )
     a, b = torch.randn(4, 16, device=device), torch.randn(24, 4, device=device)
     a_t, b_t = (a.T[None], b.T[None]) if layout == "views" else (a.T.contiguous()[None], b.T.contiguous()[None])
     out = lora_linear_inference(x, weight, bias, a_t, b_t, 2.0)
@@ -153,8 +156,9 @@ def remakes(monkeypatch):
     from deltatune.ops import lora_ops
 
     taken, take = [], lora_ops.RemadeInput.take
-    monkeypatch.setattr(lora_ops.RemadeInput, "take",
-                        lambda self, leaves: taken.append(self.value is None) or take(self, leaves))  # fmt: skip
+    monkeypatch.setattr(
+        lora_ops.RemadeInput, "take", lambda self, leaves: taken.append(self.value is None) or take(self, leaves)
+    )
     return taken
 
 
@@ -211,10 +215,12 @@ def test_inputs_are_remade_only_from_factors_the_graph_keeps(remake_any_size):
     r = torch.rand(2, 5, 1, requires_grad=True)
     lora_a, lora_b = leaves((4, 16), (8, 4))
     weight = torch.randn(8, 16)
-    cases = {"act(gate) * up": lambda: torch.sigmoid(a) * b,  # both factors kept by the product's node
-             "weight * (h * r)": lambda: w * (h * r),  # an fp32 RMSNorm: two products deep
-             "matmul": lambda: a @ torch.eye(16),  # nothing to remake from: x is kept
-             "under hooks": lambda: torch.sigmoid(a) * b}  # fmt: skip
+    cases = {
+        "act(gate) * up": lambda: torch.sigmoid(a) * b,  # both factors kept by the product's node
+        "weight * (h * r)": lambda: w * (h * r),  # an fp32 RMSNorm: two products deep
+        "matmul": lambda: a @ torch.eye(16),  # nothing to remake from: x is kept
+        "under hooks": lambda: torch.sigmoid(a) * b,
+    }
     for name, make in cases.items():
         with inputs_kept(name == "under hooks"):
             x = make()
@@ -224,12 +230,11 @@ def test_inputs_are_remade_only_from_factors_the_graph_keeps(remake_any_size):
         inputs = [a, b, h, r, lora_a, lora_b]
         got = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)
         x = make()
-        want = torch.autograd.grad(reference_lora(x, weight, None, lora_a, lora_b, 2.0, None, 1.0).square().sum(),
-                                   inputs, allow_unused=True)  # fmt: skip
-        for g, ref in zip(got, want):
+        want = torch.autograd.grad(
+            reference_lora(x, weight, None, lora_a, lora_b, 2.0, None, 1.0).square().sum(), inputs, allow_unused=True
+        )
+        for g, ref in zip(got, want, strict=True):
             assert (g is None) == (ref is None) and (g is None or close(g, ref)[0]), name
-
-
 
 
 def loss_and_grads(model, ids, **kwargs):
@@ -256,7 +261,7 @@ def test_a_remade_input_gives_the_gradients_of_a_kept_one_bit_for_bit(dtype, dro
         assert (out.grad_fn.saved_tensors[0] is None) != keep_input
         return torch.autograd.grad(out.float().square().sum(), [h, lora_a, lora_b])
 
-    for remade, kept in zip(grads(False), grads(True)):
+    for remade, kept in zip(grads(False), grads(True), strict=True):
         assert torch.equal(remade, kept)
 
 
@@ -272,7 +277,7 @@ def test_layers_reading_one_input_remake_it_once(remakes, remake_any_size):
             total = sum(lora_linear(x, weight, None, la, lb, 2.0).square().sum() for la, lb in factors)
         return torch.autograd.grad(total, [a, b, *[t for pair in factors for t in pair]])
 
-    for remade, kept in zip(grads(False), grads(True)):
+    for remade, kept in zip(grads(False), grads(True), strict=True):
         assert torch.equal(remade, kept)
     assert remakes == [True, False, False]  # three readers, one remake
 
@@ -328,7 +333,7 @@ def test_model_loss_and_grads_fast_equal_reference(device, bias, remake, remakes
     assert (remakes.count(True), len(remakes)) == want
     assert close(loss, ref_loss)[0]
     assert len(grads) == len(ref_grads) > 0
-    for g, w in zip(grads, ref_grads):
+    for g, w in zip(grads, ref_grads, strict=True):
         assert close(g, w)[0], close(g, w)[1]
 
 
@@ -394,7 +399,7 @@ def test_mixed_batch_fast_equals_reference_loop(device):
             logits.append(out)
             grads.append(torch.autograd.grad(out.square().sum(), params, allow_unused=True))
     assert close(*logits)[0], close(*logits)[1]
-    for g, w in zip(*grads):
+    for g, w in zip(*grads, strict=True):
         assert (g is None) == (w is None)
         if g is not None:
             assert close(g, w)[0], close(g, w)[1]
@@ -410,15 +415,28 @@ def test_mixed_batch_fast_equals_reference_loop(device):
 def test_mixed_batch_generate_repeats_rows_and_checks_counts():
     model = lora_model(names=("a", "b")).eval()
     ids = torch.randint(0, 100, (2, 4))
-    out = model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False,
-                         num_beams=2, num_return_sequences=2, pad_token_id=0)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        adapter_names=["a", "b"],
+        max_new_tokens=3,
+        do_sample=False,
+        num_beams=2,
+        num_return_sequences=2,
+        pad_token_id=0,
+    )
     with use_fast_paths(False):
-        ref = model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=False,
-                             num_beams=2, num_return_sequences=2, pad_token_id=0)  # fmt: skip
+        ref = model.generate(
+            input_ids=ids,
+            adapter_names=["a", "b"],
+            max_new_tokens=3,
+            do_sample=False,
+            num_beams=2,
+            num_return_sequences=2,
+            pad_token_id=0,
+        )
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3 rows"):
         model(input_ids=torch.randint(0, 100, (3, 4)), adapter_names=["a", "b"])
-
 
 
 @pytest.mark.parametrize("fused", [False, True])

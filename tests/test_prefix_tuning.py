@@ -22,7 +22,9 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification, 
 from deltatune import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from deltatune.tuners.prefix_tuning import prefix_cache
 
-CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
+CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [
+    ("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+]
 
 
 def configs(task, projection=False, n=4):
@@ -33,9 +35,11 @@ def configs(task, projection=False, n=4):
 
 @pytest.mark.parametrize(
     "projection, line",
-    [(False, "trainable params: 983,040 || all params: 1,304,094,720 || trainable%: 0.0754"),
-     (True, "trainable params: 205,641,728 || all params: 1,508,753,408 || trainable%: 13.6299")],
-)  # fmt: skip
+    [
+        (False, "trainable params: 983,040 || all params: 1,304,094,720 || trainable%: 0.0754"),
+        (True, "trainable params: 205,641,728 || all params: 1,508,753,408 || trainable%: 13.6299"),
+    ],
+)
 def test_seeds_table_on_bloom_1b4_zh(projection, line, capsys):
     config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, prefix_projection=projection)
     model = get_peft_model(bloom_on_meta(), config)
@@ -69,8 +73,10 @@ def test_position_ids_move_past_the_prefix():
     assert implicit.shape == (1, 4, 100)  # the prefix is not in the logits
 
 
-@pytest.mark.parametrize("arch, projection", [("llama", True), ("bloom", False), ("gpt2", False), ("opt", True),
-                                              ("t5", False), ("bert", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, projection",
+    [("llama", True), ("bloom", False), ("gpt2", False), ("opt", True), ("t5", False), ("bert", True)],
+)
 def test_files_load_both_ways(arch, projection, tmp_path):
     check_files_both_ways(*configs(TASK_OF[arch], projection), arch, TASK_OF[arch], tmp_path)
 
@@ -107,18 +113,25 @@ def test_merge_is_refused_and_disable_gives_the_base_model():
     model = get_peft_model(tiny_model("bloom"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
     ids, mask = batch("bloom")
     with model.disable_adapter():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
-                                   tiny_model("bloom")(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            tiny_model("bloom")(input_ids=ids, attention_mask=mask).logits,
+        )
     with pytest.raises(TypeError, match="PREFIX_TUNING adds no weight that can be folded into the base"):
         model.merge_and_unload()
 
 
 def test_an_architecture_without_past_key_values_is_refused_by_name():
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
-    with pytest.raises(ValueError, match=r"prefix tuning puts learned keys/values .* but under transformers \d+\.\d+\S* "
-                                         r"DistilBertForSequenceClassification \(model_type='distilbert'\) takes no KV "
-                                         r"cache \(no forward among its modules takes cache or past_key_values\); use "
-                                         r"prompt tuning or P-tuning"):
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"prefix tuning puts learned keys/values .* but under transformers \d+\.\d+\S* "
+        r"DistilBertForSequenceClassification \(model_type='distilbert'\) takes no KV "
+        r"cache \(no forward among its modules takes cache or past_key_values\); use "
+        r"prompt tuning or P-tuning",
+    ):
         get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
 
 
@@ -132,8 +145,11 @@ class LlamaThatDropsThePast(LlamaForCausalLM):
 def test_a_model_that_silently_ignores_the_prefix_is_caught_at_the_first_forward():
     model = LlamaThatDropsThePast(tiny_model("llama").config)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    with pytest.raises(ValueError, match=r"LlamaThatDropsThePast \(model_type='llama'\) ran without reading its KV cache \(passed as "
-                                         r"past_key_values=\) under transformers \d+\.\d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"LlamaThatDropsThePast \(model_type='llama'\) ran without reading its KV cache \(passed as "
+        r"past_key_values=\) under transformers \d+\.\d+",
+    ):
         peft_model(input_ids=torch.tensor([[5, 6]]))
 
 

@@ -7,7 +7,6 @@ import logging
 import peft
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 from prompt_helpers import (
     DECODERS,
     SEEDS_TEXT,
@@ -25,25 +24,33 @@ from prompt_helpers import (
     word_tokenizer,
 )
 from test_seeds_table import bloom_on_meta
+from transformers import LlamaForCausalLM
 
 import deltatune
 from deltatune import PeftModel, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from deltatune.kv_cache import cache_argument, passed_cache
 
-CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
+CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [
+    ("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+]
 
 
 def configs(task, n=4):
-    return PromptTuningConfig(task_type=task, num_virtual_tokens=n), peft.PromptTuningConfig(task_type=task, num_virtual_tokens=n)
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=n), peft.PromptTuningConfig(
+        task_type=task, num_virtual_tokens=n
+    )
 
 
 def test_seeds_table_text_init_on_bloom_1b4_zh(capsys):
     # The seeds' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
     tokenizer = seeds_tokenizer()
-    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
-                                prompt_tuning_init_text=SEEDS_TEXT,
-                                num_virtual_tokens=len(tokenizer(SEEDS_TEXT)["input_ids"]),
-                                tokenizer_name_or_path=tokenizer)  # fmt: skip
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=SEEDS_TEXT,
+        num_virtual_tokens=len(tokenizer(SEEDS_TEXT)["input_ids"]),
+        tokenizer_name_or_path=tokenizer,
+    )
     model = get_peft_model(bloom_on_meta(), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == (
@@ -105,16 +112,24 @@ class LlamaWithAWrappedCache(LlamaForCausalLM):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-@pytest.mark.parametrize("config", [PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-                                    PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    ],
+)
 def test_a_cache_that_cannot_be_found_is_named_not_a_shape_error(config):
     model = get_peft_model(LlamaWithAWrappedCache(tiny_model("llama").config), config).eval()
     ids, mask = batch("llama")  # 2 rows of 5 tokens
     method = config.peft_type.value
-    with pytest.raises(ValueError, match=rf"{method}: this step continues a KV cache \(6 masked positions for 1 new "
-                                         r"tokens\) that deltatune cannot find among the model's inputs \(.*"
-                                         r"wrapped_cache\) under transformers \d+\.\d+\S*; generate with "
-                                         r"use_cache=False"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"{method}: this step continues a KV cache \(6 masked positions for 1 new "
+        r"tokens\) that deltatune cannot find among the model's inputs \(.*"
+        r"wrapped_cache\) under transformers \d+\.\d+\S*; generate with "
+        r"use_cache=False",
+    ):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, use_cache=False)
     assert generated.shape == (2, 8)
@@ -129,7 +144,9 @@ def test_targets_follow_the_tokens():
     pointing n tokens too early, and its TOKEN_CLS loss crashes on the length mismatch)."""
     n = 4
     for task in ("TOKEN_CLS", "QUESTION_ANS"):
-        model = get_peft_model(tiny_model("bert", task), PromptTuningConfig(task_type=task, num_virtual_tokens=n)).eval()
+        model = get_peft_model(
+            tiny_model("bert", task), PromptTuningConfig(task_type=task, num_virtual_tokens=n)
+        ).eval()
         inputs = model_inputs("bert", task)
         out = model(**inputs)
         ce = torch.nn.functional.cross_entropy
@@ -149,8 +166,13 @@ def test_text_init_takes_the_texts_embeddings_cut_or_repeated(caplog):
     text = "classify the sentiment"  # ids 1, 2, 3
 
     def prompt(n):
-        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
-                                    prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer)  # fmt: skip
+        config = PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=n,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path=tokenizer,
+        )
         return get_peft_model(tiny_model("llama"), config).prompt_encoder["default"].embedding.weight
 
     torch.testing.assert_close(prompt(3), table[[1, 2, 3]])
@@ -162,15 +184,21 @@ def test_text_init_takes_the_texts_embeddings_cut_or_repeated(caplog):
 
 def test_a_text_init_file_written_with_a_tokenizer_object_loads_in_peft(tmp_path):
     tokenizer = word_tokenizer("classify the sentiment".split())
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
-                                prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=tokenizer)  # fmt: skip
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=3,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment",
+        tokenizer_name_or_path=tokenizer,
+    )
     model = get_peft_model(tiny_model("llama"), config).eval()
     model.save_pretrained(tmp_path)
     assert '"tokenizer_name_or_path": "tiny-word-tokenizer"' in (tmp_path / "adapter_config.json").read_text()
     loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
     ids, mask = batch("llama")
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
-                               model(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    )
 
 
 @pytest.mark.slow
@@ -182,12 +210,27 @@ def test_text_init_with_the_real_smollm2_tokenizer():
     text = "Classify the sentiment of this review:"
     ids = tokenizer(text)["input_ids"]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=len(tokenizer)))  # fmt: skip
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(ids), prompt_tuning_init="TEXT",
-                                prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer)  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=len(tokenizer),
+        )
+    )
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=len(ids),
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=tokenizer,
+    )
     peft_model = get_peft_model(model, config)
-    torch.testing.assert_close(peft_model.prompt_encoder["default"].embedding.weight, model.get_input_embeddings().weight[ids])
+    torch.testing.assert_close(
+        peft_model.prompt_encoder["default"].embedding.weight, model.get_input_embeddings().weight[ids]
+    )
     assert config.to_dict()["tokenizer_name_or_path"] == folder
 
 
@@ -213,18 +256,25 @@ def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
     """The file's weights replace the start values, so loading with is_trainable=True reads no tokenizer (the
     config's name here is no folder and no reachable hub id, like the seeds' "Langboat/bloom-389m-zh" offline)."""
     tokenizer = word_tokenizer("classify the sentiment".split())
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
-                                prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=tokenizer)  # fmt: skip
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=3,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment",
+        tokenizer_name_or_path=tokenizer,
+    )
     model = get_peft_model(tiny_model("llama"), config)
     model.save_pretrained(tmp_path)
     resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
     assert resumed.peft_config["default"].prompt_tuning_init == "TEXT"  # the config is kept as written
     assert resumed.get_nb_trainable_parameters()[0] == 3 * 32
-    torch.testing.assert_close(resumed.prompt_encoder["default"].embedding.weight,
-                               model.prompt_encoder["default"].embedding.weight)  # fmt: skip
+    torch.testing.assert_close(
+        resumed.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight
+    )
     resumed.load_adapter(tmp_path, adapter_name="second", is_trainable=True)
-    torch.testing.assert_close(resumed.prompt_encoder["second"].embedding.weight,
-                               model.prompt_encoder["default"].embedding.weight)  # fmt: skip
+    torch.testing.assert_close(
+        resumed.prompt_encoder["second"].embedding.weight, model.prompt_encoder["default"].embedding.weight
+    )
 
 
 def test_a_saved_prompt_can_be_trained_further(tmp_path):
@@ -235,7 +285,9 @@ def test_a_saved_prompt_can_be_trained_further(tmp_path):
     assert frozen.get_nb_trainable_parameters()[0] == 0
     resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
     assert resumed.get_nb_trainable_parameters()[0] == 4 * 32
-    torch.testing.assert_close(resumed.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight)
+    torch.testing.assert_close(
+        resumed.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight
+    )
 
 
 @pytest.mark.parametrize("n", [0, -3, None, 2.5])
@@ -246,12 +298,19 @@ def test_num_virtual_tokens_must_be_positive(n):
 
 def test_text_init_needs_a_tokenizer_and_a_text():
     with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs a tokenizer"):
-        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
-                           prompt_tuning_init_text="hello")  # fmt: skip
+        PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hello"
+        )
     with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
-        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
-                           tokenizer_name_or_path=word_tokenizer(["a"]))  # fmt: skip
-    with pytest.raises(ValueError, match="prompt_tuning_init='words' is not known; use one of: TEXT, SAMPLE_VOCAB, RANDOM"):
+        PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            prompt_tuning_init="TEXT",
+            tokenizer_name_or_path=word_tokenizer(["a"]),
+        )
+    with pytest.raises(
+        ValueError, match="prompt_tuning_init='words' is not known; use one of: TEXT, SAMPLE_VOCAB, RANDOM"
+    ):
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="words")
 
 
@@ -260,20 +319,23 @@ def test_a_task_type_is_required():
         get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
 
 
-
 @pytest.mark.parametrize(
     "method, fields",
-    [("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # seed 002's two snippets put
-     ("PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),  # these
-     ("LoraConfig", dict(task_type="CAUSAL_LM")),  # on AutoModelForSequenceClassification
-     ("LoraConfig", dict(task_type="SEQ_2_SEQ_LM"))],
-)  # fmt: skip
+    [
+        ("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # seed 002's two snippets put
+        ("PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),  # these
+        ("LoraConfig", dict(task_type="CAUSAL_LM")),  # on AutoModelForSequenceClassification
+        ("LoraConfig", dict(task_type="SEQ_2_SEQ_LM")),
+    ],
+)
 def test_a_language_model_task_on_a_classifier_is_refused_as_peft_refuses_it(method, fields, tmp_path):
     with pytest.raises(AttributeError, match="object has no attribute 'prepare_inputs_for_generation'"):
         peft.get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(peft, method)(**fields))
     task = fields["task_type"]
-    message = (rf"task_type={task} needs a model that generates text, but BertForSequenceClassification does not "
-               r"\(it has no prepare_inputs_for_generation\); load the model with AutoModelForCausalLM")  # fmt: skip
+    message = (
+        rf"task_type={task} needs a model that generates text, but BertForSequenceClassification does not "
+        r"\(it has no prepare_inputs_for_generation\); load the model with AutoModelForCausalLM"
+    )
     with pytest.raises(ValueError, match=message):
         get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(deltatune, method)(**fields))
     folder = tmp_path / "lm"  # an adapter saved for a language model, loaded onto a classifier
@@ -281,6 +343,7 @@ def test_a_language_model_task_on_a_classifier_is_refused_as_peft_refuses_it(met
     get_peft_model(language_model, getattr(deltatune, method)(**fields)).save_pretrained(folder)
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(tiny_model("bert", "SEQ_CLS"), folder)
+
 
 def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
@@ -297,14 +360,21 @@ def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(
 
 def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
     n = 4
-    model = get_peft_model(tiny_model("bert", "QUESTION_ANS"), PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=n)).eval()
+    model = get_peft_model(
+        tiny_model("bert", "QUESTION_ANS"), PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=n)
+    ).eval()
     ids, mask = batch("bert")
     segments = torch.ones_like(ids)  # the context segment, as a QA tokenizer marks it
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask, token_type_ids=segments).start_logits
         base = model.get_base_model()
-        embeds = torch.cat((model.prompt_encoder["default"].table().expand(2, -1, -1), base.get_input_embeddings()(ids)), dim=1)
-        expected = base(inputs_embeds=embeds, attention_mask=torch.cat((torch.ones(2, n, dtype=mask.dtype), mask), 1),
-                        token_type_ids=torch.cat((torch.zeros(2, n, dtype=ids.dtype), segments), 1)).start_logits  # fmt: skip
+        embeds = torch.cat(
+            (model.prompt_encoder["default"].table().expand(2, -1, -1), base.get_input_embeddings()(ids)), dim=1
+        )
+        expected = base(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat((torch.ones(2, n, dtype=mask.dtype), mask), 1),
+            token_type_ids=torch.cat((torch.zeros(2, n, dtype=ids.dtype), segments), 1),
+        ).start_logits
     torch.testing.assert_close(ours, expected)
     assert not torch.allclose(ours, model(input_ids=ids, attention_mask=mask).start_logits)  # the segments matter

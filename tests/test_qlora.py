@@ -57,8 +57,10 @@ def test_4bit_base_is_nf4_and_small(base_dir):
     assert type(layer).__name__ == "Linear4bit" and layer.weight.quant_type == "nf4"
     assert layer.weight.compress_statistics  # double quantisation
     ratio = quantized.get_memory_footprint() / full.get_memory_footprint()
-    print(f"memory footprint: fp32 {full.get_memory_footprint():,} B, 4-bit {quantized.get_memory_footprint():,} B, "
-          f"ratio {ratio:.3f}")  # fmt: skip
+    print(
+        f"memory footprint: fp32 {full.get_memory_footprint():,} B, 4-bit {quantized.get_memory_footprint():,} B, "
+        f"ratio {ratio:.3f}"
+    )
     assert ratio < 1 / 3
     # the 4-bit model still computes nearly the same function
     similarity = torch.cosine_similarity(logits(quantized).flatten(), logits(full).flatten(), dim=0)
@@ -84,7 +86,11 @@ def test_adalora_counts_equal_peft_on_4bit(base_dir):
     kwargs = dict(init_r=6, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     theirs = peft.get_peft_model(load(base_dir, 4), peft.AdaLoraConfig(**kwargs))
     ours = get_peft_model(load(base_dir, 4), AdaLoraConfig(**kwargs))
-    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0] == 2 * 6 * ((64 + 64 + 1) + (64 + 32 + 1))
+    assert (
+        ours.get_nb_trainable_parameters()[0]
+        == theirs.get_nb_trainable_parameters()[0]
+        == 2 * 6 * ((64 + 64 + 1) + (64 + 32 + 1))
+    )
     ours.train()
     ours(input_ids=IDS, labels=IDS).loss.backward()
     assert ours.update_and_allocate(0) == 4 * 6  # the budget at step 0: init_r x modules
@@ -92,8 +98,12 @@ def test_adalora_counts_equal_peft_on_4bit(base_dir):
 
 def test_prepare_model_for_kbit_training_equals_peft(base_dir):
     quant = bitsandbytes_config(load_in_4bit=True, compute_dtype=torch.bfloat16)
-    theirs, ours = (LlamaForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.bfloat16,
-                                                     device_map={"": "cpu"}) for _ in range(2))  # fmt: skip
+    theirs, ours = (
+        LlamaForCausalLM.from_pretrained(
+            base_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cpu"}
+        )
+        for _ in range(2)
+    )
     assert ours.model.norm.weight.dtype == torch.bfloat16
     peft.prepare_model_for_kbit_training(theirs)
     prepare_model_for_kbit_training(ours)
@@ -112,9 +122,17 @@ def test_qlora_trainer_run_reloads_on_4bit_and_full_precision(base_dir, tmp_path
     model = prepare_model_for_kbit_training(load(base_dir, 4))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
     rows = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in IDS]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=6,
-                             learning_rate=3e-2, save_strategy="no", report_to=[], use_cpu=True, logging_steps=1,
-                             disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=3e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -126,7 +144,9 @@ def test_qlora_trainer_run_reloads_on_4bit_and_full_precision(base_dir, tmp_path
 
     on_4bit = PeftModel.from_pretrained(load(base_dir, 4), tmp_path / "adapter")
     assert torch.equal(logits(on_4bit), trained)
-    assert torch.allclose(logits(peft.PeftModel.from_pretrained(load(base_dir, 4), tmp_path / "adapter")), trained, atol=1e-5)
+    assert torch.allclose(
+        logits(peft.PeftModel.from_pretrained(load(base_dir, 4), tmp_path / "adapter")), trained, atol=1e-5
+    )
 
     full = load(base_dir)
     base_gap = (logits(full) - logits(load(base_dir, 4))).abs().max()
@@ -188,21 +208,25 @@ def test_8bit_base(base_dir, tmp_path):
     assert torch.allclose(logits(merged), logits(model), atol=0.05)  # int8 matmul vs float matmul
 
 
-
 def test_prepare_model_for_int8_training_is_the_old_name_of_kbit(base_dir):
     # Seed 004: `from peft import prepare_model_for_int8_training` on an 8-bit model (peft 0.21 no longer has it).
     theirs = peft.prepare_model_for_kbit_training(load(base_dir, 8))
-    with pytest.warns(FutureWarning, match="prepare_model_for_int8_training is deprecated; use "
-                                           "prepare_model_for_kbit_training"):  # fmt: skip
+    with pytest.warns(
+        FutureWarning, match="prepare_model_for_int8_training is deprecated; use prepare_model_for_kbit_training"
+    ):
         ours = prepare_model_for_int8_training(load(base_dir, 8))
     assert {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()} == {
         n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()
     }
     assert ours.is_gradient_checkpointing and ours.get_input_embeddings()(IDS).requires_grad
 
+
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails as if not installed
-    with pytest.raises(ImportError, match=r"load_in_4bit=True needs the bitsandbytes package, which is not installed; pip install bitsandbytes"):
+    with pytest.raises(
+        ImportError,
+        match=r"load_in_4bit=True needs the bitsandbytes package, which is not installed; pip install bitsandbytes",
+    ):
         bitsandbytes_config(load_in_4bit=True)
     with pytest.raises(ImportError, match=r"load_in_8bit=True needs the bitsandbytes package"):
         bitsandbytes_config(load_in_8bit=True)

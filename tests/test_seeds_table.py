@@ -17,15 +17,24 @@ def bloom_on_meta():
 @pytest.mark.parametrize(
     "config, line",
     [
-        (LoraConfig(task_type=TaskType.CAUSAL_LM),
-         "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"),
-        (LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["query_key_value", "dense_4h_to_h"]),
-         "trainable params: 3,538,944 || all params: 1,306,650,624 || trainable%: 0.2708"),
-        (LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=r".*\.1.*query_key_value",
-                    modules_to_save=["word_embeddings"]),
-         "trainable params: 95,225,856 || all params: 1,398,337,536 || trainable%: 6.8099"),
+        (
+            LoraConfig(task_type=TaskType.CAUSAL_LM),
+            "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206",
+        ),
+        (
+            LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["query_key_value", "dense_4h_to_h"]),
+            "trainable params: 3,538,944 || all params: 1,306,650,624 || trainable%: 0.2708",
+        ),
+        (
+            LoraConfig(
+                task_type=TaskType.CAUSAL_LM,
+                target_modules=r".*\.1.*query_key_value",
+                modules_to_save=["word_embeddings"],
+            ),
+            "trainable params: 95,225,856 || all params: 1,398,337,536 || trainable%: 6.8099",
+        ),
     ],
-)  # fmt: skip
+)
 def test_lora_rows_of_the_seeds_table(config, line, capsys):
     model = get_peft_model(bloom_on_meta(), config)
     model.print_trainable_parameters()
@@ -41,14 +50,36 @@ def test_bitfit_fraction_of_the_seeds_table():
 def test_the_config_seed_003_prints_types_back_in(capsys):
     # Seed 003 prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
     config = LoraConfig(
-        peft_type=PeftType.LORA, auto_mapping=None, base_model_name_or_path="D:/pretrained_model/models--Langboat--bloom-1b4-zh",
-        revision=None, task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, target_modules={"query_key_value"},
-        lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=False, bias="none", use_rslora=False, modules_to_save=None,
-        init_lora_weights=True, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
-        megatron_config=None, megatron_core="megatron.core", loftq_config={}, use_dora=False, layer_replication=None,
-    )  # fmt: skip
+        peft_type=PeftType.LORA,
+        auto_mapping=None,
+        base_model_name_or_path="D:/pretrained_model/models--Langboat--bloom-1b4-zh",
+        revision=None,
+        task_type=TaskType.CAUSAL_LM,
+        inference_mode=False,
+        r=8,
+        target_modules={"query_key_value"},
+        lora_alpha=8,
+        lora_dropout=0.0,
+        fan_in_fan_out=False,
+        bias="none",
+        use_rslora=False,
+        modules_to_save=None,
+        init_lora_weights=True,
+        layers_to_transform=None,
+        layers_pattern=None,
+        rank_pattern={},
+        alpha_pattern={},
+        megatron_config=None,
+        megatron_core="megatron.core",
+        loftq_config={},
+        use_dora=False,
+        layer_replication=None,
+    )
     get_peft_model(bloom_on_meta(), config).print_trainable_parameters()
-    assert capsys.readouterr().out.strip() == "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"
+    assert (
+        capsys.readouterr().out.strip()
+        == "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"
+    )
 
 
 def test_megatron_layers_are_refused_by_name():

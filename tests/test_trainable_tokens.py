@@ -45,21 +45,29 @@ def pair(arch, indices=IDS, seed=3, **kwargs):
 
 def token_layers(model):
     """{name: tied?} of our trainable-token layers (names as in the transformers model, duplicates included)."""
-    return {n: bool(m._tied_to) for n, m in model.get_base_model().named_modules(remove_duplicate=False)
-            if isinstance(m, TrainableTokensLayer)}  # fmt: skip
+    return {
+        n: bool(m._tied_to)
+        for n, m in model.get_base_model().named_modules(remove_duplicate=False)
+        if isinstance(m, TrainableTokensLayer)
+    }
 
 
 def peft_token_layers(model):
-    return {n: m.token_adapter.tied_adapter is not None
-            for n, m in model.get_base_model().named_modules(remove_duplicate=False)
-            if isinstance(m, TrainableTokensWrapper)}  # fmt: skip
+    return {
+        n: m.token_adapter.tied_adapter is not None
+        for n, m in model.get_base_model().named_modules(remove_duplicate=False)
+        if isinstance(m, TrainableTokensWrapper)
+    }
 
 
 def file_key_grads(model, ours: bool) -> dict[str, torch.Tensor]:
     """Gradients of the trainable tensors under their adapter-file keys."""
     name = "default"
-    return {(peft_key(k, name) if ours else k.replace(f".{name}", "")): p.grad
-            for k, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return {
+        (peft_key(k, name) if ours else k.replace(f".{name}", "")): p.grad
+        for k, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def embedding_weight(model, arch) -> torch.Tensor:
@@ -72,8 +80,11 @@ def test_same_layers_and_trainable_count_as_peft(arch):
     ours, theirs = lora_pair(arch, target_modules=TARGETS[arch], trainable_token_indices=IDS)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert token_layers(ours) == peft_token_layers(theirs)
-    expected_tied = {"llama": set(), "gpt2": {"lm_head"}, "t5": {"encoder.embed_tokens", "decoder.embed_tokens",
-                                                                  "lm_head"}}[arch]  # fmt: skip
+    expected_tied = {
+        "llama": set(),
+        "gpt2": {"lm_head"},
+        "t5": {"encoder.embed_tokens", "decoder.embed_tokens", "lm_head"},
+    }[arch]
     assert {n for n, tied in token_layers(ours).items() if tied} == expected_tied
     rows = ours.get_base_model().get_submodule(EMBEDDING[arch]).adapters["default"].trainable_tokens_delta
     assert rows.requires_grad and tuple(rows.shape) == (3, 32)
@@ -146,8 +157,9 @@ def test_tied_head_keeps_its_bias():
     base.lm_head = torch.nn.Linear(32, 100, bias=True)
     base.lm_head.weight = base.transformer.wte.weight
     torch.nn.init.normal_(base.lm_head.bias)
-    ours = deltatune.get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"],
-                                                                     trainable_token_indices=IDS))  # fmt: skip
+    ours = deltatune.get_peft_model(
+        copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=IDS)
+    )
     assert token_layers(ours) == {"transformer.wte": False, "lm_head": True}
     torch.testing.assert_close(logits(ours, token_inputs("gpt2")), logits(base, token_inputs("gpt2")), rtol=0, atol=0)
 
@@ -203,8 +215,10 @@ def test_safe_merge_refuses_nan_rows_and_changes_nothing():
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch, indices", [("llama", IDS), ("gpt2", IDS), ("t5", IDS),
-                                           ("llama", {"embed_tokens": [3, 5], "lm_head": [7, 9]})])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, indices",
+    [("llama", IDS), ("gpt2", IDS), ("t5", IDS), ("llama", {"embed_tokens": [3, 5], "lm_head": [7, 9]})],
+)
 def test_saved_files_hold_the_same_keys_and_values_as_peft(tmp_path, arch, indices):
     ours, theirs = pair(arch, indices=indices)
     ours.save_pretrained(tmp_path / "ours")
@@ -219,8 +233,10 @@ def test_saved_files_hold_the_same_keys_and_values_as_peft(tmp_path, arch, indic
     assert config.trainable_token_indices == indices
 
 
-@pytest.mark.parametrize("arch, indices", [("llama", IDS), ("gpt2", IDS), ("t5", IDS),
-                                           ("llama", {"embed_tokens": [3, 5], "lm_head": [7, 9]})])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch, indices",
+    [("llama", IDS), ("gpt2", IDS), ("t5", IDS), ("llama", {"embed_tokens": [3, 5], "lm_head": [7, 9]})],
+)
 def test_files_load_both_ways(tmp_path, arch, indices):
     task = DEFAULT_TASK.get(arch, "CAUSAL_LM")
     inputs = token_inputs(arch)
@@ -256,7 +272,7 @@ def test_dict_form_on_tied_weights_ties_only_with_the_same_ids(head_ids, tied):
 
 # ---- several adapters ------------------------------------------------------------------------------------------
 def two_adapters():
-    """"default" rows IDS, "other" rows [8, 9], in ours and in peft, with the same values."""
+    """ "default" rows IDS, "other" rows [8, 9], in ours and in peft, with the same values."""
     ours, theirs = pair("gpt2")
     config = dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=[8, 9])
     ours.add_adapter("other", LoraConfig(**config))
@@ -289,8 +305,9 @@ def test_merging_two_adapters_needs_disjoint_rows():
     rows = {n: ours.get_base_model().transformer.wte.adapters[n].trainable_tokens_delta for n in ("default", "other")}
     assert torch.equal(weight[IDS], rows["default"]) and torch.equal(weight[[8, 9]], rows["other"])
     ours.unmerge_adapter()
-    ours.add_adapter("overlap", LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"],
-                                           trainable_token_indices=[7, 20]))  # fmt: skip
+    ours.add_adapter(
+        "overlap", LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=[7, 20])
+    )
     with pytest.raises(ValueError, match="adapters 'default' and 'overlap' both train token 7"):
         ours.merge_adapter(["default", "overlap"])
 
@@ -298,8 +315,11 @@ def test_merging_two_adapters_needs_disjoint_rows():
 def test_weighted_combination_refuses_adapters_with_token_rows():
     """peft's add_weighted_adapter would drop the rows silently; deltatune says so and adds nothing."""
     ours, _ = two_adapters()
-    with pytest.raises(ValueError, match=r"cannot combine adapters with trainable_token_indices set \('default'\): "
-                                         r"the combined adapter would lose their B biases / token rows"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"cannot combine adapters with trainable_token_indices set \('default'\): "
+        r"the combined adapter would lose their B biases / token rows",
+    ):
         ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", combination_type="cat")
     assert "both" not in ours.peft_config
 
@@ -369,14 +389,22 @@ def test_a_layer_that_is_not_an_embedding_is_refused():
 @pytest.mark.parametrize("indices", [IDS, {"embed_tokens": IDS}])
 def test_modules_to_save_conflict_is_refused_before_the_model_changes(indices):
     base = tiny_model("llama")
-    config = LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], modules_to_save=["embed_tokens"],
-                        trainable_token_indices=indices)  # fmt: skip
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj"],
+        modules_to_save=["embed_tokens"],
+        trainable_token_indices=indices,
+    )
     with pytest.raises(ValueError, match="model.embed_tokens is in both modules_to_save .* and trainable_token_ind"):
         deltatune.get_peft_model(base, config)
     assert not any(isinstance(m, (TrainableTokensLayer, deltatune.layers.AdapterLayer)) for m in base.modules())
     if isinstance(indices, dict):  # peft refuses this form too (the list form breaks later, in its forward)
-        peft_config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
-                                      modules_to_save=["embed_tokens"], trainable_token_indices=indices)  # fmt: skip
+        peft_config = peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj"],
+            modules_to_save=["embed_tokens"],
+            trainable_token_indices=indices,
+        )
         with pytest.raises(ValueError, match="already marked to be trained fully"):
             peft.get_peft_model(tiny_model("llama"), peft_config)
 

@@ -109,8 +109,16 @@ def lora_grads(opted_in, x, weight, bias, a, b, scaling, mask):
     """lora_linear's output and the gradients of x, bias, A and B, with the kernels or the PyTorch path."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, bias, a, b)]
     with use_triton_kernels(opted_in):
-        out = lora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling,
-                          dropout=0.25 if mask is not None else 0.0, mask=mask)  # fmt: skip
+        out = lora_linear(
+            leaves[0],
+            weight,
+            leaves[1],
+            leaves[2],
+            leaves[3],
+            scaling,
+            dropout=0.25 if mask is not None else 0.0,
+            mask=mask,
+        )
         (out.float() * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
     return [out] + [t.grad for t in leaves]
 
@@ -125,7 +133,7 @@ def test_training_kernels_match_the_pytorch_path_fp32(shape, with_mask):
     mask = dropout_mask(x, 0.25)[0] if with_mask else None
     want = lora_grads(False, x, weight, bias, a, b, 1.5, mask)
     got = lora_grads(True, x, weight, bias, a, b, 1.5, mask)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
@@ -136,7 +144,7 @@ def test_training_kernels_bf16_base_fp32_adapter():
     mask = dropout_mask(x, 0.25)[0]
     want = lora_grads(False, x, weight, bias, a, b, 2.0, mask)
     got = lora_grads(True, x, weight, bias, a, b, 2.0, mask)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and relative_error(g, w) < 1e-2
 
 
@@ -157,11 +165,14 @@ def test_a_tiny_llama_trains_through_the_kernels(monkeypatch):
     calls = {"forward": 0, "input_grad": 0}
     for kind in calls:
         kernel = getattr(triton_lora, f"lora_{kind}")
-        monkeypatch.setattr(triton_lora, f"lora_{kind}",
-                            lambda *a, _k=kernel, _n=kind, **kw: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **kw))
+        monkeypatch.setattr(
+            triton_lora,
+            f"lora_{kind}",
+            lambda *a, _k=kernel, _n=kind, **kw: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **kw),
+        )
     with use_triton_kernels(True):
         got = step()
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     # 2 layers x 7 projections; layer 0's q, k, v read the frozen embeddings' output: no input-gradient there
     assert calls == {"forward": 14, "input_grad": 11}
@@ -192,15 +203,22 @@ for kernel in (triton_lora._lora_forward_kernel, triton_lora._lora_input_grad_ke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile and run the kernel itself")
-@pytest.mark.parametrize("dtype, adapter_dtype, rank, block_m",  # the row tiles of a decoding step and of training
-                         [("bf16", "fp32", 16, 16), ("bf16", "bf16", 16, 64), ("fp32", "fp32", 32, 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype, adapter_dtype, rank, block_m",  # the row tiles of a decoding step and of training
+    [("bf16", "fp32", 16, 16), ("bf16", "bf16", 16, 64), ("fp32", "fp32", 32, 64)],
+)
 def test_kernel_compiles_for_hopper(dtype, adapter_dtype, rank, block_m):
     """With no GPU the interpreter checks what the kernels compute; this checks that they build for sm_90 (H100)
     with the GPU-only choices (tensor-core dot, no upcast), through Triton's own ptxas: no device needed. In a
     fresh process, because this one runs Triton as the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", HOPPER_BUILD, dtype, adapter_dtype, str(rank), str(block_m)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", HOPPER_BUILD, dtype, adapter_dtype, str(rank), str(block_m)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     built = done.stdout.split()  # per kernel (forward, input-gradient): has the sm_90 target, shared memory bytes
     assert built[0::2] == ["True", "True"], done.stdout

@@ -25,13 +25,29 @@ from transformers import (
 )
 
 VOCAB = 100
-TASKS = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-         "SEQ_CLS": AutoModelForSequenceClassification}  # fmt: skip
+TASKS = {
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+}
 
-_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=VOCAB)  # fmt: skip
-_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=64, num_labels=3)  # fmt: skip
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+)
+_ENCODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    num_labels=3,
+)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**_DECODER),
@@ -39,15 +55,36 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_DECODER),
     "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                             max_position_embeddings=64, word_embed_proj_dim=32),
-    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=64),
-    "t5": lambda: T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                           decoder_start_token_id=0, pad_token_id=0),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
+    "t5": lambda: T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    ),
     "bert": lambda: BertConfig(**_ENCODER),
     "roberta": lambda: RobertaConfig(**{**_ENCODER, "max_position_embeddings": 70}, pad_token_id=1),
-}  # fmt: skip
+}
 
 # The task each architecture is tested under (the issue: t5 as SEQ_2_SEQ_LM, bert as a classifier).
 DEFAULT_TASK = {"t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS", "roberta": "SEQ_CLS"}
@@ -121,4 +158,4 @@ def copy_to_peft(ours, theirs) -> None:
 def wrapped_names(model, layer_class) -> list[str]:
     """Names (relative to the transformers model) of modules wrapped in `layer_class`."""
     prefix = "base_model.model."
-    return sorted(n[len(prefix):] for n, m in model.named_modules() if isinstance(m, layer_class))
+    return sorted(n[len(prefix) :] for n, m in model.named_modules() if isinstance(m, layer_class))

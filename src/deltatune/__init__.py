@@ -27,8 +27,8 @@ from deltatune.task_models import (
 from deltatune.tuners.adalora import AdaLoraConfig
 from deltatune.tuners.bitfit import BitFitConfig
 from deltatune.tuners.bottleneck import AdapterConfig
-from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.loftq_replace import replace_lora_weights_loftq
+from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import LoftQConfig
 from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig

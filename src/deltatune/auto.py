@@ -22,8 +22,13 @@ class _AutoPeftModel:
     peft_model_class: type[PeftModel] = PeftModel
 
     @classmethod
-    def from_pretrained(cls, adapter_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, **model_kwargs: Any) -> PeftModel:  # fmt: skip
+    def from_pretrained(
+        cls,
+        adapter_path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **model_kwargs: Any,
+    ) -> PeftModel:
         """Read `adapter_config.json`, load its `base_model_name_or_path`, then the adapter."""
         import transformers
 

@@ -98,7 +98,9 @@ class PeftConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     def saved_json_string(self) -> str:
-        """The text `PeftModel.save_pretrained` writes: this config with inference_mode=True (as peft), itself unchanged."""
+        """The text `PeftModel.save_pretrained` writes: this config with inference_mode=True (as peft does).
+
+        The config itself is left unchanged."""
         inference_mode, self.inference_mode = self.inference_mode, True
         try:
             return self.to_json_string()
@@ -122,13 +124,17 @@ class PeftConfig:
             config_class = config_class_for(data.get("peft_type"), source)
         known = {f.name for f in dataclasses.fields(config_class) if f.init}
         # peft writes many fields for features we lack; only ones set to a non-default value matter.
-        unknown = sorted(k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, []))
+        unknown = sorted(
+            k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, [])
+        )
         if unknown:
             logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
         try:
             return config_class(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:  # a field of the wrong type (r: "8") fails inside the config's own checks
-            raise ValueError(f"{source}: a field has a value of the wrong type ({err}); save the adapter again") from None
+            raise ValueError(
+                f"{source}: a field has a value of the wrong type ({err}); save the adapter again"
+            ) from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
@@ -145,7 +151,10 @@ class PeftConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON ({err}); save the adapter again") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{config_file} must hold a JSON object of config fields, not {type(data).__name__}; save the adapter again")
+            raise ValueError(
+                f"{config_file} must hold a JSON object of config fields, not {type(data).__name__}; "
+                "save the adapter again"
+            )
         data.update(overrides)
         return cls.from_dict(data, source=config_file)
 

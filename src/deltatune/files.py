@@ -68,10 +68,12 @@ def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_
     """Write `adapter_model.safetensors` and `adapter_config.json` as a pair (see `_atomic_write_all`); tensors
     are made contiguous and unshared first (safetensors refuses views of one storage)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    _atomic_write_all({
-        os.path.join(folder, WEIGHTS_NAME): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        os.path.join(folder, CONFIG_NAME): _text_writer(config_text),
-    })  # fmt: skip
+    _atomic_write_all(
+        {
+            os.path.join(folder, WEIGHTS_NAME): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            os.path.join(folder, CONFIG_NAME): _text_writer(config_text),
+        }
+    )
 
 
 def adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
@@ -87,7 +89,7 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"{os.path.join(folder, PICKLED_WEIGHTS_NAME)} is a pickled PyTorch file, which deltatune refuses to "
                 "load because unpickling can run arbitrary code. If you trust it, convert it once with: "
-                "python -c \"import torch, safetensors.torch as s; "
+                'python -c "import torch, safetensors.torch as s; '
                 f"s.save_file(torch.load('{PICKLED_WEIGHTS_NAME}', weights_only=True), '{WEIGHTS_NAME}')\" "
                 "run inside that folder"
             )
@@ -109,8 +111,9 @@ def _target_of(key: str, targets: dict[str, torch.Tensor], everything: dict[str,
     return targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
 
 
-def place_tensors(weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                  everything: dict[str, torch.Tensor], source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+def place_tensors(
+    weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], everything: dict[str, torch.Tensor], source: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Pair each tensor of an adapter file with the model tensor it goes into, checking every key and shape.
 
     Args:
@@ -140,5 +143,7 @@ def place_tensors(weights: dict[str, torch.Tensor], targets: dict[str, torch.Ten
         )
     missing = sorted(set(targets) - set(weights))
     if missing:
-        logger.warning("%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3])
+        logger.warning(
+            "%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3]
+        )
     return pairs

@@ -1,10 +1,10 @@
 """The KV cache a transformers model takes and returns, whatever the installed release calls it.
 
 transformers 5.0 to 5.23 pass the cache to `forward` as `past_key_values`; 5.24 renamed it `cache` (the old name
-still maps, with a FutureWarning, and models not yet converted keep it). The prompt methods need the cache twice: to tell `generate`'s first step
-(the whole prompt) from the steps that continue a filled cache, and, for prefix tuning, to hand the model a cache
-that already holds the prefixes. Neither hard-codes the name: the cache in a call is found by its type, and the
-keyword the model takes is read from the model's own `forward` signatures.
+still maps, with a FutureWarning, and models not yet converted keep it). The prompt methods need the cache twice:
+to tell `generate`'s first step (the whole prompt) from the steps that continue a filled cache, and, for prefix
+tuning, to hand the model a cache that already holds the prefixes. Neither hard-codes the name: the cache in a
+call is found by its type, and the keyword the model takes is read from the model's own `forward` signatures.
 """
 
 from __future__ import annotations

@@ -184,7 +184,9 @@ def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tu
     batch = x.shape[0]
     if batch != len(row_adapters):
         if batch % len(row_adapters):
-            raise ValueError(f"adapter_names has {len(row_adapters)} entries for a batch of {batch} rows; give one per row")
+            raise ValueError(
+                f"adapter_names has {len(row_adapters)} entries for a batch of {batch} rows; give one per row"
+            )
         row_adapters = [n for n in row_adapters for _ in range(batch // len(row_adapters))]
     for name in dict.fromkeys(row_adapters):
         if name == BASE_ADAPTER_NAME:

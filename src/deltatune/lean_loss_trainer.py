@@ -34,13 +34,19 @@ class LeanLossTrainer(Trainer):
     when it passes one (gradient accumulation).
     """
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):  # fmt: skip
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         if return_outputs or not self._lean_loss_fits(model, inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        return lean_causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                   num_items_in_batch=items)  # fmt: skip
+        return lean_causal_lm_loss(
+            model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), num_items_in_batch=items
+        )
 
     def _lean_loss_fits(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
         if not isinstance(model, PeftModel) or not model.training or self.label_smoother or self.compute_loss_func:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune import trainer_integration
 from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.files import adapter_folder, load_weights, place_tensors, save_adapter_files
-from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
-from deltatune import trainer_integration
+from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
 from deltatune.tuners.layer_replication import refuse_merge_if_replicated
@@ -177,8 +177,10 @@ class PeftModel(nn.Module):
             raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
         if any(adapter_name in getattr(m, "merged_adapters", ()) for m in self._adapter_modules()):
             # as peft: unmerging here would also unmerge the others, and is lossy on a quantised base
-            raise ValueError(f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
-                             "call unmerge_adapter() first (or merge_and_unload() to keep it in the weights)")  # fmt: skip
+            raise ValueError(
+                f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
+                "call unmerge_adapter() first (or merge_and_unload() to keep it in the weights)"
+            )
         for module in self._adapter_modules():
             module.delete_adapter(adapter_name)
         if adapter_name in self._modules.get("prompt_encoder", {}):
@@ -187,8 +189,14 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", **options: Any) -> None:  # fmt: skip
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
         """LoRA only: add `adapter_name`, the `adapters` combined with `weights` ("svd", "cat", "linear", TIES,
         DARE...; peft's arguments). See `deltatune.tuners.lora_combine`."""
         from deltatune.tuners.lora_combine import add_weighted_adapter
@@ -242,13 +250,30 @@ class PeftModel(nn.Module):
             for module in modules:
                 module.row_adapters = None
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
-                position_ids=None, decoder_input_ids=None, decoder_attention_mask=None, adapter_names=None,
-                **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        token_type_ids=None,
+        position_ids=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        adapter_names=None,
+        **kwargs,
+    ):
         """The base model's forward; `adapter_names` (one per row) runs a mixed batch of adapters."""
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                      labels=labels, token_type_ids=token_type_ids, position_ids=position_ids,
-                      decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)  # fmt: skip
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+        )
         kwargs.update({k: v for k, v in inputs.items() if v is not None})
         method = method_for(self.active_peft_config)
         with self._rows_use(adapter_names):
@@ -323,8 +348,9 @@ class PeftModel(nn.Module):
             if isinstance(module, AdapterLayer) and module.merged_adapters:
                 module.unmerge()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Sequence[str] | None = None) -> nn.Module:  # fmt: skip
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
         """Return the transformers model with the adapter folded in and no adapter layers left.
 
         peft's arguments, in peft's order: `progressbar` is accepted and ignored (merging takes seconds here),
@@ -367,7 +393,9 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print peft's line: `trainable params: N || all params: M || trainable%: P`."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- files --------------------------------------------------------------------------------------------
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -379,7 +407,7 @@ class PeftModel(nn.Module):
             key: value
             for key, value in self.state_dict(keep_vars=True).items()
             if belongs_to_adapter(key, adapter_name)
-            or (".adapters." not in key and method.base_param_trains(key[len(prefix):], config))
+            or (".adapters." not in key and method.base_param_trains(key[len(prefix) :], config))
         }
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -389,8 +417,13 @@ class PeftModel(nn.Module):
         method = method_for(self.peft_config[adapter_name])
         return method.to_file(self, adapter_name, tensors) if method.to_file else tensors
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:  # fmt: skip
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (peft's layout: the
         "default" adapter in the folder itself, any other in a sub-folder named after it).
 
@@ -402,11 +435,14 @@ class PeftModel(nn.Module):
             raise ValueError(f"save_directory={save_directory} is a file; give a folder")
         unknown = [name for name in selected_adapters or () if name not in self.peft_config]
         if unknown:
-            raise ValueError(f"selected_adapters={unknown!r} names no adapter of this model; it has: "
-                             f"{', '.join(self.peft_config)}")  # fmt: skip
+            raise ValueError(
+                f"selected_adapters={unknown!r} names no adapter of this model; it has: {', '.join(self.peft_config)}"
+            )
         if kwargs.get("safe_serialization") is False:  # peft would write a pickled adapter_model.bin
-            logger.warning("save_pretrained(safe_serialization=False): deltatune writes safetensors only (a pickled "
-                           ".bin can run code when loaded); writing adapter_model.safetensors")  # fmt: skip
+            logger.warning(
+                "save_pretrained(safe_serialization=False): deltatune writes safetensors only (a pickled "
+                ".bin can run code when loaded); writing adapter_model.safetensors"
+            )
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
@@ -417,8 +453,14 @@ class PeftModel(nn.Module):
                 state, config = convert_to_plain_lora(state, config, kwargs["path_initial_model_for_weight_conversion"])
             save_adapter_files(folder, state, config.saved_json_string())  # both files or neither
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     config: PeftConfig | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Add adapter `adapter_name` from a folder written by deltatune or peft (not activated: `set_adapter`).
 
         If `adapter_name` exists already, its values are replaced in place, as peft does (this is how Trainer's
@@ -455,8 +497,15 @@ class PeftModel(nn.Module):
                 target.copy_(value.to(target.dtype))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs: Any) -> "PeftModel":  # fmt: skip
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> "PeftModel":
         """Wrap `model` and load the adapter saved in folder `model_id`, or in its sub-folder `subfolder=` (as peft);
         frozen unless `is_trainable`."""
         folder = adapter_folder(model_id, kwargs.get("subfolder"))
@@ -474,8 +523,9 @@ class PeftModel(nn.Module):
         return peft_model
 
     # ---- training helpers ---------------------------------------------------------------------------------
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
-                                        **kwargs: Any) -> None:  # fmt: skip
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
         """Turn on activation (gradient) checkpointing in the base model (what Trainer calls for
         `gradient_checkpointing=True`); inputs get grads so that frozen embeddings do not cut the graph."""
         model = self.get_base_model()

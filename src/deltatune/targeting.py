@@ -99,8 +99,11 @@ def all_linear_names(model: nn.Module) -> list[str]:
 def weight_module_names(model: nn.Module, limit: int = 25) -> str:
     """A short list of leaf names of modules with weights, to show in 'matched nothing' errors."""
     inside = adapter_internal_names(model)
-    names = {n.split(".")[-1] for n, m in model.named_modules()
-             if n and n not in inside and getattr(m, "weight", None) is not None}  # fmt: skip
+    names = {
+        n.split(".")[-1]
+        for n, m in model.named_modules()
+        if n and n not in inside and getattr(m, "weight", None) is not None
+    }
     names = sorted(names)
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
@@ -164,10 +167,14 @@ def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str] | Non
     """Names of the modules `modules_to_save` selects (name or dotted suffix); an error if an entry finds none."""
     wanted = list(modules_to_save or [])
     inside = adapter_internal_names(model)
-    found = [name for name, _ in model.named_modules()
-             if name and name not in inside and any(name == m or name.endswith(f".{m}") for m in wanted)]  # fmt: skip
-    missing = [m for m in wanted if m not in OPTIONAL_MODULES_TO_SAVE
-               and not any(n == m or n.endswith(f".{m}") for n in found)]  # fmt: skip
+    found = [
+        name
+        for name, _ in model.named_modules()
+        if name and name not in inside and any(name == m or name.endswith(f".{m}") for m in wanted)
+    ]
+    missing = [
+        m for m in wanted if m not in OPTIONAL_MODULES_TO_SAVE and not any(n == m or n.endswith(f".{m}") for n in found)
+    ]
     if missing:
         raise ValueError(
             f"modules_to_save={missing!r} matched no module; modules with weights here include: "

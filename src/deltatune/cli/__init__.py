@@ -25,7 +25,13 @@ __all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_loggi
 
 def __getattr__(name: str) -> Any:
     """The subcommand functions, imported on first use (keeps `deltatune --help` fast)."""
-    modules = {"train": "cmd_train", "chat": "cmd_chat", "evaluate": "cmd_eval", "merge": "cmd_merge", "compare": "cmd_compare"}
+    modules = {
+        "train": "cmd_train",
+        "chat": "cmd_chat",
+        "evaluate": "cmd_eval",
+        "merge": "cmd_merge",
+        "compare": "cmd_compare",
+    }
     if name in modules:
         import importlib
 
@@ -55,7 +61,11 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     add("--config", help="run.yaml with the same keys as these flags (flags win)")
     add("--model", default=S, help="hub id, local folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     add("--method", default=S, help=f"one of: {', '.join(METHODS)} (default: lora)")
-    add("--data", default=S, help="alpaca/chat .json/.jsonl, a saved datasets folder, or a hub dataset (default: bundled sample set)")
+    add(
+        "--data",
+        default=S,
+        help="alpaca/chat .json/.jsonl, a saved datasets folder, or a hub dataset (default: bundled sample set)",
+    )
     add("--eval-data", default=S, help="held-out rows (default: the bundled held-out split with the bundled data)")
     add("--split", default=S, help="split of a dataset folder or hub dataset (default: train)")
     add("--template", default=S, help="auto (default), chat, or human-assistant (the seeds' Human:/Assistant: prompt)")
@@ -71,20 +81,33 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     add("--load-in-8bit", action="store_true", default=S, help="8-bit base via bitsandbytes")
     add("--logging-steps", type=int, default=S, help="log the loss every N steps (default: 5)")
     add("--save-steps", type=int, default=S, help="checkpoint every N steps (default: 50)")
-    add("--cache-dir", default=S, help="where the default model is converted (default: $DELTATUNE_CACHE or ~/.cache/deltatune)")
+    add(
+        "--cache-dir",
+        default=S,
+        help="where the default model is converted (default: $DELTATUNE_CACHE or ~/.cache/deltatune)",
+    )
     if resume:
-        add("--resume", nargs="?", const=True, default=S, help="continue from the last checkpoint in --output (or this checkpoint)")
+        add(
+            "--resume",
+            nargs="?",
+            const=True,
+            default=S,
+            help="continue from the last checkpoint in --output (or this checkpoint)",
+        )
         add("--overwrite", action="store_true", default=S, help="replace a run already in --output")
     group = parser.add_argument_group("method options (each applies to the methods that read it)")
     for key, (default, text) in METHOD_OPTIONS.items():
         kind = OPTION_TYPES.get(key) or {bool: _bool, int: int, float: float}.get(type(default), str)
         switch = {"nargs": "?", "const": True} if type(default) is bool else {}  # `--dora` alone means true
-        group.add_argument("--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})",
-                           **switch)  # fmt: skip
+        group.add_argument(
+            "--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})", **switch
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning from the command line.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter-efficient fine-tuning from the command line.", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_flags(sub.add_parser("train", help="fine-tune a model with one method", allow_abbrev=False))
     chat = sub.add_parser("chat", help="chat with a tuned model (or answer one --prompt)")
@@ -108,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train every method on the same budget and tabulate them")
     _add_train_flags(compare, resume=False)
     compare.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
-    compare.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace the runs of an earlier comparison in --output")
-    compare.add_argument("--in-process", action="store_true", help="train all methods in this process (faster, peak memory less clean)")
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="replace the runs of an earlier comparison in --output",
+    )
+    compare.add_argument(
+        "--in-process", action="store_true", help="train all methods in this process (faster, peak memory less clean)"
+    )
     return parser
 
 
@@ -126,8 +156,10 @@ def _run(args: argparse.Namespace) -> None:
             config = saved  # --resume continues the run as it was set up; flags given now still win
         result = cli.train(load_options(config, flags))
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one reports
-            print(f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
-                  f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step")  # fmt: skip
+            print(
+                f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
+                f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step"
+            )
     elif args.command == "chat":
         cli.chat(**flags)
     elif args.command == "eval":

@@ -50,8 +50,15 @@ def load_chat_model(adapter: str | None, model: str | None, cache: str | None) -
     return peft_model, tokenizer, run.get("template", "auto")
 
 
-def answer(model: Any, tokenizer: Any, history: list[dict[str, str]], template: str, max_new_tokens: int,
-           out: TextIO | None, label: str = "") -> str:  # fmt: skip
+def answer(
+    model: Any,
+    tokenizer: Any,
+    history: list[dict[str, str]],
+    template: str,
+    max_new_tokens: int,
+    out: TextIO | None,
+    label: str = "",
+) -> str:
     """Generate the reply to `history` (streamed to `out` when given)."""
     prompt = data_mod.render_prompt(history, data_mod.resolve_template(template, tokenizer), tokenizer)
     if out is not None and label:
@@ -60,8 +67,15 @@ def answer(model: Any, tokenizer: Any, history: list[dict[str, str]], template: 
     return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, streamer=streamer)[0]
 
 
-def reply(model: Any, tokenizer: Any, history: list[dict[str, str]], template: str, max_new_tokens: int,
-          compare_base: bool, out: TextIO | None) -> Turn:  # fmt: skip
+def reply(
+    model: Any,
+    tokenizer: Any,
+    history: list[dict[str, str]],
+    template: str,
+    max_new_tokens: int,
+    compare_base: bool,
+    out: TextIO | None,
+) -> Turn:
     """One turn; with `compare_base` the base answer (adapter disabled) comes first."""
     base = None
     if compare_base:
@@ -71,10 +85,17 @@ def reply(model: Any, tokenizer: Any, history: list[dict[str, str]], template: s
     return Turn(history[-1]["content"], tuned, base)
 
 
-def chat(adapter: str | None = None, prompt: str | None = None, model: str | None = None,
-         compare_base: bool = False, max_new_tokens: int = 128, template: str | None = None,
-         cache_dir: str | None = None, input_fn: Callable[[str], str] = input,
-         out: TextIO | str | None = "-") -> list[Turn]:  # fmt: skip
+def chat(
+    adapter: str | None = None,
+    prompt: str | None = None,
+    model: str | None = None,
+    compare_base: bool = False,
+    max_new_tokens: int = 128,
+    template: str | None = None,
+    cache_dir: str | None = None,
+    input_fn: Callable[[str], str] = input,
+    out: TextIO | str | None = "-",
+) -> list[Turn]:
     """Answer `prompt` once, or run the interactive loop (reading with `input_fn`) until /quit or EOF.
 
     Answers stream to `out` ("-": the current sys.stdout; None: nowhere).
@@ -92,7 +113,17 @@ def chat(adapter: str | None = None, prompt: str | None = None, model: str | Non
     chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir)
     template = template or run_template
     if prompt is not None:
-        return [reply(chat_model, tokenizer, [{"role": "user", "content": prompt}], template, max_new_tokens, compare_base, out)]
+        return [
+            reply(
+                chat_model,
+                tokenizer,
+                [{"role": "user", "content": prompt}],
+                template,
+                max_new_tokens,
+                compare_base,
+                out,
+            )
+        ]
     if out is not None:
         out.write(HELP + "\n")
     turns: list[Turn] = []

@@ -25,7 +25,15 @@ from deltatune.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["method", "trainable_params", "trainable_percent", "seconds_per_step", "peak_memory_mb", "eval_loss", "exact_match"]
+COLUMNS = [
+    "method",
+    "trainable_params",
+    "trainable_percent",
+    "seconds_per_step",
+    "peak_memory_mb",
+    "eval_loss",
+    "exact_match",
+]
 
 
 @dataclass
@@ -55,9 +63,16 @@ def run_one(values: dict[str, Any]) -> Row:
     except (ValueError, TypeError, RuntimeError, OSError, NotImplementedError) as err:
         logger.error("%s failed: %s", options.method, err)
         return Row(options.method, error=f"{type(err).__name__}: {err}")
-    return Row(options.method, result.trainable_params, result.trainable_percent, result.seconds_per_step,
-               result.peak_memory_mb, scores.eval_loss, scores.exact_match,
-               losses=[(h["step"], h["loss"]) for h in result.history])  # fmt: skip
+    return Row(
+        options.method,
+        result.trainable_params,
+        result.trainable_percent,
+        result.seconds_per_step,
+        result.peak_memory_mb,
+        scores.eval_loss,
+        scores.exact_match,
+        losses=[(h["step"], h["loss"]) for h in result.history],
+    )
 
 
 def _run_isolated(values: dict[str, Any]) -> Row:
@@ -79,7 +94,9 @@ def _worker(values: dict[str, Any]) -> None:
     print("DELTATUNE_ROW " + json.dumps(asdict(run_one(values))), flush=True)
 
 
-def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = None, isolate: bool = True) -> list[Row]:
+def compare(
+    options: TrainOptions | dict[str, Any], methods: list[str] | None = None, isolate: bool = True
+) -> list[Row]:
     """Train each method (default: all in the table) with the same options; write the table and plots.
 
     `options.output` is the comparison folder; each method's run goes to a sub-folder named after it.
@@ -94,14 +111,23 @@ def compare(options: TrainOptions | dict[str, Any], methods: list[str] | None = 
         raise ValueError("compare needs --max-steps: every method gets the same step budget")
     if base.data is not None and base.eval_data is None:
         raise ValueError("compare scores every method on held-out data: pass --eval-data with --data")
-    unread = sorted(k for k, v in base.method_options.items() if v is not None and not any(k in METHODS[m].options for m in methods))
+    unread = sorted(
+        k for k, v in base.method_options.items() if v is not None and not any(k in METHODS[m].options for m in methods)
+    )
     if unread:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unread)} does not apply to any method compared "
-                         f"({', '.join(methods)}); leave it out or add a method that reads it")  # fmt: skip
+        raise ValueError(
+            f"{', '.join('--' + k.replace('_', '-') for k in unread)} does not apply to any method compared "
+            f"({', '.join(methods)}); leave it out or add a method that reads it"
+        )
     check_output(base.output, methods, base.overwrite)
     rows = []
     for method in methods:
-        values = {**base.to_yaml_dict(), "method": method, "output": os.path.join(base.output, method), "overwrite": True}
+        values = {
+            **base.to_yaml_dict(),
+            "method": method,
+            "output": os.path.join(base.output, method),
+            "overwrite": True,
+        }
         for key in base.method_options:  # a method option goes only to the methods that read it
             if key not in METHODS[method].options:
                 values.pop(key, None)
@@ -117,15 +143,23 @@ def check_output(folder: str, methods: list[str], overwrite: bool) -> None:
         raise FileExistsError(f"--output {folder} holds a train run; give compare a folder of its own")
     held = [m for m in methods if is_run_folder(os.path.join(folder, m))]
     if held and not overwrite:
-        raise FileExistsError(f"--output {folder} already holds runs of {', '.join(held)}; pass --overwrite to replace "
-                              "them, or choose another --output")  # fmt: skip
+        raise FileExistsError(
+            f"--output {folder} already holds runs of {', '.join(held)}; pass --overwrite to replace "
+            "them, or choose another --output"
+        )
 
 
 def _fmt(value: Any, column: str) -> str:
     if value is None:
         return "-"
-    formats = {"trainable_params": "{:,d}", "trainable_percent": "{:.4f}", "seconds_per_step": "{:.3f}",
-               "peak_memory_mb": "{:.0f}", "eval_loss": "{:.4f}", "exact_match": "{:.1%}"}  # fmt: skip
+    formats = {
+        "trainable_params": "{:,d}",
+        "trainable_percent": "{:.4f}",
+        "seconds_per_step": "{:.3f}",
+        "peak_memory_mb": "{:.0f}",
+        "eval_loss": "{:.4f}",
+        "exact_match": "{:.1%}",
+    }
     return formats.get(column, "{}").format(value)
 
 
@@ -139,9 +173,14 @@ def write_outputs(rows: list[Row], folder: str) -> None:
         writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS] + [row.error or ""])
     atomic_write_text(os.path.join(folder, "comparison.csv"), buffer.getvalue())
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(getattr(row, c), c) if c != "method" else row.method for c in COLUMNS) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_fmt(getattr(row, c), c) if c != "method" else row.method for c in COLUMNS) + " |"
+        for row in rows
+    ]
     notes = [f"- {row.method}: {row.error}" for row in rows if row.error]
-    text = "# Methods compared\n\n" + "\n".join(lines) + "\n" + ("\nNot run:\n" + "\n".join(notes) + "\n" if notes else "")
+    text = (
+        "# Methods compared\n\n" + "\n".join(lines) + "\n" + ("\nNot run:\n" + "\n".join(notes) + "\n" if notes else "")
+    )
     text += "\n![loss curves](loss_curves.png)\n![quality against trainable parameters](quality_vs_params.png)\n"
     atomic_write_text(os.path.join(folder, "comparison.md"), text)
     plot(rows, folder)

@@ -44,20 +44,34 @@ def held_out_source(data: str | None, run: dict[str, Any]) -> str:
     return data_mod.bundled_path(data_mod.BUNDLED_EVAL)
 
 
-def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], template: str, max_length: int,
-          batch_size: int, source: str) -> tuple[float, float, list[str]]:  # fmt: skip
+def score(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], template: str, max_length: int, batch_size: int, source: str
+) -> tuple[float, float, list[str]]:
     """(eval loss, exact-match, answers) of `model` on checked rows."""
     examples = data_mod.tokenize_rows(rows, tokenizer, template, max_length, source)
     loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
     pairs = data_mod.prompts_and_answers(rows, tokenizer, template)
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs)
-    answers = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=min(longest + 8, 512), batch_size=batch_size, progress=True)
+    answers = generate(
+        model,
+        tokenizer,
+        [p for p, _ in pairs],
+        max_new_tokens=min(longest + 8, 512),
+        batch_size=batch_size,
+        progress=True,
+    )
     return loss, exact_match(answers, [ref for _, ref in pairs]), answers
 
 
-def evaluate(adapter: str | None = None, data: str | None = None, model: str | None = None,
-             compare_base: bool = False, batch_size: int = 16, cache_dir: str | None = None,
-             write: bool = True) -> EvalResult:  # fmt: skip
+def evaluate(
+    adapter: str | None = None,
+    data: str | None = None,
+    model: str | None = None,
+    compare_base: bool = False,
+    batch_size: int = 16,
+    cache_dir: str | None = None,
+    write: bool = True,
+) -> EvalResult:
     """Score the adapter in `adapter` (or the base model when None) on held-out data.
 
     With `write`, the scores are also saved as `eval.json` in the adapter folder.
@@ -78,18 +92,26 @@ def evaluate(adapter: str | None = None, data: str | None = None, model: str | N
     result = EvalResult(source, len(rows), loss, perplexity(loss), em, answers=answers)
     if compare_base and adapter is not None:
         with scored_model.disable_adapter():
-            result.base_eval_loss, result.base_exact_match, _ = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
+            result.base_eval_loss, result.base_exact_match, _ = score(
+                scored_model, tokenizer, rows, template, max_length, batch_size, source
+            )
     if write and adapter is not None:
         path = os.path.join(adapter, "eval.json")
-        atomic_write_text(path, json.dumps({k: v for k, v in asdict(result).items() if k != "answers"}, indent=2) + "\n")
+        atomic_write_text(
+            path, json.dumps({k: v for k, v in asdict(result).items() if k != "answers"}, indent=2) + "\n"
+        )
     return result
 
 
 def report(result: EvalResult) -> str:
     """The scores as a few readable lines."""
-    lines = [f"held-out data: {result.data} ({result.examples} rows)",
-             f"eval loss {result.eval_loss:.4f} | perplexity {result.perplexity:.3f} | exact-match {result.exact_match:.1%}"]  # fmt: skip
+    lines = [
+        f"held-out data: {result.data} ({result.examples} rows)",
+        f"eval loss {result.eval_loss:.4f} | perplexity {result.perplexity:.3f} | exact-match {result.exact_match:.1%}",
+    ]
     if result.base_eval_loss is not None:
-        lines.append(f"base model: eval loss {result.base_eval_loss:.4f} | perplexity {perplexity(result.base_eval_loss):.3f} "
-                     f"| exact-match {result.base_exact_match:.1%}")  # fmt: skip
+        lines.append(
+            f"base model: eval loss {result.base_eval_loss:.4f} | perplexity {perplexity(result.base_eval_loss):.3f} "
+            f"| exact-match {result.base_exact_match:.1%}"
+        )
     return "\n".join(lines)

@@ -18,8 +18,9 @@ from deltatune.cli.models import adapter_folder, load_model, read_run
 logger = logging.getLogger(__name__)
 
 
-def merge(adapter: str, output: str, model: str | None = None, overwrite: bool = False,
-          cache_dir: str | None = None) -> str:  # fmt: skip
+def merge(
+    adapter: str, output: str, model: str | None = None, overwrite: bool = False, cache_dir: str | None = None
+) -> str:
     """Merge the adapter in `adapter` into its base model and save the merged model in `output`.
 
     Raises:
@@ -35,7 +36,10 @@ def merge(adapter: str, output: str, model: str | None = None, overwrite: bool =
         if not overwrite:
             raise FileExistsError(f"--output {output} is not empty; pass --overwrite or choose another folder")
         if not os.path.isfile(os.path.join(output, "config.json")):
-            raise FileExistsError(f"--output {output} holds files that are not a model; --overwrite replaces only a model folder, pick an empty or new folder")
+            raise FileExistsError(
+                f"--output {output} holds files that are not a model; --overwrite replaces only a model folder, "
+                "pick an empty or new folder"
+            )
     if os.path.abspath(output) == os.path.abspath(adapter):
         raise ValueError("--output must differ from --adapter: the adapter folder stays as it is")
     folder = adapter_folder(adapter)

@@ -28,7 +28,15 @@ from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
 from deltatune.cli.models import load_model, read_run
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
-from deltatune.cli.runs import HISTORY_FILE, PeakMemory, StepTimer, StopOnInterrupt, checkpoint_step, prepare_output, remove_run
+from deltatune.cli.runs import (
+    HISTORY_FILE,
+    PeakMemory,
+    StepTimer,
+    StopOnInterrupt,
+    checkpoint_step,
+    prepare_output,
+    remove_run,
+)
 from deltatune.files import atomic_write_text
 from deltatune.lean_loss_trainer import LeanLossTrainer
 
@@ -69,7 +77,9 @@ def load_data(options: TrainOptions) -> tuple[list, list | None, str | None]:
 
 def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: list | None, eval_source: str | None):
     """Tokenized train and held-out examples (loss on response tokens only)."""
-    train = data_mod.tokenize_rows(rows, tokenizer, options.template, options.max_length, options.data or "the sample set")
+    train = data_mod.tokenize_rows(
+        rows, tokenizer, options.template, options.max_length, options.data or "the sample set"
+    )
     if eval_rows is None:
         return train, None
     return train, data_mod.tokenize_rows(eval_rows, tokenizer, options.template, options.max_length, eval_source)
@@ -94,14 +104,27 @@ def wrap_model(model: torch.nn.Module, options: TrainOptions, total_step: int):
 def training_arguments(options: TrainOptions) -> TrainingArguments:
     lr = options.lr if options.lr is not None else method_entry(options.method).lr
     return TrainingArguments(
-        output_dir=options.output, max_steps=options.max_steps or -1, num_train_epochs=options.epochs,
-        learning_rate=lr, per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum, logging_steps=options.logging_steps,
-        logging_first_step=True, save_strategy="steps", save_steps=options.save_steps, save_total_limit=2,
-        seed=options.seed, data_seed=options.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False, label_names=["labels"], warmup_steps=0, disable_tqdm=False,
+        output_dir=options.output,
+        max_steps=options.max_steps or -1,
+        num_train_epochs=options.epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=2,
+        seed=options.seed,
+        data_seed=options.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        warmup_steps=0,
+        disable_tqdm=False,
         ddp_find_unused_parameters=False,
-    )  # fmt: skip
+    )
 
 
 def write_run_files(options: TrainOptions, model_path: str) -> None:
@@ -118,7 +141,9 @@ def write_run_files(options: TrainOptions, model_path: str) -> None:
             values[key] = os.path.abspath(values[key])
     os.makedirs(options.output, exist_ok=True)
     text = "# written by deltatune train; repeat the run with: deltatune train --config run.yaml --overwrite\n"
-    atomic_write_text(os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    atomic_write_text(
+        os.path.join(options.output, RUN_FILE), text + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    )
 
 
 class WriteRunFiles(TrainerCallback):
@@ -150,12 +175,16 @@ def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> No
     run = read_run(os.path.dirname(os.path.abspath(checkpoint)))
     lr = options.lr if options.lr is not None else method_entry(options.method).lr
     if run.get("lr") is not None and float(run["lr"]) != lr:
-        raise ValueError(f"--resume continues with the run's learning rate {run['lr']} (its optimizer and schedule are in "
-                         f"the checkpoint), not --lr {lr:g}; leave --lr out, or start a new run to change it")  # fmt: skip
+        raise ValueError(
+            f"--resume continues with the run's learning rate {run['lr']} (its optimizer and schedule are in "
+            f"the checkpoint), not --lr {lr:g}; leave --lr out, or start a new run to change it"
+        )
     step = checkpoint_step(checkpoint)
     if options.max_steps and step >= options.max_steps:
-        raise ValueError(f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
-                         f"left to train; raise --max-steps to continue the run")  # fmt: skip
+        raise ValueError(
+            f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
+            f"left to train; raise --max-steps to continue the run"
+        )
 
 
 def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None) -> TrainResult:
@@ -168,7 +197,9 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
 
     options = as_options(options)
     options.check()
-    peft_config = build_peft_config(options.method, options.method_options, options.max_steps or 10**6)  # bad options fail first
+    peft_config = build_peft_config(
+        options.method, options.method_options, options.max_steps or 10**6
+    )  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = prepare_output(options.output, options.overwrite, options.resume)
     if resume_from:
@@ -187,9 +218,13 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     timer, stopper = StepTimer(), StopOnInterrupt()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
     run_files = WriteRunFiles(options, loaded.path, state.is_main_process)
-    trainer = LeanLossTrainer(model=peft_model, args=training_arguments(options), train_dataset=train_set,
-                              data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                              callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])])  # fmt: skip
+    trainer = LeanLossTrainer(
+        model=peft_model,
+        args=training_arguments(options),
+        train_dataset=train_set,
+        data_collator=data_mod.Collator(tokenizer.pad_token_id),
+        callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])],
+    )
     with PeakMemory() as memory, stopper.installed():
         _run_trainer(trainer, resume_from, run_files)
     return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
@@ -204,8 +239,10 @@ def _run_trainer(trainer: Trainer, resume_from: str | None, run_files: WriteRunF
         raise
     except (RuntimeError, pickle.UnpicklingError) as err:
         if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
-            raise ValueError(f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
-                             "earlier checkpoint (--resume PATH) or train again with --overwrite") from None  # fmt: skip
+            raise ValueError(
+                f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
+                "earlier checkpoint (--resume PATH) or train again with --overwrite"
+            ) from None
         raise
 
 
@@ -220,19 +257,34 @@ def _save_interrupted(trainer: Trainer) -> None:
         logger.warning("interrupted at step %d: checkpoint in %s; continue with --resume", step, folder)
 
 
-def _finish(options: TrainOptions, trainer: Trainer, peft_model: Any, tokenizer: Any, eval_set: list | None,
-            timer: StepTimer, memory: PeakMemory, interrupted: bool) -> TrainResult:  # fmt: skip
+def _finish(
+    options: TrainOptions,
+    trainer: Trainer,
+    peft_model: Any,
+    tokenizer: Any,
+    eval_set: list | None,
+    timer: StepTimer,
+    memory: PeakMemory,
+    interrupted: bool,
+) -> TrainResult:
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     final_eval = None
     if eval_set is not None:
         final_eval = eval_loss(peft_model, eval_set, tokenizer.pad_token_id, options.batch_size)
     trainable, total = peft_model.get_nb_trainable_parameters()
     result = TrainResult(
-        output=options.output, method=options.method, steps=trainer.state.global_step,
-        train_loss=history[-1]["loss"] if history else None, eval_loss=final_eval,
-        seconds_per_step=timer.seconds_per_step, peak_memory_mb=memory.peak_mb, trainable_params=trainable,
-        all_params=total, interrupted=interrupted, history=history,
-    )  # fmt: skip
+        output=options.output,
+        method=options.method,
+        steps=trainer.state.global_step,
+        train_loss=history[-1]["loss"] if history else None,
+        eval_loss=final_eval,
+        seconds_per_step=timer.seconds_per_step,
+        peak_memory_mb=memory.peak_mb,
+        trainable_params=trainable,
+        all_params=total,
+        interrupted=interrupted,
+        history=history,
+    )
     if trainer.args.should_save:
         peft_model.save_pretrained(options.output)
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}

@@ -52,7 +52,9 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[int, Any]]:
         try:
             rows.append((line_no, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}, row {line_no}: not valid JSON ({err.msg}); each line of a .jsonl file is one JSON object") from None
+            raise DataError(
+                f"{path}, row {line_no}: not valid JSON ({err.msg}); each line of a .jsonl file is one JSON object"
+            ) from None
     return rows
 
 
@@ -69,7 +71,9 @@ def read_json_rows(path: str, flag: str = "--data") -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file or use one JSON object per line") from None
+            raise DataError(
+                f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file or use one JSON object per line"
+            ) from None
         return list(enumerate(data, start=1))
     if text.lstrip().startswith("{") and not path.endswith(".jsonl"):
         try:
@@ -93,7 +97,8 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
     if missing:
         raise DataError(
             f"{where}: no {' and no '.join(repr(k) for k in missing)} field; alpaca rows need 'instruction' and "
-            f"'output' ('input' is optional), chat rows need 'messages' (this row has: {', '.join(map(repr, row)) or 'nothing'})"
+            f"'output' ('input' is optional), chat rows need 'messages' "
+            f"(this row has: {', '.join(map(repr, row)) or 'nothing'})"
         )
     fields = {k: row.get(k) if row.get(k) is not None else "" for k in ("instruction", "input", "output")}
     for key, value in fields.items():
@@ -108,10 +113,16 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}}")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise DataError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
     if messages[0]["role"] == "assistant":
-        raise DataError(f"{where}: 'messages' starts with an assistant turn; put the user turn it answers (or a system turn) first")
+        raise DataError(
+            f"{where}: 'messages' starts with an assistant turn; put the user turn it answers (or a system turn) first"
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: 'messages' has no assistant turn; the loss is computed on assistant turns only")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -123,8 +134,10 @@ def _load_saved_dataset(path: str, split: str, flag: str) -> list[tuple[int, Any
     try:
         loaded = datasets.load_from_disk(path)
     except FileNotFoundError:
-        raise DataError(f"{flag} {path}: the folder is not a dataset written by datasets' save_to_disk; pass such a "
-                        "folder or a .json/.jsonl file") from None  # fmt: skip
+        raise DataError(
+            f"{flag} {path}: the folder is not a dataset written by datasets' save_to_disk; pass such a "
+            "folder or a .json/.jsonl file"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: the dataset has splits {list(loaded)}, not {split!r}; pass --split")
@@ -134,7 +147,10 @@ def _load_saved_dataset(path: str, split: str, flag: str) -> list[tuple[int, Any
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub can be reached (offline mode or no route: False)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    ):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -166,7 +182,12 @@ def load_rows(source: str | None, split: str = "train", flag: str = "--data") ->
     source = source or bundled_path(BUNDLED_TRAIN)
     if os.path.isdir(source):
         raw, name = _load_saved_dataset(source, split, flag), source
-    elif os.path.isfile(source) or source.endswith((".json", ".jsonl")) or os.sep in source and not _looks_like_hub_id(source):
+    elif (
+        os.path.isfile(source)
+        or source.endswith((".json", ".jsonl"))
+        or os.sep in source
+        and not _looks_like_hub_id(source)
+    ):
         raw, name = read_json_rows(source, flag), source
     else:
         raw, name = _load_hub_dataset(source, split, flag), source
@@ -228,8 +249,10 @@ def segments(messages: list[dict[str, str]], template: str, tokenizer: Any) -> l
         else:
             full = prompt + message["content"] + (tokenizer.eos_token or "")
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the chat template does not render conversations as growing prefixes; use --template human-assistant")
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise DataError(
+                "the chat template does not render conversations as growing prefixes; use --template human-assistant"
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return [(text, is_response) for text, is_response in pieces if text]
 
@@ -242,7 +265,9 @@ def render_prompt(history: list[dict[str, str]], template: str, tokenizer: Any) 
 
 
 # ---- tokenizing ---------------------------------------------------------------------------------------------
-def encode(messages: list[dict[str, str]], template: str, tokenizer: Any, max_length: int) -> dict[str, list[int]] | None:
+def encode(
+    messages: list[dict[str, str]], template: str, tokenizer: Any, max_length: int
+) -> dict[str, list[int]] | None:
     """input_ids + labels (-100 outside responses), cut at max_length; None when no response token fits."""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -264,7 +289,9 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, template: str, max_length: int, source: str = "data") -> list[dict[str, list[int]]]:
+def tokenize_rows(
+    rows: list[dict[str, Any]], tokenizer: Any, template: str, max_length: int, source: str = "data"
+) -> list[dict[str, list[int]]]:
     """Encode every row; rows with no response token inside max_length are dropped (all dropped: error)."""
     if max_length < 2:
         raise ValueError(f"--max-length {max_length} is too small; use at least a few hundred tokens")
@@ -272,13 +299,26 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, template: str, max
     encoded = [encode(to_messages(row), template, tokenizer, max_length) for row in rows]
     kept = [e for e in encoded if e is not None]
     if not kept:
-        shortest = min(len(tokenizer(render_prompt(to_messages(r)[:-1], template, tokenizer), add_special_tokens=False)["input_ids"]) for r in rows)
+        shortest = min(
+            len(
+                tokenizer(render_prompt(to_messages(r)[:-1], template, tokenizer), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            )
+            for r in rows
+        )
         raise DataError(
             f"--max-length {max_length} is too small for any response in {source}: the shortest prompt is "
             f"{shortest} tokens; raise --max-length above {shortest}"
         )
     if len(kept) < len(encoded):
-        logger.warning("%s: %d of %d rows dropped: their prompt fills --max-length %d", source, len(encoded) - len(kept), len(encoded), max_length)
+        logger.warning(
+            "%s: %d of %d rows dropped: their prompt fills --max-length %d",
+            source,
+            len(encoded) - len(kept),
+            len(encoded),
+            max_length,
+        )
     cut = sum(1 for e in kept if len(e["input_ids"]) == max_length)
     if cut:
         logger.warning("%s: %d rows were cut at --max-length %d", source, cut, max_length)

@@ -11,8 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from deltatune import (AdaLoraConfig, AdapterConfig, BitFitConfig, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig,
-                       PromptTuningConfig, TaskType)  # fmt: skip
+from deltatune import (
+    AdaLoraConfig,
+    AdapterConfig,
+    BitFitConfig,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+)
 
 CAUSAL_LM = TaskType.CAUSAL_LM
 
@@ -22,15 +31,22 @@ def _adalora_callback() -> Any:
 
     return AdaLoraCallback()
 
+
 # Every method option: name -> (default, help). The same names are keys in --config run.yaml.
 METHOD_OPTIONS: dict[str, tuple[Any, str]] = {
     "r": (8, "rank of the low-rank update (lora, adalora: the initial rank)"),
     "alpha": (16, "lora_alpha: the update is scaled by alpha / r"),
     "dropout": (0.05, "dropout on the adapter's input"),
     "dora": (False, "lora: DoRA, a trainable magnitude per output feature beside the low-rank direction"),
-    "target_modules": (None, "modules to adapt: names (q_proj,v_proj), a regex, or all-linear; default: the architecture's"),
+    "target_modules": (
+        None,
+        "modules to adapt: names (q_proj,v_proj), a regex, or all-linear; default: the architecture's",
+    ),
     "num_virtual_tokens": (20, "number of virtual tokens (prompt-tuning, p-tuning, prefix-tuning)"),
-    "preset": ("houlsby", "adapter placement: houlsby (after attention and feed-forward) or pfeiffer (feed-forward only)"),
+    "preset": (
+        "houlsby",
+        "adapter placement: houlsby (after attention and feed-forward) or pfeiffer (feed-forward only)",
+    ),
     "reduction_factor": (16.0, "adapter bottleneck = hidden size / reduction_factor"),
     "bottleneck_size": (None, "adapter bottleneck units, instead of --reduction-factor"),
     "init_r": (12, "adalora: the rank every module starts with"),
@@ -61,31 +77,60 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "lora": MethodEntry(
         ("r", "alpha", "dropout", "dora", "target_modules"),
-        lambda o: LoraConfig(task_type=CAUSAL_LM, r=o("r"), lora_alpha=o("alpha"), lora_dropout=o("dropout"),
-                             use_dora=o("dora"), target_modules=o("target_modules")),  # fmt: skip
+        lambda o: LoraConfig(
+            task_type=CAUSAL_LM,
+            r=o("r"),
+            lora_alpha=o("alpha"),
+            lora_dropout=o("dropout"),
+            use_dora=o("dora"),
+            target_modules=o("target_modules"),
+        ),
         lr=2e-3,
     ),
     "bitfit": MethodEntry((), lambda o: BitFitConfig(task_type=CAUSAL_LM), lr=2e-3),
     # Prompt methods train few values from a random start: they need larger steps than LoRA.
-    "prompt-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PromptTuningConfig(
-        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-2),
-    "p-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PromptEncoderConfig(
-        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")), lr=3e-3),
+    "prompt-tuning": MethodEntry(
+        ("num_virtual_tokens",),
+        lambda o: PromptTuningConfig(task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")),
+        lr=3e-2,
+    ),
+    "p-tuning": MethodEntry(
+        ("num_virtual_tokens",),
+        lambda o: PromptEncoderConfig(task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens")),
+        lr=3e-3,
+    ),
     # Prefixes start at zero: peft's default N(0, 1) start swamps a trained model's attention (on SmolLM2 the
     # held-out loss starts at 4.38 instead of the base's 0.73; at zero it starts at 0.79).
-    "prefix-tuning": MethodEntry(("num_virtual_tokens",), lambda o: PrefixTuningConfig(
-        task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens"), init_weights="zero"), lr=1e-2),
+    "prefix-tuning": MethodEntry(
+        ("num_virtual_tokens",),
+        lambda o: PrefixTuningConfig(
+            task_type=CAUSAL_LM, num_virtual_tokens=o("num_virtual_tokens"), init_weights="zero"
+        ),
+        lr=1e-2,
+    ),
     "adapter": MethodEntry(
         ("preset", "reduction_factor", "bottleneck_size", "dropout", "target_modules"),
-        lambda o: AdapterConfig(task_type=CAUSAL_LM, preset=o("preset"), reduction_factor=o("reduction_factor"),
-                                bottleneck_size=o("bottleneck_size"), adapter_dropout=o("dropout"),
-                                target_modules=o("target_modules")),  # fmt: skip
+        lambda o: AdapterConfig(
+            task_type=CAUSAL_LM,
+            preset=o("preset"),
+            reduction_factor=o("reduction_factor"),
+            bottleneck_size=o("bottleneck_size"),
+            adapter_dropout=o("dropout"),
+            target_modules=o("target_modules"),
+        ),
         lr=2e-3,
     ),
     "adalora": MethodEntry(
         ("init_r", "target_r", "alpha", "dropout", "target_modules"),
-        lambda o: AdaLoraConfig(task_type=CAUSAL_LM, init_r=o("init_r"), target_r=o("target_r"), lora_alpha=o("alpha"),
-                                lora_dropout=o("dropout"), target_modules=o("target_modules"), total_step=o("total_step")),  # fmt: skip
+        lambda o: AdaLoraConfig(
+            task_type=CAUSAL_LM,
+            init_r=o("init_r"),
+            target_r=o("target_r"),
+            lora_alpha=o("alpha"),
+            lora_dropout=o("dropout"),
+            target_modules=o("target_modules"),
+            total_step=o("total_step"),
+        ),
         lr=2e-3,
         callbacks=(_adalora_callback,),
     ),

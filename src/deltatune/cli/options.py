@@ -58,8 +58,13 @@ class TrainOptions:
 
     def check(self) -> None:
         """Refuse values no run can use (zero steps, batches or accumulation), before anything is written."""
-        at_least_one = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "logging_steps": self.logging_steps,
-                        "save_steps": self.save_steps, "max_steps": 1 if self.max_steps is None else self.max_steps}  # fmt: skip
+        at_least_one = {
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
+            "max_steps": 1 if self.max_steps is None else self.max_steps,
+        }
         for key, value in at_least_one.items():
             if value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} {value}: must be at least 1")
@@ -116,7 +121,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                     pass
         if bool in kinds and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-    names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "text"}[k] for k in kinds if k is not type(None))
+    names = " or ".join(
+        {bool: "true/false", int: "an integer", float: "a number", str: "text"}[k] for k in kinds if k is not type(None)
+    )
     raise ValueError(f"{source}: option {key!r} must be {names}, not {value!r}")
 
 
@@ -130,7 +137,9 @@ def make_options(values: dict[str, Any], source: str = "options") -> TrainOption
         if key in FIELDS:
             setattr(options, key, _coerce(key, value, source))
         elif key in METHOD_OPTIONS:
-            options.method_options[key] = parse_target_modules(value) if key == "target_modules" else _coerce(key, value, source)
+            options.method_options[key] = (
+                parse_target_modules(value) if key == "target_modules" else _coerce(key, value, source)
+            )
         else:
             known = sorted(FIELDS | set(METHOD_OPTIONS))
             raise ValueError(f"{source}: unknown option {raw_key!r}; known options: {', '.join(known)}")

@@ -40,7 +40,9 @@ def checkpoints(folder: str) -> list[str]:
 
 def is_run_folder(folder: str) -> bool:
     """Whether `folder` holds a deltatune run (or its checkpoints)."""
-    return os.path.isdir(folder) and (any(os.path.exists(os.path.join(folder, m)) for m in RUN_MARKERS) or bool(checkpoints(folder)))
+    return os.path.isdir(folder) and (
+        any(os.path.exists(os.path.join(folder, m)) for m in RUN_MARKERS) or bool(checkpoints(folder))
+    )
 
 
 def prepare_output(folder: str, overwrite: bool, resume: bool | str) -> str | None:
@@ -61,7 +63,9 @@ def prepare_output(folder: str, overwrite: bool, resume: bool | str) -> str | No
     if not os.path.isdir(folder) or not os.listdir(folder):
         return None
     if not is_run_folder(folder):
-        raise FileExistsError(f"--output {folder} holds files that are not a deltatune run; pick an empty or new folder")
+        raise FileExistsError(
+            f"--output {folder} holds files that are not a deltatune run; pick an empty or new folder"
+        )
     if not overwrite:
         held = sorted(n for n in os.listdir(folder) if n in RUN_MARKERS or CHECKPOINT_RE.match(n))
         raise FileExistsError(
@@ -91,21 +95,29 @@ def _resume_checkpoint(folder: str, resume: bool | str) -> str:
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
         if missing := _missing_files(resume):
             raise FileNotFoundError(
-                f"--resume {resume}: not a checkpoint of deltatune train (no {', '.join(missing)}); pass a checkpoint-N "
-                "folder of a run, or --resume alone to continue from the last checkpoint in --output"
+                f"--resume {resume}: not a checkpoint of deltatune train (no {', '.join(missing)}); pass a "
+                "checkpoint-N folder of a run, or --resume alone to continue from the last checkpoint in --output"
             )
         return resume
     found = checkpoints(folder)
     if not found:
-        raise FileNotFoundError(f"--resume: {folder} holds no checkpoint-N folder to continue from; train without --resume")
+        raise FileNotFoundError(
+            f"--resume: {folder} holds no checkpoint-N folder to continue from; train without --resume"
+        )
     complete = [c for c in found if not _missing_files(c)]
     if not complete:
         raise FileNotFoundError(
-            f"--resume: no checkpoint in {folder} is complete ({found[-1]} has no {', '.join(_missing_files(found[-1]))}); "
+            f"--resume: no checkpoint in {folder} is complete "
+            f"({found[-1]} has no {', '.join(_missing_files(found[-1]))}); "
             "train again without --resume (with --overwrite)"
         )
     if complete[-1] != found[-1]:  # a save cut short (killed, disk full) leaves a partial folder
-        logger.warning("--resume: %s is incomplete (no %s); continuing from %s", found[-1], ", ".join(_missing_files(found[-1])), complete[-1])
+        logger.warning(
+            "--resume: %s is incomplete (no %s); continuing from %s",
+            found[-1],
+            ", ".join(_missing_files(found[-1])),
+            complete[-1],
+        )
     return complete[-1]
 
 

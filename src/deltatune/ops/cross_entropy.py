@@ -56,12 +56,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None  # (V,)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]  # (c, H)
+            h = hidden[start : start + chunk]  # (c, H)
             logits = F.linear(h, weight, bias).float()  # (c, V), as the model's loss upcasts them
-            total += _ce_chunk(logits, labels[start:start + chunk], ignore_index, scale)
+            total += _ce_chunk(logits, labels[start : start + chunk], ignore_index, scale)
             g = logits.to(hidden.dtype)  # (c, V): d loss / d logits
             if need_h:
-                grad_h[start:start + chunk] = g @ weight
+                grad_h[start : start + chunk] = g @ weight
             if need_w:
                 grad_w.addmm_(g.T.float(), h.float())
             if need_b:
@@ -80,10 +80,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         chunk_size: int | None = None, num_items_in_batch: torch.Tensor | int | None = None,
-                         ) -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)`` without the full logits.
 
     Args:
@@ -116,8 +121,10 @@ def lean_loss_refusal(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     if type(head) is not nn.Linear or getattr(config, "is_encoder_decoder", False):
-        return (f"lean_causal_lm_loss needs a decoder-only model whose output head is a plain nn.Linear; "
-                f"{type(model).__name__} has {type(head).__name__}")  # fmt: skip
+        return (
+            f"lean_causal_lm_loss needs a decoder-only model whose output head is a plain nn.Linear; "
+            f"{type(model).__name__} has {type(head).__name__}"
+        )
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return f"{type(model).__name__} rescales its logits; lean_causal_lm_loss would differ"
     return None
@@ -137,9 +144,15 @@ def _is_peft_wrapper(model: nn.Module) -> bool:
     return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
 
-def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                        num_items_in_batch: torch.Tensor | int | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
+def lean_causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """The loss `model(input_ids, labels=labels).loss` computes, without materialising the logits.
 
     Same shift as transformers (position t predicts token t + 1; -100 labels are ignored) and the same mean.
@@ -159,5 +172,6 @@ def lean_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)  # (B, T): token t + 1 at t
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
-    return linear_cross_entropy(flat, head.weight, shifted.reshape(-1), head.bias, chunk_size=chunk_size,
-                                num_items_in_batch=num_items_in_batch)
+    return linear_cross_entropy(
+        flat, head.weight, shifted.reshape(-1), head.bias, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
+    )

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.ops.lora_ops import lora_linear, lora_linear_inference, switched, triton_kernels_for
-from deltatune.ops.mixed_batch import apply_row_factors, gather_row_factors, mixed_lora_linear, row_index, stack_lora_weights
+from deltatune.ops.mixed_batch import (
+    apply_row_factors,
+    gather_row_factors,
+    mixed_lora_linear,
+    row_index,
+    stack_lora_weights,
+)
 
 _ENABLED = [True]
 # Tensors derived from adapter weights (B^T, mixed-batch stacks) are cached only inside `weights_fixed()`,
@@ -55,8 +61,12 @@ def use_fast_paths(enabled: bool) -> contextlib.AbstractContextManager[None]:
 
 
 def _plain_frozen_linear(base: nn.Module) -> bool:
-    return (type(base) is nn.Linear and not base.weight.requires_grad
-            and not base._forward_hooks and not base._forward_pre_hooks)  # fmt: skip
+    return (
+        type(base) is nn.Linear
+        and not base.weight.requires_grad
+        and not base._forward_hooks
+        and not base._forward_pre_hooks
+    )
 
 
 def _dropout_p(adapter: nn.Module) -> float:
@@ -102,8 +112,9 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         return None
     lora_b = lora_b_params["weight"]
     dropout = _dropout_p(adapter)
-    recording = torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                             or (bias is not None and bias.requires_grad))  # fmt: skip
+    recording = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if dropout == 0 and not recording:
         epoch = _cache_epoch()
         if epoch is None:  # a one-off call: strided views of A^T and B^T, nothing kept
@@ -114,8 +125,9 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
 
 
-def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                      lora_b: torch.Tensor) -> tuple[Callable, tuple]:  # fmt: skip
+def _inference_kernel(
+    x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+) -> tuple[Callable, tuple]:
     """The per-token LoRA function for a generate call and the factors it reads, derived once for the call."""
     kernels = triton_kernels_for(x, weight)
     if kernels is not None:
@@ -148,8 +160,10 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
     names = list(layer.adapters)
     if not names or not _plain_frozen_linear(layer.base_layer):
         return None
-    if any(_dropout_p(a) > 0 or "lora_magnitude_vector" in a._parameters or a.lora_B.bias is not None
-           for a in map(layer.adapters.__getitem__, names)) or torch.is_autocast_enabled(x.device.type):  # fmt: skip
+    if any(
+        _dropout_p(a) > 0 or "lora_magnitude_vector" in a._parameters or a.lora_B.bias is not None
+        for a in map(layer.adapters.__getitem__, names)
+    ) or torch.is_autocast_enabled(x.device.type):
         # dropout, DoRA or lora_bias: reference path
         return None
     rows, (a_stack, bt_stack) = row_index(layer.row_adapters, names, x.shape[0], x.device), _stacks(layer, names)
@@ -162,4 +176,3 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
         run = functools.partial(mixed_lora_linear, rows=rows, a_stack=a_stack, bt_stack=bt_stack)
     layer.__dict__["_mixed_plan"] = (key, run)
     return run(x, result)
-

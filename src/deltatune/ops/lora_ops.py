@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
 
 
@@ -167,8 +166,10 @@ def _node_recipe(node, depth: int):
         saved = (node._saved_self, node._saved_other)  # the operands, when this node keeps them
     except (RuntimeError, AttributeError):  # released, modified in place since, or an unknown torch
         return None
-    parts = [operand if operand is not None else _node_recipe(producer, depth - 1)
-             for operand, (producer, _) in zip(saved, node.next_functions)]  # fmt: skip
+    parts = [
+        operand if operand is not None else _node_recipe(producer, depth - 1)
+        for operand, (producer, _) in zip(saved, node.next_functions, strict=False)
+    ]
     return None if any(part is None for part in parts) else Product(*parts)
 
 
@@ -311,8 +312,14 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
-def lora_linear_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a_t: torch.Tensor,
-                          lora_b_t: torch.Tensor, scaling: float) -> torch.Tensor:  # fmt: skip
+def lora_linear_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a_t: torch.Tensor,
+    lora_b_t: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """`lora_linear` with nothing recorded and no dropout: the per-token path of `generate`.
 
     Args:
@@ -336,9 +343,16 @@ def lora_linear_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, dropout: float = 0.0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x W^T + b + scaling * (dropout(x) A^T) B^T`` with a frozen W, fused and memory-lean.
 
     Args:
@@ -354,13 +368,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         (..., out) in the dtype of `x`.
     """
     if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("lora_linear keeps the base weight frozen; it got a weight that requires grad "
-                         "(freeze it, or use LoraLayer.adapter_forward, which trains through the base layer)")
+        raise ValueError(
+            "lora_linear keeps the base weight frozen; it got a weight that requires grad "
+            "(freeze it, or use LoraLayer.adapter_forward, which trains through the base layer)"
+        )
     if dropout > 0:  # kept values are scaled by 1 / (keep probability): fold that into the scaling
         mask, keep = dropout_mask(x, dropout) if mask is None else (mask, 1.0 - dropout)
         scaling = scaling / keep
-    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                    or (bias is not None and bias.requires_grad)):  # fmt: skip
+    if torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, mask)
     out, _ = _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask)
     return out.view(*x.shape[:-1], out.shape[-1])

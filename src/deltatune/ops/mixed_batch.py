@@ -32,7 +32,9 @@ def row_index(row_adapters: Sequence[str], names: Sequence[str], batch: int, dev
     return torch.tensor([slot.get(n, len(names)) for n in rows], dtype=torch.long, device=device)
 
 
-def stack_lora_weights(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_lora_weights(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (A (r, in), B (out, r), scaling) of each adapter, zero-padded to the largest rank.
 
     Returns:
@@ -47,12 +49,16 @@ def stack_lora_weights(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float
     return torch.stack(a_list), torch.stack(bt_list)
 
 
-def gather_row_factors(rows: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_row_factors(
+    rows: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's own factors: A^T (batch, in, r) and scaled B^T (batch, r, out)."""
     return a_stack.index_select(0, rows).transpose(1, 2), bt_stack.index_select(0, rows)
 
 
-def apply_row_factors(x: torch.Tensor, result: torch.Tensor, a_rows_t: torch.Tensor, bt_rows: torch.Tensor) -> torch.Tensor:
+def apply_row_factors(
+    x: torch.Tensor, result: torch.Tensor, a_rows_t: torch.Tensor, bt_rows: torch.Tensor
+) -> torch.Tensor:
     """`result` plus x_i A_i^T B_i^T for every row i, in two batched matmuls (in place when nothing records)."""
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1]).to(a_rows_t.dtype)  # (batch, T, in)
@@ -66,8 +72,9 @@ def apply_row_factors(x: torch.Tensor, result: torch.Tensor, a_rows_t: torch.Ten
     return result + low.to(result.dtype).view(result.shape)
 
 
-def mixed_lora_linear(x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor, a_stack: torch.Tensor,
-                      bt_stack: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def mixed_lora_linear(
+    x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor
+) -> torch.Tensor:
     """`result` plus each row's own low-rank update.
 
     Args:

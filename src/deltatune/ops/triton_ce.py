@@ -28,8 +28,16 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, scale_ptr, stride, n_cols: tl.constexpr,
-                        ignore_index: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def _ce_grad_kernel(
+        logits_ptr,
+        labels_ptr,
+        loss_ptr,
+        scale_ptr,
+        stride,
+        n_cols: tl.constexpr,
+        ignore_index: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * stride
         label = tl.load(labels_ptr + row)
@@ -60,10 +68,13 @@ if triton is not None:
 def ce_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: torch.Tensor) -> torch.Tensor:
     """Same contract as `cross_entropy.ce_chunk_torch`: returns the summed loss, rewrites `logits` in place."""
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
-        raise ValueError(f"ce_chunk_triton needs contiguous fp32 logits; got {logits.dtype} with strides {logits.stride()}")
+        raise ValueError(
+            f"ce_chunk_triton needs contiguous fp32 logits; got {logits.dtype} with strides {logits.stride()}"
+        )
     rows, cols = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)  # (c,)
     scale = scale.reshape(1).to(device=logits.device, dtype=torch.float32)
-    _ce_grad_kernel[(rows,)](logits, labels.contiguous(), losses, scale, logits.stride(0), cols, ignore_index,
-                             BLOCK=4096, num_warps=8)  # fmt: skip
+    _ce_grad_kernel[(rows,)](
+        logits, labels.contiguous(), losses, scale, logits.stride(0), cols, ignore_index, BLOCK=4096, num_warps=8
+    )
     return losses.sum()

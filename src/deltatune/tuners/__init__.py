@@ -12,7 +12,13 @@ from typing import Any
 from torch import nn
 
 from deltatune.config import PeftConfig, PeftType
-from deltatune.tuners.adalora import AdaLoraConfig, add_adalora, add_orthogonal_regularizer, load_rank_pattern, pruned_tensors
+from deltatune.tuners.adalora import (
+    AdaLoraConfig,
+    add_adalora,
+    add_orthogonal_regularizer,
+    load_rank_pattern,
+    pruned_tensors,
+)
 from deltatune.tuners.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
 from deltatune.tuners.bottleneck import AdapterConfig, add_bottleneck
 from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable
@@ -72,8 +78,18 @@ def register(method: Method) -> None:
 register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
 register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable, can_merge=True))  # trained in place
 register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
-register(Method(PeftType.ADALORA, AdaLoraConfig, add_adalora, lora_bias_is_trainable, can_merge=True,
-                after_forward=add_orthogonal_regularizer, to_file=pruned_tensors, from_file=load_rank_pattern))
+register(
+    Method(
+        PeftType.ADALORA,
+        AdaLoraConfig,
+        add_adalora,
+        lora_bias_is_trainable,
+        can_merge=True,
+        after_forward=add_orthogonal_regularizer,
+        to_file=pruned_tensors,
+        from_file=load_rank_pattern,
+    )
+)
 register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.P_TUNING, PromptEncoderConfig, add_p_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.PREFIX_TUNING, PrefixTuningConfig, add_prefix_tuning, **PREFIX_HOOKS))

@@ -33,8 +33,8 @@ from torch import nn
 from deltatune.config import PeftType, check_range
 from deltatune.layers import AdapterLayer, MergeableLayer
 from deltatune.targeting import find_targets, replace_module, wrap_modules_to_save
-from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.layer_replication import prepare_replication
+from deltatune.tuners.lora import LoraConfig
 from deltatune.tuners.lora_init import reads_base_weight
 from deltatune.tuners.trainable_tokens import add_trainable_tokens, plan_trainable_tokens
 
@@ -42,15 +42,27 @@ logger = logging.getLogger(__name__)
 
 # peft's AdaLoRA defaults (wider than LoRA's: the budget is shared out among more modules).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"], "gpt_bigcode": ["c_attn"],
-    "deberta": ["in_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-}  # fmt: skip
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+}
 
 
 @dataclass
@@ -85,8 +97,10 @@ class AdaLoraConfig(LoraConfig):
         super().__post_init__()
         self.peft_type = PeftType.ADALORA
         if self.use_dora:  # peft refuses it too: DoRA's magnitude has no place in AdaLoRA's SVD update
-            raise ValueError("AdaLoraConfig does not support use_dora=True (peft neither); use "
-                             "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False")  # fmt: skip
+            raise ValueError(
+                "AdaLoraConfig does not support use_dora=True (peft neither); use "
+                "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False"
+            )
         if self.lora_bias:  # its SVD layers have no B module to hold a bias
             raise ValueError("AdaLoraConfig does not support lora_bias=True; use LoraConfig(lora_bias=True)")
         if self.r != 8:
@@ -150,8 +164,10 @@ def _in_out(base: nn.Module) -> tuple[int, int]:
         return base.weight.shape[0], base.weight.shape[1]
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return base.in_features, base.out_features
-    raise TypeError(f"AdaLoRA supports nn.Linear, Conv1D and bitsandbytes linear layers, not {type(base).__name__}; "
-                    "choose other target_modules")  # fmt: skip
+    raise TypeError(
+        f"AdaLoRA supports nn.Linear, Conv1D and bitsandbytes linear layers, not {type(base).__name__}; "
+        "choose other target_modules"
+    )
 
 
 class SVDLayer(MergeableLayer):
@@ -252,7 +268,7 @@ def mask_to_budget(adapters: list[tuple[str, SVDAdapter]], budget: int) -> dict[
     threshold = torch.kthvalue(all_scores, k=to_prune)[0].item() if to_prune > 0 else -float("inf")
     pattern = {}
     with torch.no_grad():
-        for (module_name, adapter), score in zip(adapters, scores):
+        for (module_name, adapter), score in zip(adapters, scores, strict=True):
             pruned = (score <= threshold).view(-1, 1)  # (r, 1)
             adapter.lora_E.masked_fill_(pruned, 0.0)
             pattern[f"{module_name}.lora_E"] = (~pruned).view(-1).tolist()

@@ -25,7 +25,9 @@ class AdaLoraCallback(TrainerCallback):
         if state.max_steps and state.max_steps != config.total_step:
             logger.warning(
                 "AdaLoRA total_step=%d but the Trainer runs %d optimizer steps; the rank budget schedule assumes "
-                "total_step (set total_step to the run's number of steps)", config.total_step, state.max_steps
+                "total_step (set total_step to the run's number of steps)",
+                config.total_step,
+                state.max_steps,
             )
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):

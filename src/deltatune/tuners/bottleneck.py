@@ -33,8 +33,14 @@ PRESETS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "ffn"), "pfeiffe
 # module); the regexes match the module name after `<layer list>.<i>.`.
 _LLAMA_STYLE = ("layers", r"self_attn\.o_proj", r"mlp\.down_proj")
 ADAPTER_SITES: dict[str, tuple[str, str, str]] = {
-    "llama": _LLAMA_STYLE, "mistral": _LLAMA_STYLE, "qwen2": _LLAMA_STYLE, "qwen3": _LLAMA_STYLE,
-    "gemma": _LLAMA_STYLE, "gemma2": _LLAMA_STYLE, "phi3": _LLAMA_STYLE, "olmo": _LLAMA_STYLE,
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gemma2": _LLAMA_STYLE,
+    "phi3": _LLAMA_STYLE,
+    "olmo": _LLAMA_STYLE,
     "bloom": ("h", r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
     "gpt2": ("h", r"attn\.c_proj", r"mlp\.c_proj"),
     "opt": ("layers", r"self_attn\.out_proj", r"fc2"),
@@ -44,7 +50,7 @@ ADAPTER_SITES: dict[str, tuple[str, str, str]] = {
     # T5: self-attention only (no cross-attention adapters, as in AdapterHub's presets); FFN is layer 1 or 2.
     "t5": ("block", r"layer\.0\.SelfAttention\.o", r"layer\.\d+\.DenseReluDense\.wo"),
     "mt5": ("block", r"layer\.0\.SelfAttention\.o", r"layer\.\d+\.DenseReluDense\.wo"),
-}  # fmt: skip
+}
 
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "leaky_relu", "mish", "linear")
 

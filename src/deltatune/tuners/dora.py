@@ -95,14 +95,22 @@ def linear_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result
     return (result + update).to(result.dtype)
 
 
-def embedding_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor,
-                      embed_scale: torch.Tensor | float) -> torch.Tensor:  # fmt: skip
+def embedding_forward(
+    layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor, embed_scale: torch.Tensor | float
+) -> torch.Tensor:
     """`result` (the base lookup) updated by DoRA adapter `adapter` on an embedding (no dropout, as peft)."""
     base = layer.base_layer
     weight = base.weight.to(adapter.lora_embedding_A.dtype)
     scale = _scale(layer, adapter, weight)  # (dim,)
-    after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
-                          base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
+    after_a = F.embedding(
+        x,
+        adapter.lora_embedding_A.T,
+        base.padding_idx,
+        base.max_norm,
+        base.norm_type,
+        base.scale_grad_by_freq,
+        base.sparse,
+    )  # (B, T, r)
     update = scale * (after_a @ adapter.lora_embedding_B.T) * adapter.scaling  # (B, T, dim)
     return (scale * result + update * embed_scale).to(result.dtype)
 

@@ -157,8 +157,9 @@ def prepare_replication(model: nn.Module, layer_map: list | None, adapter_name: 
             "or be added to a fresh base model"
         )
     if wanted is None:
-        logger.info("adapter %r is added to every layer of the replicated model (layer_replication=%s)",
-                    adapter_name, done)  # fmt: skip
+        logger.info(
+            "adapter %r is added to every layer of the replicated model (layer_replication=%s)", adapter_name, done
+        )
 
 
 def refuse_merge_if_replicated(model: nn.Module) -> None:

@@ -67,8 +67,10 @@ class _WeightReader:
                         return f.get_tensor(candidate)
             except (SafetensorError, OSError) as err:
                 raise ValueError(f"{path} could not be read ({err}); the file is truncated or damaged") from None
-        raise KeyError(f"{self.source} holds no tensor {' or '.join(map(repr, candidates))}: is it the "
-                       "full-precision version of this model?")  # fmt: skip
+        raise KeyError(
+            f"{self.source} holds no tensor {' or '.join(map(repr, candidates))}: is it the "
+            "full-precision version of this model?"
+        )
 
 
 def _model_path(base_model: nn.Module, model_path: str | os.PathLike | None) -> str:
@@ -92,8 +94,10 @@ def _four_bit_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, Lor
         if adapter_name not in module.adapters:
             continue
         if is_dora(module.adapters[adapter_name]):
-            raise ValueError(f"replace_lora_weights_loftq: adapter {adapter_name!r} on {name} is a DoRA adapter, "
-                             "whose magnitude would no longer match new factors; use a plain LoRA adapter")  # fmt: skip
+            raise ValueError(
+                f"replace_lora_weights_loftq: adapter {adapter_name!r} on {name} is a DoRA adapter, "
+                "whose magnitude would no longer match new factors; use a plain LoRA adapter"
+            )
         found.append((name, module))
     if not found:
         raise ValueError(
@@ -114,9 +118,12 @@ def loftq_factors_for_quantized(quantized_layer: nn.Module, weight: torch.Tensor
 
 
 @torch.no_grad()
-def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathLike | None = None,
-                               adapter_name: str = "default",
-                               callback: Callable[[nn.Module, str], bool] | None = None) -> list[str]:  # fmt: skip
+def replace_lora_weights_loftq(
+    peft_model: nn.Module,
+    model_path: str | os.PathLike | None = None,
+    adapter_name: str = "default",
+    callback: Callable[[nn.Module, str], bool] | None = None,
+) -> list[str]:
     """Set the LoRA factors of a 4-bit model so that they carry its quantisation error (LoftQ, one step).
 
     Args:
@@ -140,16 +147,19 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
 
     config = getattr(peft_model, "peft_config", {}).get(adapter_name)
     if getattr(config, "layer_replication", None):
-        raise ValueError("replace_lora_weights_loftq cannot read the weights of replicated layers "
-                         "(layer_replication) from the model file; use it on a model without layer_replication")  # fmt: skip
+        raise ValueError(
+            "replace_lora_weights_loftq cannot read the weights of replicated layers "
+            "(layer_replication) from the model file; use it on a model without layer_replication"
+        )
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     layers = _four_bit_layers(base_model, adapter_name)
     reader = _WeightReader(_model_path(base_model, model_path), getattr(base_model, "base_model_prefix", None))
     kept = []
     for name, layer in tqdm(layers, desc="LoftQ", unit="layer", disable=len(layers) < 8):
         adapter = layer.adapters[adapter_name]
-        lora_a, lora_b = loftq_factors_for_quantized(layer.base_layer, reader.get(name + ".weight"),
-                                                     adapter.lora_A.out_features)  # fmt: skip
+        lora_a, lora_b = loftq_factors_for_quantized(
+            layer.base_layer, reader.get(name + ".weight"), adapter.lora_A.out_features
+        )
         before = (adapter.lora_A.weight.clone(), adapter.lora_B.weight.clone()) if callback else None
         adapter.lora_A.weight.copy_(lora_a)
         adapter.lora_B.weight.copy_(lora_b)

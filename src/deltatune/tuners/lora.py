@@ -40,17 +40,38 @@ logger = logging.getLogger(__name__)
 
 # The modules peft adapts when `target_modules` is not given (peft's own table, same entries).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "layoutlm": ["query", "value"],
-    "llama": ["q_proj", "v_proj"], "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
-    "falcon": ["query_key_value"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-}  # fmt: skip
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "falcon": ["query_key_value"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+}
 
 
 @dataclass
@@ -113,8 +134,10 @@ class LoraConfig(PeftConfigWithTargets):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
         self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
         if self.lora_bias and self.init_lora_weights not in (True, False):
-            raise ValueError(f"lora_bias=True works with init_lora_weights=True or False (as in peft), not "
-                             f"{self.init_lora_weights!r}; drop lora_bias or use the default init")  # fmt: skip
+            raise ValueError(
+                f"lora_bias=True works with init_lora_weights=True or False (as in peft), not "
+                f"{self.init_lora_weights!r}; drop lora_bias or use the default init"
+            )
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True does not work with use_dora=True (as in peft); pass use_dora=False")
         if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
@@ -151,15 +174,27 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
 
 def _per_adapter(attribute: str) -> property:
     """A read-only property: {adapter name: that adapter's `attribute`} for the adapters that have it."""
-    return property(lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items()
-                                   if hasattr(a, attribute)})  # fmt: skip
+    return property(
+        lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items() if hasattr(a, attribute)}
+    )
 
 
 class LoraAdapter(nn.Module):
     """One adapter's low-rank factors, dropout and scale for one layer."""
 
-    def __init__(self, kind: str, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 use_rslora: bool, init: bool | str, dtype: torch.dtype, lora_bias: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        init: bool | str,
+        dtype: torch.dtype,
+        lora_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -208,9 +243,18 @@ class LoraLayer(MergeableLayer):
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         check_lora_bias(self, name, config.lora_bias)
         device = weight.device if weight.device.type != "meta" else "meta"
-        self.adapters[name] = LoraAdapter(self.kind, self.in_features, self.out_features, r, alpha,
-                                          config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                                          dtype, config.lora_bias).to(device)  # fmt: skip
+        self.adapters[name] = LoraAdapter(
+            self.kind,
+            self.in_features,
+            self.out_features,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.init_lora_weights,
+            dtype,
+            config.lora_bias,
+        ).to(device)
         if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: from W, and W changes
             init_from_base(self, self.adapters[name], config.init_lora_weights, config.loftq_config)
         if config.use_dora:
@@ -243,8 +287,15 @@ class LoraLayer(MergeableLayer):
             return dora.embedding_forward(self, adapter, x, result, embedding_scale(self.base_layer, result.dtype))
         if self.kind == "embedding":
             base = self.base_layer
-            after_a = F.embedding(x, adapter.lora_embedding_A.T, base.padding_idx, base.max_norm,
-                                  base.norm_type, base.scale_grad_by_freq, base.sparse)  # fmt: skip  # (B, T, r)
+            after_a = F.embedding(
+                x,
+                adapter.lora_embedding_A.T,
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
+            )  # (B, T, r)
             update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
             return (result + update * embedding_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
@@ -263,9 +314,11 @@ class LoraLayer(MergeableLayer):
         if bias is None:
             return None
         if getattr(self.base_layer, "bias", None) is None:
-            raise RuntimeError(f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer "
-                               f"{type(self.base_layer).__name__} has no bias to add it to (as in peft); keep it "
-                               "unmerged")  # fmt: skip
+            raise RuntimeError(
+                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer "
+                f"{type(self.base_layer).__name__} has no bias to add it to (as in peft); keep it "
+                "unmerged"
+            )
         return bias * self.adapters[name].scaling
 
     def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,11 +332,16 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
     if not lora_bias:
         return
     if layer.kind == "embedding":
-        raise ValueError(f"lora_bias=True does not work on an embedding layer (as in peft), and adapter "
-                         f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias")  # fmt: skip
+        raise ValueError(
+            f"lora_bias=True does not work on an embedding layer (as in peft), and adapter "
+            f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias"
+        )
     if getattr(layer.base_layer, "bias", None) is None:
-        logger.warning("lora_bias=True on a %s with no bias: adapter %r will work unmerged but cannot be merged",
-                       type(layer.base_layer).__name__, adapter_name)  # fmt: skip
+        logger.warning(
+            "lora_bias=True on a %s with no bias: adapter %r will work unmerged but cannot be merged",
+            type(layer.base_layer).__name__,
+            adapter_name,
+        )
 
 
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -296,8 +354,13 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         for name in targets:
             base = model.get_submodule(name)
             base = base.base_layer if isinstance(base, LoraLayer) else base
-            check_init_applies(name, base, _layer_shape(base), _pattern_value(config.rank_pattern, name, config.r),
-                               config.init_lora_weights)  # fmt: skip
+            check_init_applies(
+                name,
+                base,
+                _layer_shape(base),
+                _pattern_value(config.rank_pattern, name, config.r),
+                config.init_lora_weights,
+            )
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):

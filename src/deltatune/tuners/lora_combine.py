@@ -64,8 +64,13 @@ def _majority_sign_mask(tensors: torch.Tensor, method: str) -> torch.Tensor:
     return sign == torch.where(magnitude >= 0, 1, -1)
 
 
-def mix(rule: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
-        majority_sign_method: str = "total") -> torch.Tensor:  # fmt: skip
+def mix(
+    rule: str,
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float | None,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
     """One tensor from `tensors` by `rule` (a combination type without its "_svd" suffix)."""
     if rule in ("ties", "dare_ties", "dare_linear", "magnitude_prune"):
         tensors = [_prune(t, density, random=rule.startswith("dare")) for t in tensors]
@@ -77,37 +82,54 @@ def mix(rule: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: 
 
 
 # ---- the new adapter's config -----------------------------------------------------------------------------------
-def _check(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], combination_type: str,
-           density: float | None, majority_sign_method: str) -> None:  # fmt: skip
+def _check(
+    model: PeftModel,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    combination_type: str,
+    density: float | None,
+    majority_sign_method: str,
+) -> None:
     for name in adapters:
         if name not in model.peft_config:
-            raise ValueError(f"add_weighted_adapter: no adapter named {name!r}; this model has: "
-                             f"{', '.join(model.peft_config)}")  # fmt: skip
+            raise ValueError(
+                f"add_weighted_adapter: no adapter named {name!r}; this model has: {', '.join(model.peft_config)}"
+            )
         config = model.peft_config[name]
         if config.peft_type is not PeftType.LORA:
             raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is {config.peft_type.value}")
         if config.use_dora:
-            raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude "
-                             "vectors do not add")  # fmt: skip
+            raise ValueError(
+                f"add_weighted_adapter cannot combine DoRA adapters ({name!r}): their magnitude vectors do not add"
+            )
         lost = [field for field in ("lora_bias", "trainable_token_indices") if getattr(config, field)]
         if lost:  # peft drops these silently; saying so is better than losing them
-            raise ValueError(f"add_weighted_adapter cannot combine adapters with {lost[0]} set ({name!r}): the "
-                             "combined adapter would lose their B biases / token rows")  # fmt: skip
+            raise ValueError(
+                f"add_weighted_adapter cannot combine adapters with {lost[0]} set ({name!r}): the "
+                "combined adapter would lose their B biases / token rows"
+            )
     if not adapters or len(weights) != len(adapters):
-        raise ValueError(f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, "
-                         f"{len(weights)} weights)")  # fmt: skip
+        raise ValueError(
+            f"add_weighted_adapter: give one weight per adapter ({len(adapters)} adapters, {len(weights)} weights)"
+        )
     if combination_type not in ("cat", *FACTOR_RULES, *SVD_RULES):
-        raise ValueError(f"combination_type={combination_type!r} is not known; use one of: "
-                         f"{', '.join(('cat', *FACTOR_RULES, *SVD_RULES))}")  # fmt: skip
+        raise ValueError(
+            f"combination_type={combination_type!r} is not known; use one of: "
+            f"{', '.join(('cat', *FACTOR_RULES, *SVD_RULES))}"
+        )
     if combination_type.removesuffix("_svd") in NEEDS_DENSITY and (density is None or not 0 <= density <= 1):
-        raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of entries "
-                         f"kept), got {density}")  # fmt: skip
+        raise ValueError(
+            f"combination_type={combination_type!r} needs density in [0, 1] (the fraction of entries "
+            f"kept), got {density}"
+        )
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method={majority_sign_method!r}; use 'total' or 'frequency'")
     for wrapper in model.get_base_model().modules():
         if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
-            raise ValueError("add_weighted_adapter: two of the adapters train the same module in full "
-                             "(modules_to_save); full copies cannot be combined")  # fmt: skip
+            raise ValueError(
+                "add_weighted_adapter: two of the adapters train the same module in full "
+                "(modules_to_save); full copies cannot be combined"
+            )
 
 
 def _new_rank(model: PeftModel, adapters: Sequence[str], combination_type: str, svd_rank: int | None) -> int:
@@ -118,8 +140,10 @@ def _new_rank(model: PeftModel, adapters: Sequence[str], combination_type: str, 
     if combination_type in SVD_RULES:
         return svd_rank or max(ranks)
     if len(set(ranks)) != 1:
-        raise ValueError(f"combination_type={combination_type!r} mixes the factors, which needs one rank; the "
-                         f"ranks are {dict(zip(adapters, ranks))}: use 'svd' or 'cat'")  # fmt: skip
+        raise ValueError(
+            f"combination_type={combination_type!r} mixes the factors, which needs one rank; the "
+            f"ranks are {dict(zip(adapters, ranks, strict=True))}: use 'svd' or 'cat'"
+        )
     return ranks[0]
 
 
@@ -129,14 +153,19 @@ def _new_target_modules(model: PeftModel, adapters: Sequence[str]) -> list[str] 
     for name in adapters:
         target = model.peft_config[name].target_modules
         if target == ALL_LINEAR:  # the module names it chose, as peft records them
-            target = {key.rsplit(".", 1)[-1] for key, module in model.get_base_model().named_modules()
-                      if isinstance(module, LoraLayer) and name in module.adapters}  # fmt: skip
+            target = {
+                key.rsplit(".", 1)[-1]
+                for key, module in model.get_base_model().named_modules()
+                if isinstance(module, LoraLayer) and name in module.adapters
+            }
         targets.append(target)
     if all(isinstance(t, str) for t in targets):
         return "|".join(f"({t})" for t in targets)
     if any(isinstance(t, str) for t in targets):
-        raise ValueError("add_weighted_adapter: the adapters mix target_modules given as a regex and as a list of "
-                         "names; combine adapters that were targeted the same way")  # fmt: skip
+        raise ValueError(
+            "add_weighted_adapter: the adapters mix target_modules given as a regex and as a list of "
+            "names; combine adapters that were targeted the same way"
+        )
     return sorted(set().union(*targets))
 
 
@@ -150,7 +179,7 @@ def _factors(adapter) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cat(layer: LoraLayer, adapters, weights) -> tuple[torch.Tensor, torch.Tensor]:
     a_parts, b_parts = [], []
-    for name, weight in zip(adapters, weights):
+    for name, weight in zip(adapters, weights, strict=True):
         a, b = _factors(layer.adapters[name])
         a_parts.append(a.data * weight * layer.adapters[name].scaling)
         b_parts.append(b.data)
@@ -160,7 +189,7 @@ def _cat(layer: LoraLayer, adapters, weights) -> tuple[torch.Tensor, torch.Tenso
 def _mixed_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method):
     """A and B each mixed by `rule`, with sqrt(|w s|) on both and the sign on A."""
     a_parts, b_parts, a_weights, b_weights = [], [], [], []
-    for name, weight in zip(adapters, weights):
+    for name, weight in zip(adapters, weights, strict=True):
         a, b = _factors(layer.adapters[name])
         w = weight * layer.adapters[name].scaling
         a_weights.append(math.sqrt(abs(w)) * (1 if w >= 0 else -1))
@@ -187,10 +216,19 @@ def _svd_factors(layer: LoraLayer, adapters, weights, rule, density, sign_method
     return vh, u
 
 
-def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
-                         svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
-                         majority_sign_method: str = "total") -> None:  # fmt: skip
+def add_weighted_adapter(
+    model: PeftModel,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> None:
     """Add adapter `adapter_name` made from `adapters` mixed with `weights` (see the module docstring).
 
     A layer that only some of the adapters reach mixes those; the new adapter is added, not activated
@@ -202,22 +240,39 @@ def add_weighted_adapter(model: PeftModel, adapters: Sequence[str], weights: Seq
     source = model.peft_config[adapters[0]]
     # The mixed factors overwrite the new adapter's: an init that reads (and changes) the base weight must not run.
     init = True if reads_base_weight(source.init_lora_weights) else source.init_lora_weights
-    config = dataclasses.replace(source, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
-                                 init_lora_weights=init, loftq_config={},
-                                 target_modules=_new_target_modules(model, adapters))  # fmt: skip
+    config = dataclasses.replace(
+        source,
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern={},
+        alpha_pattern={},
+        init_lora_weights=init,
+        loftq_config={},
+        target_modules=_new_target_modules(model, adapters),
+    )
     model.add_adapter(adapter_name, config)
     for layer in model.get_base_model().modules():
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapters:
             continue
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.adapters]
         if not present:
             continue
-        names, layer_weights = zip(*present)
+        names, layer_weights = zip(*present, strict=True)
         if combination_type == "cat":
             new_a, new_b = _cat(layer, names, layer_weights)
         elif combination_type in SVD_RULES:
-            new_a, new_b = _svd_factors(layer, names, layer_weights, combination_type, density, majority_sign_method,
-                                        rank, svd_clamp, svd_full_matrices, svd_driver)  # fmt: skip
+            new_a, new_b = _svd_factors(
+                layer,
+                names,
+                layer_weights,
+                combination_type,
+                density,
+                majority_sign_method,
+                rank,
+                svd_clamp,
+                svd_full_matrices,
+                svd_driver,
+            )
         else:
             new_a, new_b = _mixed_factors(layer, names, layer_weights, combination_type, density, majority_sign_method)
         a, b = _factors(layer.adapters[adapter_name])

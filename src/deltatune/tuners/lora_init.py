@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.tuners.quantized import is_quantized_linear, readable_weight, require_bitsandbytes, requantize
+from deltatune.tuners.quantized import is_quantized_linear, readable_weight, requantize, require_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ def check_init_lora_weights(init: bool | str, loftq_config: LoftQConfig | dict) 
     return settings
 
 
-def check_init_applies(module_name: str, base: nn.Module, shape: tuple[str, int, int], r: int,
-                       init: bool | str) -> None:  # fmt: skip
+def check_init_applies(
+    module_name: str, base: nn.Module, shape: tuple[str, int, int], r: int, init: bool | str
+) -> None:
     """Refuse, by module name, a base-weight initialisation on a layer it cannot work on (before any change).
 
     Args:
@@ -146,15 +147,17 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
     pissa = _PISSA.fullmatch(init)
     if pissa:
         niter = pissa.group(1)
-        lora_a, lora_b = pissa_factors(w, adapter.lora_A.out_features, adapter.scaling,
-                                       None if niter is None else int(niter))  # fmt: skip
+        lora_a, lora_b = pissa_factors(
+            w, adapter.lora_A.out_features, adapter.scaling, None if niter is None else int(niter)
+        )
         new_w = w - adapter.scaling * lora_b @ lora_a  # (out, in); this order of products is peft's
     elif init == "olora":
         lora_a, lora_b = olora_factors(w, adapter.lora_A.out_features)
         new_w = w - adapter.scaling * lora_b @ lora_a
     else:
-        new_w, lora_a, lora_b = loftq_factors(w, adapter.lora_A.out_features, loftq_config["loftq_bits"],
-                                              loftq_config["loftq_iter"])  # fmt: skip
+        new_w, lora_a, lora_b = loftq_factors(
+            w, adapter.lora_A.out_features, loftq_config["loftq_bits"], loftq_config["loftq_iter"]
+        )
         warn_if_loftq_scaled(adapter.scaling)
     adapter.lora_A.weight.copy_(lora_a)
     adapter.lora_B.weight.copy_(lora_b)
@@ -167,8 +170,11 @@ def init_from_base(layer: nn.Module, adapter: nn.Module, init: str, loftq_config
 def warn_if_loftq_scaled(scaling: float) -> None:
     """LoftQ's factors approximate W - Q at scale 1 (as in peft): say so when the adapter scales them."""
     if not math.isclose(scaling, 1.0):
-        logger.warning("LoftQ with lora_alpha / r = %s: A and B fit W - Q at scale 1 (as in peft); set "
-                       "lora_alpha = r for Q + s B A to approximate W", scaling)  # fmt: skip
+        logger.warning(
+            "LoftQ with lora_alpha / r = %s: A and B fit W - Q at scale 1 (as in peft); set "
+            "lora_alpha = r for Q + s B A to approximate W",
+            scaling,
+        )
 
 
 def pissa_factors(w: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,11 +251,16 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
     if not isinstance(config, LoraConfig):
         raise ValueError("path_initial_model_for_weight_conversion only applies to LoRA adapters (PiSSA / OLoRA)")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("path_initial_model_for_weight_conversion cannot keep the scale with use_rslora=True and "
-                         "rank_pattern / alpha_pattern; train without one of them")  # fmt: skip
+        raise ValueError(
+            "path_initial_model_for_weight_conversion cannot keep the scale with use_rslora=True and "
+            "rank_pattern / alpha_pattern; train without one of them"
+        )
     if not reads_base_weight(config.init_lora_weights) or config.init_lora_weights == "loftq":
-        logger.warning("path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters; this one has "
-                       "init_lora_weights=%r", config.init_lora_weights)  # fmt: skip
+        logger.warning(
+            "path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters; this one has "
+            "init_lora_weights=%r",
+            config.init_lora_weights,
+        )
     initial = load_weights(str(initial_folder))
     converted = dict(state)
     for key, value in state.items():
@@ -265,4 +276,3 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
     config.rank_pattern = {key: 2 * value for key, value in config.rank_pattern.items()}
     config.alpha_pattern = {key: 2 * value for key, value in config.alpha_pattern.items()}
     return converted, config
-

@@ -76,15 +76,24 @@ class PromptEncoder(VirtualTokenEncoder):
         if config.inference_mode:  # only the stored output table is needed
             return
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
-            self.lstm_head = nn.LSTM(input_size=d, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)  # fmt: skip
+            self.lstm_head = nn.LSTM(
+                input_size=d,
+                hidden_size=hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
             return
         if config.encoder_num_layers != 2:
-            logger.warning("encoder_num_layers=%d is ignored for the MLP encoder, which has 3 linear layers (as in peft)",
-                           config.encoder_num_layers)  # fmt: skip
-        self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, d))  # fmt: skip
+            logger.warning(
+                "encoder_num_layers=%d is ignored for the MLP encoder, which has 3 linear layers (as in peft)",
+                config.encoder_num_layers,
+            )
+        self.mlp_head = nn.Sequential(
+            nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d)
+        )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         inputs = self.embedding(indices)  # (B, n, d)

@@ -171,8 +171,10 @@ def prefix_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
         return model.generate(**kwargs)
 
 
-NEEDS_CACHE = ("puts learned keys/values into every attention layer through the model's KV cache",
-               "use prompt tuning or P-tuning (they prepend embeddings and need no cache) or LoRA")
+NEEDS_CACHE = (
+    "puts learned keys/values into every attention layer through the model's KV cache",
+    "use prompt tuning or P-tuning (they prepend embeddings and need no cache) or LoRA",
+)
 
 
 def describe(model: nn.Module) -> str:
@@ -193,5 +195,4 @@ def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name
 
 
 # Hooks prefix tuning registers (see deltatune.tuners.Method).
-PREFIX_HOOKS = dict(forward=prefix_forward, generate=prefix_generate, to_file=file_tensors,
-                    from_file=load_file_tensors)  # fmt: skip
+PREFIX_HOOKS = dict(forward=prefix_forward, generate=prefix_generate, to_file=file_tensors, from_file=load_file_tensors)

@@ -143,8 +143,11 @@ def text_token_ids(config: PromptTuningConfig, rows: int) -> list[int]:
         logger.warning(
             "prompt_tuning_init_text has %d tokens but the prompt has %d rows (num_virtual_tokens=%d); using the "
             "first %d tokens, as peft does (set num_virtual_tokens=len(tokenizer(text)['input_ids']) to use all)",
-            len(ids), rows, config.num_virtual_tokens, rows,
-        )  # fmt: skip
+            len(ids),
+            rows,
+            config.num_virtual_tokens,
+            rows,
+        )
     return (ids * math.ceil(rows / len(ids)))[:rows]
 
 

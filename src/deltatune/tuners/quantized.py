@@ -49,8 +49,12 @@ def require_bitsandbytes(what: str):
         raise ImportError(f"{what} needs the bitsandbytes package, which is not installed; {INSTALL_HINT}") from None
 
 
-def bitsandbytes_config(load_in_4bit: bool = False, load_in_8bit: bool = False,
-                        compute_dtype: torch.dtype | None = None, double_quant: bool = True):  # fmt: skip
+def bitsandbytes_config(
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
+):
     """The `transformers.BitsAndBytesConfig` for a QLoRA base: NF4 + double quantisation, or LLM.int8().
 
     Args:
@@ -73,12 +77,17 @@ def bitsandbytes_config(load_in_4bit: bool = False, load_in_8bit: bool = False,
         return BitsAndBytesConfig(load_in_8bit=True)
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:  # fmt: skip
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
     """Get a 4-bit / 8-bit transformers model ready for adapter training (peft's function, same steps).
 
     1. Freeze every base parameter (the adapter added next is what trains).
@@ -169,8 +178,9 @@ def requantize(layer: nn.Module, new_weight: torch.Tensor) -> None:
         kwargs.update(bnb_quantized=False, requires_grad=False)
         layer.weight = bnb.nn.Params4bit(new_weight.to("cpu"), **kwargs).to(weight.device)
     else:
-        layer.weight = bnb.nn.Int8Params(new_weight.to("cpu"), requires_grad=False,
-                                         has_fp16_weights=weight.has_fp16_weights).to(weight.device)  # fmt: skip
+        layer.weight = bnb.nn.Int8Params(
+            new_weight.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
         layer.state.reset_grads()
         layer.state.SCB = layer.state.CB = None  # the next forward takes the new scales from the weight
 
@@ -179,8 +189,9 @@ def dequantized_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn
     """A plain `nn.Linear` with the layer's dequantised weight (in `dtype`, default its own) and its bias."""
     weight = dequantized_weight(layer)
     weight = weight.to(dtype) if dtype is not None else weight
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device="meta", dtype=weight.dtype)  # fmt: skip  # no init: both tensors are set below
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=weight.dtype
+    )  # no init: both tensors are set below
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
         linear.bias = nn.Parameter(layer.bias.data.to(weight.dtype), requires_grad=False)

@@ -122,8 +122,9 @@ class TrainableTokensLayer(AdapterLayer):
         """The base layer's own computation, with `weight` in place of its weight."""
         base = self.base_layer
         if isinstance(base, nn.Embedding):
-            out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                              base.sparse)  # fmt: skip  # (B, T, dim)
+            out = F.embedding(
+                x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (B, T, dim)
             return out * embedding_scale(base, out.dtype) if getattr(base, "embed_scale", None) is not None else out
         return F.linear(x, weight, base.bias)  # a linear head, tied or named in the dict: (B, T, vocab)
 
@@ -153,21 +154,26 @@ class TrainableTokensLayer(AdapterLayer):
         for name in dict.fromkeys(names):
             for index in self.owner.adapters[name].token_indices:
                 if index in seen:
-                    raise ValueError(f"adapters {seen[index]!r} and {name!r} both train token {index}; only adapters "
-                                     "with disjoint trainable_token_indices can be merged together")  # fmt: skip
+                    raise ValueError(
+                        f"adapters {seen[index]!r} and {name!r} both train token {index}; only adapters "
+                        "with disjoint trainable_token_indices can be merged together"
+                    )
                 seen[index] = name
 
     def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Write the adapters' rows into the base weight (a tied layer only records it: the weight is shared)."""
-        names = [n for n in (names or self.active_adapters)
-                 if n in self.owner.adapters and n not in self.merged_adapters]  # fmt: skip
+        names = [
+            n for n in (names or self.active_adapters) if n in self.owner.adapters and n not in self.merged_adapters
+        ]
         if not self._tied_to and names:
             self._check_disjoint(self.merged_adapters + names)
             if safe_merge:
                 for name in names:
                     if not torch.isfinite(self.adapters[name].trainable_tokens_delta).all():
-                        raise ValueError(f"safe_merge: adapter {name!r} has NaN or inf token rows, so nothing "
-                                         "was merged into this layer; the adapter is broken (retrain or reload it)")
+                        raise ValueError(
+                            f"safe_merge: adapter {name!r} has NaN or inf token rows, so nothing "
+                            "was merged into this layer; the adapter is broken (retrain or reload it)"
+                        )
             with torch.no_grad():
                 weight = self.base_layer.weight
                 for name in names:
@@ -228,8 +234,10 @@ def _resolve(model: nn.Module, value: list[int] | dict[str, list[int]]) -> dict[
     for key, ids in wanted.items():
         found = [n for n in names if n.endswith(key)]
         if not found:
-            raise ValueError(f"{FIELD}: {key!r} matched no module of {type(model).__name__}; give an embedding "
-                             f"layer's name or name suffix, e.g. one of: {_embedding_names(model)}")  # fmt: skip
+            raise ValueError(
+                f"{FIELD}: {key!r} matched no module of {type(model).__name__}; give an embedding "
+                f"layer's name or name suffix, e.g. one of: {_embedding_names(model)}"
+            )
         layers.update({n: ids for n in found})
     return layers
 
@@ -242,8 +250,11 @@ def _tied_names(model: nn.Module, embedding_name: str) -> list[str]:
     weight = _unwrapped(embedding).weight
     inside = adapter_internal_names(model)
     modules = model.named_modules(remove_duplicate=False)
-    return [n for n, m in modules if n and n not in inside and m is not embedding
-            and getattr(_unwrapped(m), "weight", None) is weight]  # fmt: skip
+    return [
+        n
+        for n, m in modules
+        if n and n not in inside and m is not embedding and getattr(_unwrapped(m), "weight", None) is weight
+    ]
 
 
 def _tie_plan(model: nn.Module, layers: dict[str, list[int]]) -> TokensPlan:
@@ -262,22 +273,30 @@ def _check_layer(model: nn.Module, name: str, ids: list[int] | None, lora_target
     """A layer that can take rows: an embedding or linear head, no other method's layer, indices in range."""
     module = model.get_submodule(name)
     if name in lora_targets or (isinstance(module, AdapterLayer) and not isinstance(module, TrainableTokensLayer)):
-        raise ValueError(f"{FIELD}: {name} is also a LoRA target; a module takes one method: drop it from "
-                         f"target_modules, or from {FIELD}")  # fmt: skip
+        raise ValueError(
+            f"{FIELD}: {name} is also a LoRA target; a module takes one method: drop it from "
+            f"target_modules, or from {FIELD}"
+        )
     base = _unwrapped(module)
     if not isinstance(base, (nn.Embedding, nn.Linear)):
-        raise TypeError(f"{FIELD}: {name} is a {type(base).__name__}, not an nn.Embedding (or a linear LM head); "
-                        f"name an embedding layer, e.g. one of: {_embedding_names(model)}")  # fmt: skip
+        raise TypeError(
+            f"{FIELD}: {name} is a {type(base).__name__}, not an nn.Embedding (or a linear LM head); "
+            f"name an embedding layer, e.g. one of: {_embedding_names(model)}"
+        )
     if ids is None:
         return
     if isinstance(module, TrainableTokensLayer) and module._tied_to:
-        raise ValueError(f"{FIELD}: {name} shares its weight with the input embedding and follows its rows "
-                         "(tied weights); give the rows to the input embedding instead")  # fmt: skip
+        raise ValueError(
+            f"{FIELD}: {name} shares its weight with the input embedding and follows its rows "
+            "(tied weights); give the rows to the input embedding instead"
+        )
     vocab = base.weight.shape[0]
     outside = [i for i in ids if i >= vocab]
     if outside:
-        raise ValueError(f"{FIELD}: token ids {outside} are outside {name}'s {vocab} rows (0..{vocab - 1}); for "
-                         "new tokens call model.resize_token_embeddings(len(tokenizer)) before adding the adapter")
+        raise ValueError(
+            f"{FIELD}: token ids {outside} are outside {name}'s {vocab} rows (0..{vocab - 1}); for "
+            "new tokens call model.resize_token_embeddings(len(tokenizer)) before adding the adapter"
+        )
 
 
 def plan_trainable_tokens(model: nn.Module, config, lora_targets: Sequence[str]) -> TokensPlan | None:
@@ -289,8 +308,10 @@ def plan_trainable_tokens(model: nn.Module, config, lora_targets: Sequence[str])
     full = set(modules_to_save_names(model, config.modules_to_save))
     for name in [*plan.layers, *plan.tied]:
         if name in full:
-            raise ValueError(f"{name} is in both modules_to_save (trained in full) and {FIELD} (some rows "
-                             "trained); keep it in one of them")  # fmt: skip
+            raise ValueError(
+                f"{name} is in both modules_to_save (trained in full) and {FIELD} (some rows "
+                "trained); keep it in one of them"
+            )
         _check_layer(model, name, plan.layers.get(name), lora_targets)
     return plan
 

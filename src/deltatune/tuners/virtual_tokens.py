@@ -100,9 +100,11 @@ def prepare_config(config: PromptLearningConfig, model: nn.Module, kv_heads: boo
     model_config = getattr(model, "config", None)
     if hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
-    wanted = {"num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
-              "token_dim": ("hidden_size", "n_embd", "d_model"),
-              "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}  # fmt: skip
+    wanted = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
     for field_name, names in wanted.items():
         if getattr(config, field_name) is None:
             value = _first_attr(model_config, names)
@@ -127,7 +129,9 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
     if embeddings is None:
-        raise ValueError(f"{type(model).__name__} has no input embeddings (get_input_embeddings()); prompt methods need one")
+        raise ValueError(
+            f"{type(model).__name__} has no input embeddings (get_input_embeddings()); prompt methods need one"
+        )
     return embeddings
 
 
@@ -378,8 +382,9 @@ def file_tensors(peft_model: nn.Module, adapter_name: str, tensors: dict[str, to
     return out
 
 
-def load_file_tensors(peft_model: nn.Module, weights: dict[str, torch.Tensor], adapter_name: str,
-                      source: str) -> dict[str, torch.Tensor]:  # fmt: skip
+def load_file_tensors(
+    peft_model: nn.Module, weights: dict[str, torch.Tensor], adapter_name: str, source: str
+) -> dict[str, torch.Tensor]:
     """Inverse of `file_tensors`: load `prompt_embeddings`, return the rest under our internal key prefix."""
     weights = dict(weights)
     if "prompt_embeddings" not in weights:
@@ -392,5 +397,6 @@ def load_file_tensors(peft_model: nn.Module, weights: dict[str, torch.Tensor], a
 
 
 # Hooks the embedding methods register (see deltatune.tuners.Method).
-EMBEDDING_HOOKS = dict(forward=prompt_forward, generate=prompt_generate, to_file=file_tensors,
-                       from_file=load_file_tensors)  # fmt: skip
+EMBEDDING_HOOKS = dict(
+    forward=prompt_forward, generate=prompt_generate, to_file=file_tensors, from_file=load_file_tensors
+)
