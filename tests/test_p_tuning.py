@@ -23,7 +23,9 @@ from test_seeds_table import bloom_on_meta
 
 from deltatune import PeftModel, PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType, get_peft_model
 
-CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")]
+CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [
+    ("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+]
 LSTM = PromptEncoderReparameterizationType.LSTM
 
 
@@ -36,11 +38,15 @@ def configs(task, kind="MLP", n=4, **extra):
 
 @pytest.mark.parametrize(
     "kind, line",
-    [("MLP", "trainable params: 12,609,536 || all params: 1,315,721,216 || trainable%: 0.9584"),
-     (LSTM, "trainable params: 193,030,144 || all params: 1,496,141,824 || trainable%: 12.9019")],
-)  # fmt: skip
+    [
+        ("MLP", "trainable params: 12,609,536 || all params: 1,315,721,216 || trainable%: 0.9584"),
+        (LSTM, "trainable params: 193,030,144 || all params: 1,496,141,824 || trainable%: 12.9019"),
+    ],
+)
 def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
-    config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, encoder_reparameterization_type=kind)
+    config = PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, encoder_reparameterization_type=kind
+    )
     model = get_peft_model(bloom_on_meta(), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == line
@@ -49,8 +55,14 @@ def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
 
 def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers(caplog):
     # The seeds' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
-    fields = dict(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
-                  encoder_dropout=0.1, encoder_num_layers=5, encoder_hidden_size=1024)  # fmt: skip
+    fields = dict(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=10,
+        encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP,
+        encoder_dropout=0.1,
+        encoder_num_layers=5,
+        encoder_hidden_size=1024,
+    )
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         ours = get_peft_model(bloom_on_meta(), PromptEncoderConfig(**fields))
     assert "encoder_num_layers=5 is ignored for the MLP encoder" in caplog.text
@@ -81,9 +93,13 @@ def test_file_holds_the_encoder_output_so_training_cannot_resume_from_it(tmp_pat
     model = get_peft_model(tiny_model("llama"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
-    assert [n for n, _ in loaded.named_parameters() if "prompt_encoder" in n] == ["prompt_encoder.default.embedding.weight"]
+    assert [n for n, _ in loaded.named_parameters() if "prompt_encoder" in n] == [
+        "prompt_encoder.default.embedding.weight"
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(loaded.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].table())
+        torch.testing.assert_close(
+            loaded.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].table()
+        )
     with pytest.raises(ValueError, match="holds the prompt encoder's output .* load it with is_trainable=False"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
 
@@ -103,7 +119,8 @@ def test_sampling_draws_what_peft_draws(arch):
 @pytest.mark.parametrize("arch, kind", [("gpt2", "MLP"), ("bert", "LSTM")])
 def test_training_lowers_loss_and_keeps_base_weights(arch, kind):
     config = PromptEncoderConfig(task_type=TASK_OF[arch], num_virtual_tokens=4, encoder_reparameterization_type=kind)
-    check_training_lowers_loss(config, arch, TASK_OF[arch])
+    # 20 steps: after 10, the tiny gpt2's loss ratio is 0.69 or 0.75 depending on the release's random init
+    check_training_lowers_loss(config, arch, TASK_OF[arch], steps=20)
 
 
 def test_merge_is_refused_and_disable_gives_the_base_model():

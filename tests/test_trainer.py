@@ -42,9 +42,20 @@ def lora_model(config=None):
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
-                    save_steps=2, save_strategy="steps", logging_steps=1, report_to=[], use_cpu=True, seed=0,
-                    dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_steps=2,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -118,8 +129,14 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_result(finished_run, tmp
 
 def test_load_best_model_at_end_reloads_the_adapter(tmp_path):
     model = lora_model()
-    args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                         metric_for_best_model="loss", greater_is_better=False)  # fmt: skip
+    args = training_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=examples(), eval_dataset=examples()[:4])
     trainer.train()
     best = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
@@ -131,11 +148,16 @@ def test_load_best_model_at_end_reloads_the_adapter(tmp_path):
 def test_trainer_with_gradient_checkpointing(tmp_path, reentrant):
     model = lora_model()
     loss_before, base_before, adapter_before = batch_loss(model), base_snapshot(model), adapter_snapshot(model)
-    args = training_args(tmp_path, gradient_checkpointing=True, save_strategy="no",
-                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})  # fmt: skip
+    args = training_args(
+        tmp_path,
+        gradient_checkpointing=True,
+        save_strategy="no",
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
     trainer = Trainer(model=model, args=args, train_dataset=examples())
     trainer.train()
-    assert model.get_base_model().is_activation_checkpointing
+    base = model.get_base_model()  # transformers 5.24 renamed is_gradient_checkpointing
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     assert batch_loss(model) < loss_before - 0.05
     assert_only_adapter_changed(model, base_before, adapter_before)
 
@@ -172,9 +194,10 @@ def test_quantized_base_with_adapter_passes_trainers_check(tmp_path):
     """Trainer refuses a purely 4-bit model but must accept it once our adapter is attached."""
     tiny_model("llama").save_pretrained(tmp_path)
     quantized = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        tmp_path,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
         device_map="cpu",
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="purely quantized models"):
         validate_quantization_for_training(quantized)
     model = get_peft_model(quantized, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4))
@@ -196,8 +219,12 @@ def test_lean_loss_trainer_trains_as_trainer_does(tmp_path, monkeypatch, grad_ac
     for trainer_class in (Trainer, deltatune.LeanLossTrainer):
         torch.manual_seed(0)
         model = lora_model()
-        args = training_args(tmp_path / trainer_class.__name__, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=grad_accum, save_strategy="no")  # fmt: skip
+        args = training_args(
+            tmp_path / trainer_class.__name__,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=grad_accum,
+            save_strategy="no",
+        )
         trainer = trainer_class(model=model, args=args, train_dataset=data)
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -216,6 +243,7 @@ def test_lean_loss_trainer_uses_trainers_loss_where_the_lean_one_would_differ(tm
     monkeypatch.setattr(lean_module, "lean_causal_lm_loss", lambda *a, **k: pytest.fail("lean loss used"))
     adalora = get_peft_model(tiny_model("llama"), deltatune.AdaLoraConfig(target_modules=["q_proj"], total_step=STEPS))
     for model, overrides in ((adalora, {}), (lora_model(), {"bf16": True})):
-        trainer = deltatune.LeanLossTrainer(model=model, args=training_args(tmp_path, save_strategy="no", **overrides),
-                                            train_dataset=examples())  # fmt: skip
+        trainer = deltatune.LeanLossTrainer(
+            model=model, args=training_args(tmp_path, save_strategy="no", **overrides), train_dataset=examples()
+        )
         trainer.train()

@@ -50,7 +50,8 @@ def _patch_is_peft_model() -> None:
 
     _is_peft_model.deltatune = True
     for name, module in list(sys.modules.items()):
-        if name.startswith("transformers") and getattr(module, "_is_peft_model", None) is original:
+        # vars(), not getattr: a lazy transformers module would import whatever the name resolves to
+        if name.startswith("transformers") and vars(module).get("_is_peft_model") is original:
             module._is_peft_model = _is_peft_model
 
 
