@@ -41,13 +41,17 @@ def require_cache_argument(model: nn.Module, method: str, need: str, instead: st
     "<method> <need>, but under transformers X <model> takes no KV cache (...); <instead>"."""
     name = cache_argument(model)
     if name is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"{method} {need}, but under transformers {transformers.__version__} {type(model).__name__} "
-            f"(model_type={model_type!r}) takes no KV cache (no forward among its modules takes "
-            f"{' or '.join(CACHE_ARGUMENTS)}); {instead}"
+            f"{method} {need}, but under transformers {transformers.__version__} {describe_model(model)} "
+            f"takes no KV cache (no forward among its modules takes {' or '.join(CACHE_ARGUMENTS)}); {instead}"
         )
     return name
+
+
+def describe_model(model: nn.Module) -> str:
+    """`LlamaForCausalLM (model_type='llama')`: how the cache errors name a model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__} (model_type={model_type!r})"
 
 
 def passed_cache(inputs: dict[str, Any]) -> tuple[str | None, Cache | None]:

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
 from deltatune.config import PeftType
-from deltatune.kv_cache import CACHE_ARGUMENTS, cache_length, passed_cache, require_cache_argument
+from deltatune.kv_cache import CACHE_ARGUMENTS, cache_length, describe_model, passed_cache, require_cache_argument
 from deltatune.tuners.virtual_tokens import (
     PromptLearningConfig,
     VirtualTokenEncoder,
@@ -150,7 +150,7 @@ def prefix_forward(peft_model: nn.Module, **inputs: Any) -> Any:
     outputs = model(**inputs)
     if cache_length(cache) == before:  # no attention layer appended its keys to the prefix cache
         raise ValueError(
-            f"prefix tuning: {describe(model)} ran without reading its KV cache (passed as {key}=) under "
+            f"prefix tuning: {describe_model(model)} ran without reading its KV cache (passed as {key}=) under "
             f"transformers {transformers.__version__}, so the prefixes had no effect; this architecture cannot "
             "take prefix tuning (use prompt tuning, P-tuning or LoRA)"
         )
@@ -175,11 +175,6 @@ NEEDS_CACHE = (
     "puts learned keys/values into every attention layer through the model's KV cache",
     "use prompt tuning or P-tuning (they prepend embeddings and need no cache) or LoRA",
 )
-
-
-def describe(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return f"{type(model).__name__} (model_type={model_type!r})"
 
 
 def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:
