@@ -78,10 +78,12 @@ def test_resume_skips_an_incomplete_checkpoint_and_refuses_a_folder_that_is_none
     (out / "checkpoint-3" / "adapter_config.json").write_text("{}")
     assert train(run_options(tiny, out, max_steps=3, resume=True)).steps == 3
     assert (
-        "checkpoint-3 is incomplete (no adapter_model.safetensors, trainer_state.json); continuing from" in caplog.text
+        "checkpoint-3 is incomplete (no adapter_model.safetensors, no trainer_state.json); continuing from"
+        in caplog.text
     )
     with pytest.raises(
-        FileNotFoundError, match=r"--resume .*run: not a checkpoint of deltatune train \(no trainer_state\.json\)"
+        FileNotFoundError,
+        match=r"--resume .*run: not a complete checkpoint of deltatune train \(no trainer_state\.json\)",
     ):
         train(run_options(tiny, tmp_path / "other", max_steps=3, resume=str(out)))
 

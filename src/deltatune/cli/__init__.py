@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES
@@ -178,8 +179,33 @@ def _run(args: argparse.Namespace) -> None:
             print(handle.read())
 
 
+USER_ERRORS = (ValueError, OSError, ImportError)  # bad input or environment: the message is meant for the user
+DEBUG_ENV = "DELTATUNE_DEBUG"
+
+
+def _raised_in_deltatune(err: BaseException) -> bool:
+    """Whether `err` was raised by deltatune's own code (its TypeErrors name a wrong argument for the user)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and os.path.dirname(__file__).rsplit(os.sep, 1)[0] in frames[-1].filename
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """One line for the terminal: the message of a user error, or where an unexpected error came from."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, USER_ERRORS) or isinstance(err, TypeError) and _raised_in_deltatune(err):
+        return f"deltatune {command}: error: {message}"
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return (
+        f"deltatune {command}: internal error{where}: {type(err).__name__}: {message} "
+        f"(run again with {DEBUG_ENV}=1 for the traceback, and report it)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `deltatune` script; returns the exit code (1: bad input, 130: interrupted)."""
+    """Entry point of the `deltatune` script; returns the exit code (1: an error, 130: interrupted).
+
+    Every error is one line on stderr; with DELTATUNE_DEBUG=1 the traceback comes first."""
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
@@ -187,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deltatune {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the one place every error becomes a line for the user
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print(error_line(args.command, err), file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ logs every `logging_steps`, a checkpoint every `save_steps`), then save the adap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,14 +29,22 @@ from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
 from deltatune.cli.models import load_model, read_run
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
+from deltatune.cli.run_guard import (
+    StopOnNonFinite,
+    StopOnSignal,
+    disk_full_error,
+    is_disk_full,
+    save_interrupted,
+)
+from deltatune.cli.run_lock import RunLock
 from deltatune.cli.runs import (
     HISTORY_FILE,
     PeakMemory,
     StepTimer,
-    StopOnInterrupt,
     checkpoint_step,
     prepare_output,
     remove_run,
+    tidy_run_folder,
 )
 from deltatune.files import atomic_write_text
 from deltatune.lean_loss_trainer import LeanLossTrainer
@@ -162,7 +171,7 @@ class WriteRunFiles(TrainerCallback):
 
 def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> None:
     """Refuse a --resume that cannot continue: a checkpoint of another method, a new --lr (Trainer would keep the
-    checkpoint's), or a run already at --max-steps."""
+    checkpoint's), or a finished run already at --max-steps (an unfinished one is finished from the checkpoint)."""
     from deltatune import PeftConfig
 
     saved = PeftConfig.from_pretrained(checkpoint).peft_type
@@ -180,15 +189,27 @@ def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> No
             f"the checkpoint), not --lr {lr:g}; leave --lr out, or start a new run to change it"
         )
     step = checkpoint_step(checkpoint)
-    if options.max_steps and step >= options.max_steps:
+    if options.max_steps and step >= options.max_steps and finished_steps(options.output) >= step:
         raise ValueError(
             f"--resume: {checkpoint} is at step {step}, and --max-steps is {options.max_steps}: nothing is "
             f"left to train; raise --max-steps to continue the run"
         )
 
 
+def finished_steps(output: str) -> int:
+    """The steps of the run's last finished train (loss_history.json is written last); 0 when none finished."""
+    try:
+        with open(os.path.join(output, HISTORY_FILE), encoding="utf-8") as handle:
+            summary = json.load(handle)["summary"]
+        return 0 if summary.get("interrupted") else int(summary["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None) -> TrainResult:
     """Run `deltatune train` with these options (flags as keys); see the module docstring.
+
+    The run folder is locked for the whole run (one process per folder; every rank of a torchrun job is one run).
 
     Raises:
         KeyboardInterrupt: when interrupted hard; a checkpoint of the last finished step is saved first.
@@ -201,6 +222,11 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
         options.method, options.method_options, options.max_steps or 10**6
     )  # bad options fail first
     state = PartialState(cpu=not torch.cuda.is_available())
+    with RunLock(options.output) if state.is_main_process else contextlib.nullcontext():
+        return _train_locked(options, peft_config, state, callbacks)
+
+
+def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks: list | None) -> TrainResult:
     resume_from = prepare_output(options.output, options.overwrite, options.resume)
     if resume_from:
         check_resume(options, peft_config, resume_from)
@@ -210,51 +236,59 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     tokenizer = loaded.tokenizer
     train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
-    if options.overwrite and not resume_from and state.is_main_process:
-        remove_run(options.output)  # only now: a run that could not start has left the old one in place
+    if state.is_main_process:
+        if options.overwrite and not resume_from:
+            remove_run(options.output)  # only now: a run that could not start has left the old one in place
+        tidy_run_folder(options.output, resume_from)
     state.wait_for_everyone()
     if state.is_main_process:
         peft_model.print_trainable_parameters()
-    timer, stopper = StepTimer(), StopOnInterrupt()
+    args = training_arguments(options)
+    timer, stopper = StepTimer(), StopOnSignal()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
     run_files = WriteRunFiles(options, loaded.path, state.is_main_process)
+    guards = [timer, stopper, StopOnNonFinite(args.learning_rate)]
     trainer = LeanLossTrainer(
         model=peft_model,
-        args=training_arguments(options),
+        args=args,
         train_dataset=train_set,
         data_collator=data_mod.Collator(tokenizer.pad_token_id),
-        callbacks=[run_files, timer, stopper, *method_callbacks, *(callbacks or [])],
+        callbacks=[run_files, *guards, *method_callbacks, *(callbacks or [])],
     )
     with PeakMemory() as memory, stopper.installed():
-        _run_trainer(trainer, resume_from, run_files)
-    return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+        if resume_from and options.max_steps and checkpoint_step(resume_from) >= options.max_steps:
+            _restore_finished_steps(trainer, peft_model, resume_from)  # killed after its last step: finish it
+        else:
+            _run_trainer(trainer, resume_from, run_files)
+        return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+
+
+def _restore_finished_steps(trainer: Trainer, peft_model: Any, checkpoint: str) -> None:
+    """Take the weights and log of a checkpoint at --max-steps, so `_finish` writes the run's adapter and history
+    (Trainer itself would train one step more)."""
+    from transformers import TrainerState
+
+    logger.info("%s is at --max-steps: finishing the run from it (final adapter, eval and history)", checkpoint)
+    peft_model.load_adapter(checkpoint, adapter_name=peft_model.active_adapter, is_trainable=True)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
 def _run_trainer(trainer: Trainer, resume_from: str | None, run_files: WriteRunFiles) -> None:
-    """`trainer.train`, keeping a checkpoint on a hard Ctrl-C and naming a damaged --resume checkpoint."""
+    """`trainer.train`, keeping a checkpoint on a hard Ctrl-C, naming a damaged --resume checkpoint or a full disk."""
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        _save_interrupted(trainer)
+        save_interrupted(trainer)
         raise
-    except (RuntimeError, pickle.UnpicklingError) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        if is_disk_full(err):
+            raise disk_full_error(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}") from None
         if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
             raise ValueError(
                 f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
                 "earlier checkpoint (--resume PATH) or train again with --overwrite"
             ) from None
         raise
-
-
-def _save_interrupted(trainer: Trainer) -> None:
-    """Keep a usable checkpoint of the last finished step (and the adapter) when training is cut short."""
-    step = trainer.state.global_step
-    folder = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
-    if step > 0 and not os.path.isdir(folder):
-        trainer._save_checkpoint(trainer.model, trial=None)
-    if trainer.args.should_save and step > 0:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(trainer.args.output_dir)
-        logger.warning("interrupted at step %d: checkpoint in %s; continue with --resume", step, folder)
 
 
 def _finish(
@@ -267,6 +301,10 @@ def _finish(
     memory: PeakMemory,
     interrupted: bool,
 ) -> TrainResult:
+    """The adapter first (a kill during the final eval keeps it), then the final eval, then loss_history.json,
+    which marks the run finished."""
+    if trainer.args.should_save:
+        _save_final(options.output, lambda: peft_model.save_pretrained(options.output), "the adapter")
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     final_eval = None
     if eval_set is not None:
@@ -286,11 +324,22 @@ def _finish(
         history=history,
     )
     if trainer.args.should_save:
-        peft_model.save_pretrained(options.output)
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
         if final_eval is not None:
             summary["eval_perplexity"] = perplexity(final_eval)
-        text = json.dumps({"train": history, "summary": summary}, indent=2)
-        atomic_write_text(os.path.join(options.output, HISTORY_FILE), text + "\n")
+        text = json.dumps({"train": history, "summary": summary}, indent=2) + "\n"
+        _save_final(
+            options.output, lambda: atomic_write_text(os.path.join(options.output, HISTORY_FILE), text), HISTORY_FILE
+        )
         logger.info("adapter saved in %s (steps %d, eval loss %s)", options.output, result.steps, final_eval)
     return result
+
+
+def _save_final(output: str, save: Any, what: str) -> None:
+    """Run a final save, turning a full disk into one line that says how to finish the run."""
+    try:
+        save()
+    except (RuntimeError, OSError) as err:
+        if is_disk_full(err):
+            raise disk_full_error(output, what) from None
+        raise
