@@ -47,6 +47,9 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+TRUST_HELP = "run Python code shipped in the model folder (auto_map in its config); only for code you trust"
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -87,6 +90,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
         default=S,
         help="where the default model is converted (default: $DELTATUNE_CACHE or ~/.cache/deltatune)",
     )
+    add("--trust-remote-code", action="store_true", default=S, help=TRUST_HELP)
     if resume:
         add(
             "--resume",
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (chat, evaluate, merge):
         command.add_argument("--model", help="base model (default: the one the adapter was trained on)")
         command.add_argument("--cache-dir")
+        command.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     compare = sub.add_parser("compare", help="train every method on the same budget and tabulate them")
     _add_train_flags(compare, resume=False)
     compare.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")

@@ -59,7 +59,12 @@ def run_one(values: dict[str, Any]) -> Row:
     options = make_options(values)
     try:
         result = train(options)
-        scores = evaluate(options.output, data=options.eval_data, cache_dir=options.cache_dir)
+        scores = evaluate(
+            options.output,
+            data=options.eval_data,
+            cache_dir=options.cache_dir,
+            trust_remote_code=options.trust_remote_code,
+        )
     except (ValueError, TypeError, RuntimeError, OSError, NotImplementedError) as err:
         logger.error("%s failed: %s", options.method, err)
         return Row(options.method, error=f"{type(err).__name__}: {err}")

@@ -71,20 +71,24 @@ def evaluate(
     batch_size: int = 16,
     cache_dir: str | None = None,
     write: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvalResult:
     """Score the adapter in `adapter` (or the base model when None) on held-out data.
 
-    With `write`, the scores are also saved as `eval.json` in the adapter folder.
+    With `write`, the scores are also saved as `eval.json` in the adapter folder. The base model's own code
+    runs only with `trust_remote_code`.
     """
     if compare_base and adapter is None:
         raise ValueError("--compare-base needs --adapter (the base model alone has nothing to compare with)")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be at least 1")
     if adapter is None:
-        loaded = load_model(model, cache_dir)
+        loaded = load_model(model, cache_dir, trust_remote_code=trust_remote_code)
         scored_model, tokenizer, run = loaded.model, loaded.tokenizer, {}
     else:
-        scored_model, tokenizer, run = load_adapter_model(adapter, model, cache_dir)
+        scored_model, tokenizer, run = load_adapter_model(
+            adapter, model, cache_dir, trust_remote_code=trust_remote_code
+        )
     source = held_out_source(data, run)
     rows = data_mod.load_rows(source)
     template, max_length = run.get("template", "auto"), int(run.get("max_length", 1024))

@@ -19,7 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def merge(
-    adapter: str, output: str, model: str | None = None, overwrite: bool = False, cache_dir: str | None = None
+    adapter: str,
+    output: str,
+    model: str | None = None,
+    overwrite: bool = False,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> str:
     """Merge the adapter in `adapter` into its base model and save the merged model in `output`.
 
@@ -46,7 +51,8 @@ def merge(
     run = read_run(adapter)
     if model is None:
         model = run.get("model") if run else PeftConfig.from_pretrained(folder).base_model_name_or_path
-    loaded = load_model(model, cache_dir or run.get("cache_dir"))  # full precision, whatever the run used
+    cache = cache_dir or run.get("cache_dir")
+    loaded = load_model(model, cache, trust_remote_code=trust_remote_code)  # full precision, whatever the run used
     peft_model = PeftModel.from_pretrained(loaded.model, folder)
     merged = peft_model.merge_and_unload()
     _save_replacing(output, lambda folder: (merged.save_pretrained(folder), loaded.tokenizer.save_pretrained(folder)))

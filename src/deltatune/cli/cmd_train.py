@@ -232,7 +232,13 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
         check_resume(options, peft_config, resume_from)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
-    loaded = load_model(options.model, options.cache_dir, options.load_in_4bit, options.load_in_8bit)
+    loaded = load_model(
+        options.model,
+        options.cache_dir,
+        options.load_in_4bit,
+        options.load_in_8bit,
+        trust_remote_code=options.trust_remote_code,
+    )
     tokenizer = loaded.tokenizer
     train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))

@@ -44,6 +44,13 @@ def bundled_path(name: str) -> str:
     return str(resources.files("deltatune").joinpath("data", name))
 
 
+def _too_deep(where: str) -> DataError:
+    return DataError(
+        f"{where}: the JSON is nested too deeply to read (thousands of levels of [ or {{); a row is one object "
+        'of strings, as in {"instruction": ..., "output": ...}'
+    )
+
+
 def _parse_jsonl(path: str, text: str) -> list[tuple[int, Any]]:
     rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -55,6 +62,8 @@ def _parse_jsonl(path: str, text: str) -> list[tuple[int, Any]]:
             raise DataError(
                 f"{path}, row {line_no}: not valid JSON ({err.msg}); each line of a .jsonl file is one JSON object"
             ) from None
+        except RecursionError:
+            raise _too_deep(f"{path}, row {line_no}") from None
     return rows
 
 
@@ -74,12 +83,16 @@ def read_json_rows(path: str, flag: str = "--data") -> list[tuple[int, Any]]:
             raise DataError(
                 f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the file or use one JSON object per line"
             ) from None
+        except RecursionError:
+            raise _too_deep(path) from None
         return list(enumerate(data, start=1))
     if text.lstrip().startswith("{") and not path.endswith(".jsonl"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
             return _parse_jsonl(path, text)  # several objects: JSON Lines in a .json file
+        except RecursionError:
+            raise _too_deep(path) from None
         for key in ("data", "train", "rows"):
             if isinstance(data.get(key), list):
                 return list(enumerate(data[key], start=1))
@@ -99,6 +112,11 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
             f"{where}: no {' and no '.join(repr(k) for k in missing)} field; alpaca rows need 'instruction' and "
             f"'output' ('input' is optional), chat rows need 'messages' "
             f"(this row has: {', '.join(map(repr, row)) or 'nothing'})"
+        )
+    nulls = [k for k in ("instruction", "output") if row[k] is None]
+    if nulls:
+        raise DataError(
+            f"{where}: {' and '.join(repr(k) for k in nulls)} is null; give it as a string, or remove the row"
         )
     fields = {k: row.get(k) if row.get(k) is not None else "" for k in ("instruction", "input", "output")}
     for key, value in fields.items():
@@ -137,6 +155,10 @@ def _load_saved_dataset(path: str, split: str, flag: str) -> list[tuple[int, Any
         raise DataError(
             f"{flag} {path}: the folder is not a dataset written by datasets' save_to_disk; pass such a "
             "folder or a .json/.jsonl file"
+        ) from None
+    except IndexError:  # datasets cannot open a saved dataset of 0 rows (no data file to read)
+        raise DataError(
+            f"{flag} {path}: the saved dataset holds no rows; the data needs at least one example"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:

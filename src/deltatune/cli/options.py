@@ -48,6 +48,7 @@ class TrainOptions:
     logging_steps: int = 5
     save_steps: int = 50
     cache_dir: str | None = None
+    trust_remote_code: bool = False  # run Python code shipped in the model folder (auto_map); only code you trust
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -84,7 +85,16 @@ def parse_target_modules(value: Any) -> Any:
     text = str(value).strip()
     if "," in text:
         return [part.strip() for part in text.split(",") if part.strip()]
-    if text == "all-linear" or re.search(r"[.*+?\[\]()|^$\\]", text):
+    if text == "all-linear":
+        return text
+    if re.search(r"[.*+?\[\]()|^$\\]", text):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise ValueError(
+                f"--target-modules {text!r} is not a valid regular expression ({err}); fix it, or give module "
+                "names separated by commas (q_proj,v_proj)"
+            ) from None
         return text
     return [text]
 
@@ -155,6 +165,10 @@ def read_yaml(path: str) -> dict[str, Any]:
             data = yaml.safe_load(handle)
         except yaml.YAMLError as err:
             raise ValueError(f"--config {path}: not valid YAML ({err})") from None
+        except RecursionError:
+            raise ValueError(
+                f"--config {path}: nested too deeply to read; give a flat mapping of option: value"
+            ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

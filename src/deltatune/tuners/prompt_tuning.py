@@ -124,7 +124,7 @@ def load_tokenizer(config: PromptTuningConfig) -> Any:
     from transformers import AutoTokenizer
 
     kwargs = dict(config.tokenizer_kwargs or {})
-    kwargs.pop("trust_remote_code", None)  # never run code from a tokenizer repo, as in peft
+    kwargs["trust_remote_code"] = False  # never run code from a tokenizer repo (nor ask whether to), as in peft
     try:
         return AutoTokenizer.from_pretrained(tokenizer, **kwargs)
     except (OSError, ValueError) as err:
