@@ -23,6 +23,25 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, since setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str) -> None:
+    """`tempfile` makes files 0600 and folders 0700; give `path` the mode a plain open() or mkdir would have."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename tmp over `path`; on any failure remove tmp and keep the old file."""
     _atomic_write_all({path: write})
@@ -41,6 +60,7 @@ def _atomic_write_all(writes: dict[str, Callable[[str], None]]) -> None:
             os.makedirs(folder, exist_ok=True)
             fd, staged[path] = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
             os.close(fd)
+            give_default_mode(staged[path])
             write(staged[path])
         for path, tmp_path in staged.items():
             os.replace(tmp_path, path)
@@ -68,6 +88,13 @@ def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_
     """Write `adapter_model.safetensors` and `adapter_config.json` as a pair (see `_atomic_write_all`); tensors
     are made contiguous and unshared first (safetensors refuses views of one storage)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    if bad := non_finite_counts(tensors):
+        logger.warning(
+            "saving %d adapter tensors with NaN or infinite values in %s (e.g. %s); loading them will be refused",
+            len(bad),
+            folder,
+            next(iter(bad)),
+        )
     _atomic_write_all(
         {
             os.path.join(folder, WEIGHTS_NAME): lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
@@ -105,6 +132,23 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def non_finite_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """key -> how many NaN or infinite values the tensor holds (floating tensors with any)."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.dtype.is_floating_point}
+    return {k: n for k, n in counts.items() if n}
+
+
+def refuse_non_finite(weights: dict[str, torch.Tensor], source: str) -> None:
+    """An adapter with NaN or infinite values turns every output into NaN: refuse it (peft would load it)."""
+    if bad := non_finite_counts(weights):
+        key = next(iter(bad))
+        raise ValueError(
+            f"{source}: {len(bad)} of {len(weights)} adapter tensors hold NaN or infinite values ({key}: "
+            f"{bad[key]} of {weights[key].numel()}); the run that made it diverged: train again with a lower "
+            "learning rate"
+        )
+
+
 def _target_of(key: str, targets: dict[str, torch.Tensor], everything: dict[str, torch.Tensor]):
     """The model tensor a file key goes into: an adapter tensor, else any model tensor (trained biases)."""
     # peft's bias="all" writes a trainable copy's bias once more as `<module>.modules_to_save.bias`
@@ -122,6 +166,7 @@ def place_tensors(
         everything: the whole model state dict (keep_vars), for base tensors an adapter trains (biases).
         source: the folder, named in errors.
     """
+    refuse_non_finite(weights, source)
     pairs, unexpected = [], []
     for key, value in weights.items():
         if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
@@ -129,6 +174,11 @@ def place_tensors(
         target = _target_of(key, targets, everything)
         if target is None:
             unexpected.append(key)
+        elif value.dtype.is_floating_point != target.dtype.is_floating_point:
+            raise ValueError(
+                f"{source}: {key} is {value.dtype} in the adapter file but {target.dtype} in this model; the file was "
+                "not written by a PEFT library (save the adapter again with save_pretrained)"
+            )
         elif target.shape != value.shape:
             raise ValueError(
                 f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but {tuple(target.shape)} in "

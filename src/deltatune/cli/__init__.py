@@ -149,7 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+SIGNAL_EXIT_CODES = {"Ctrl-C": 130, "SIGTERM": 143}  # 128 + the signal number, as shells report a killed job
+
+
+def _report_train(result: Any) -> int:
+    """Print what a train run made; a run a signal stopped early exits as that signal would (130, 143)."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process returns; one reports
+        return 0
+    print(
+        f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
+        f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step"
+    )
+    if not result.stopped_by:
+        return 0
+    print(f"stopped by {result.stopped_by}; continue with: deltatune train --output {result.output} --resume")
+    return SIGNAL_EXIT_CODES[result.stopped_by]
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; returns its exit code."""
     import deltatune.cli as cli
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods", "in_process")}
@@ -160,18 +178,16 @@ def _run(args: argparse.Namespace) -> None:
         saved = os.path.join(flags.get("output", "deltatune-run"), RUN_FILE)
         if config is None and flags.get("resume") and os.path.isfile(saved):
             config = saved  # --resume continues the run as it was set up; flags given now still win
-        result = cli.train(load_options(config, flags))
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one reports
-            print(
-                f"adapter in {result.output}: {result.steps} steps, train loss {result.train_loss}, "
-                f"eval loss {result.eval_loss}, {result.seconds_per_step or 0:.2f} s/step"
-            )
+        return _report_train(cli.train(load_options(config, flags)))
     elif args.command == "chat":
         cli.chat(**flags)
     elif args.command == "eval":
-        from deltatune.cli.cmd_eval import report
+        from deltatune.cli.cmd_eval import report, save_scores
 
-        print(report(cli.evaluate(**flags)))
+        result = cli.evaluate(**flags, write=False)
+        print(report(result), flush=True)  # the scores first: a folder that cannot take eval.json loses nothing
+        if flags.get("adapter"):
+            save_scores(result, flags["adapter"])
     elif args.command == "merge":
         print(f"merged model in {cli.merge(**flags)}")
     elif args.command == "compare":
@@ -182,6 +198,7 @@ def _run(args: argparse.Namespace) -> None:
         cli.compare(options, methods, isolate=not args.in_process)
         with open(os.path.join(options.output, "comparison.md"), encoding="utf-8") as handle:
             print(handle.read())
+    return 0
 
 
 USER_ERRORS = (ValueError, OSError, ImportError)  # bad input or environment: the message is meant for the user
@@ -214,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        _run(args)
+        return _run(args)
     except KeyboardInterrupt:
         print(f"deltatune {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -223,4 +240,3 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(error_line(args.command, err), file=sys.stderr)
         return 1
-    return 0

@@ -100,11 +100,22 @@ def evaluate(
                 scored_model, tokenizer, rows, template, max_length, batch_size, source
             )
     if write and adapter is not None:
-        path = os.path.join(adapter, "eval.json")
+        save_scores(result, adapter)
+    return result
+
+
+def save_scores(result: EvalResult, adapter: str) -> str:
+    """Write the scores as `eval.json` in the adapter folder; a folder that cannot take it is named in the error."""
+    path = os.path.join(adapter, "eval.json")
+    try:
         atomic_write_text(
             path, json.dumps({k: v for k, v in asdict(result).items() if k != "answers"}, indent=2) + "\n"
         )
-    return result
+    except OSError as err:
+        raise OSError(
+            err.errno, f"the scores could not be written to {path} ({err.strerror or err}); they are printed above"
+        ) from None
+    return path
 
 
 def report(result: EvalResult) -> str:

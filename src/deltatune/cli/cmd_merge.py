@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-from deltatune.cli.models import adapter_folder, load_model, read_run
+from deltatune.cli.models import adapter_folder, load_model, read_run, resolve_model
+from deltatune.files import give_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def merge(
     if model is None:
         model = run.get("model") if run else PeftConfig.from_pretrained(folder).base_model_name_or_path
     cache = cache_dir or run.get("cache_dir")
+    refuse_base_as_output(output, resolve_model(model, cache))
     loaded = load_model(model, cache, trust_remote_code=trust_remote_code)  # full precision, whatever the run used
     peft_model = PeftModel.from_pretrained(loaded.model, folder)
     merged = peft_model.merge_and_unload()
@@ -60,12 +62,23 @@ def merge(
     return output
 
 
+def refuse_base_as_output(output: str, base: str) -> None:
+    """Writing the merged model over its own base would apply the adapter twice from then on (eval loads the base
+    and adds the adapter again): refuse it."""
+    if os.path.isdir(base) and os.path.realpath(output) == os.path.realpath(base):
+        raise ValueError(
+            f"--output {output} is the adapter's base model; merging into it would replace the base, and the "
+            "adapter would then be applied twice; choose another --output"
+        )
+
+
 def _save_replacing(output: str, save: Callable[[str], object]) -> None:
     """`save(folder)` into a new folder beside `output`, then swap it in: a failed save leaves the old model whole."""
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     new = tempfile.mkdtemp(prefix=".merging-", dir=parent)
     try:
+        give_default_mode(new)
         save(new)
         if os.path.isdir(output):
             old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)

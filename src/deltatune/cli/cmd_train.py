@@ -26,7 +26,13 @@ import deltatune
 from deltatune import get_peft_model
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, perplexity
-from deltatune.cli.methods import METHOD_OPTIONS, build_peft_config, method_entry
+from deltatune.cli.methods import (
+    METHOD_OPTIONS,
+    build_peft_config,
+    check_target_names,
+    method_entry,
+    warn_rank_above_layers,
+)
 from deltatune.cli.models import load_model, read_run
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.run_guard import (
@@ -66,6 +72,7 @@ class TrainResult:
     trainable_params: int
     all_params: int
     interrupted: bool = False
+    stopped_by: str = ""  # "Ctrl-C" or "SIGTERM" when a signal stopped the run early
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -106,8 +113,11 @@ def wrap_model(model: torch.nn.Module, options: TrainOptions, total_step: int):
     """The base model (prepared for training if quantized) wrapped with the method's adapter."""
     if options.load_in_4bit or options.load_in_8bit:
         model = deltatune.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    check_target_names(model, options.method_options.get("target_modules"))
     set_seed(options.seed)  # the adapter's initial weights depend on it
-    return get_peft_model(model, build_peft_config(options.method, options.method_options, total_step))
+    peft_model = get_peft_model(model, build_peft_config(options.method, options.method_options, total_step))
+    warn_rank_above_layers(peft_model, options.method_options)
+    return peft_model
 
 
 def training_arguments(options: TrainOptions) -> TrainingArguments:
@@ -266,7 +276,7 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
             _restore_finished_steps(trainer, peft_model, resume_from)  # killed after its last step: finish it
         else:
             _run_trainer(trainer, resume_from, run_files)
-        return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.requested)
+        return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.signal_name)
 
 
 def _restore_finished_steps(trainer: Trainer, peft_model: Any, checkpoint: str) -> None:
@@ -305,7 +315,7 @@ def _finish(
     eval_set: list | None,
     timer: StepTimer,
     memory: PeakMemory,
-    interrupted: bool,
+    stopped_by: str,
 ) -> TrainResult:
     """The adapter first (a kill during the final eval keeps it), then the final eval, then loss_history.json,
     which marks the run finished."""
@@ -326,7 +336,8 @@ def _finish(
         peak_memory_mb=memory.peak_mb,
         trainable_params=trainable,
         all_params=total,
-        interrupted=interrupted,
+        interrupted=bool(stopped_by),
+        stopped_by=stopped_by,
         history=history,
     )
     if trainer.args.should_save:

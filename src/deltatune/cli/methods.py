@@ -7,6 +7,7 @@ parametrized over this table, so a new entry is tested automatically.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -166,3 +167,44 @@ def build_peft_config(name: str, given: dict[str, Any], total_step: int) -> Peft
         return METHOD_OPTIONS[key][0] if value is None else value
 
     return entry.build(option)
+
+
+def check_target_names(model: Any, target_modules: Any) -> None:
+    """Refuse a `--target-modules` list in which some names match no module (peft only refuses when none match,
+    so a typo beside a correct name silently adapts fewer layers)."""
+    if not isinstance(target_modules, list):
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        matched = [t for t in target_modules if t not in unmatched]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "weight")})
+        raise ValueError(
+            f"--target-modules: {', '.join(map(repr, unmatched))} matched no module"
+            + (f" ({', '.join(matched)} did)" if matched else "")
+            + f"; modules with weights here: {', '.join(leaves[:20])}"
+        )
+
+
+def warn_rank_above_layers(peft_model: Any, options: dict[str, Any]) -> None:
+    """Warn when --r (or --init-r) is above the smallest side of an adapted layer: a product B @ A cannot have a
+    higher rank than that, so the extra rank costs memory and changes nothing."""
+    rank = options.get("r") or options.get("init_r")
+    sides = [
+        (min(m.in_features, m.out_features), name)
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "base_layer") and isinstance(getattr(m, "in_features", None), int)
+    ]
+    if rank and sides and rank > min(sides)[0]:
+        side, name = min(sides)
+        flag = "--r" if options.get("r") else "--init-r"
+        logging.getLogger(__name__).warning(
+            "%s %d is above the smallest side of the adapted layer %s (%d): its update cannot have a higher rank, "
+            "so the extra rank only costs memory; %s %d or less trains the same",
+            flag,
+            rank,
+            name,
+            side,
+            flag,
+            side,
+        )

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from deltatune.files import give_default_mode
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -156,6 +158,7 @@ def convert_gguf(gguf_path: str, folder: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
     try:
+        give_default_mode(tmp)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source = {**stamp, "files": _file_sizes(tmp)}  # every file but this one, which is written last

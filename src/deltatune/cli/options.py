@@ -8,6 +8,7 @@ win over the file. The options actually used are written back as `run.yaml` in t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -58,7 +59,8 @@ class TrainOptions:
         return out
 
     def check(self) -> None:
-        """Refuse values no run can use (zero steps, batches or accumulation), before anything is written."""
+        """Refuse values no run can use (zero steps, NaN, a no-op adapter), before anything is written."""
+        self._check_finite()
         at_least_one = {
             "batch_size": self.batch_size,
             "grad_accum": self.grad_accum,
@@ -73,6 +75,23 @@ class TrainOptions:
             raise ValueError(f"--epochs {self.epochs:g}: must be above 0 (or give --max-steps)")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr {self.lr:g}: the learning rate must be above 0")
+        if self.method_options.get("alpha") == 0:
+            raise ValueError(
+                "--alpha 0: the update is scaled by alpha / r, so the adapter would change nothing; "
+                f"give a positive --alpha (default {METHOD_OPTIONS['alpha'][0]})"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume and --overwrite exclude each other: --resume continues the run in --output, --overwrite "
+                "replaces it; give one"
+            )
+
+    def _check_finite(self) -> None:
+        """NaN and infinity pass every comparison test above and train an all-NaN adapter: refuse them by name."""
+        numbers = {**{k: getattr(self, k) for k in FIELDS}, **self.method_options}
+        for key, value in numbers.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{key.replace('_', '-')} {value}: must be a finite number")
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainOptions)} - {"method_options"}
