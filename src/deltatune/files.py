@@ -60,8 +60,8 @@ def _atomic_write_all(writes: dict[str, Callable[[str], None]]) -> None:
             os.makedirs(folder, exist_ok=True)
             fd, staged[path] = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
             os.close(fd)
-            give_default_mode(staged[path])
             write(staged[path])
+            give_default_mode(staged[path])  # after the write: a writer may replace the file it was given
         for path, tmp_path in staged.items():
             os.replace(tmp_path, path)
     except BaseException:

@@ -297,8 +297,9 @@ def _run_trainer(trainer: Trainer, resume_from: str | None, run_files: WriteRunF
         save_interrupted(trainer)
         raise
     except (RuntimeError, OSError, pickle.UnpicklingError) as err:
-        if is_disk_full(err):
-            raise disk_full_error(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}") from None
+        if is_disk_full(err, trainer.args.output_dir):
+            step = trainer.state.global_step
+            raise disk_full_error(trainer.args.output_dir, f"the checkpoint of step {step}") from None
         if resume_from and not run_files.started:  # torch.load of optimizer.pt, scheduler.pt, rng_state.pth
             raise ValueError(
                 f"--resume: {resume_from} is damaged ({str(err).splitlines()[0]}); resume from an "
@@ -357,6 +358,6 @@ def _save_final(output: str, save: Any, what: str) -> None:
     try:
         save()
     except (RuntimeError, OSError) as err:
-        if is_disk_full(err):
+        if is_disk_full(err, output):
             raise disk_full_error(output, what) from None
         raise

@@ -130,12 +130,18 @@ class DiskFullError(OSError):
     """A save ran out of disk space."""
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether a failed save ran out of space: an OSError with ENOSPC, or torch's and safetensors' wrappers of it."""
+def is_disk_full(err: BaseException, folder: str) -> bool:
+    """Whether a failed save ran out of space: an OSError with ENOSPC, a wrapper that says so (safetensors), or a
+    failed write (torch's "unexpected pos" names no cause) on a disk with under 1 MiB left."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return True
-    text = str(err)
-    return "No space left" in text or "StorageFull" in text or "file write failed" in text
+    if "No space left" in str(err) or "StorageFull" in str(err):
+        return True
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return isinstance(err, (OSError, RuntimeError)) and stat.f_bavail * stat.f_frsize < 2**20
 
 
 def disk_full_error(output: str, what: str) -> DiskFullError:
@@ -146,4 +152,6 @@ def disk_full_error(output: str, what: str) -> DiskFullError:
         if complete
         else "no checkpoint is complete: free some space, then train again with --overwrite"
     )
-    return DiskFullError(errno.ENOSPC, f"no space left on {os.path.abspath(output)} while saving {what}; {then}")
+    error = DiskFullError(f"no space left on {os.path.abspath(output)} while saving {what}; {then}")
+    error.errno = errno.ENOSPC  # set after: OSError(errno, text) would print as "[Errno 28] text"
+    return error
