@@ -27,6 +27,7 @@ from tiny_models import (
 import deltatune
 from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
 from deltatune.ops.lora_dispatch import use_fast_paths
+from deltatune.peft_model import TunerModel
 from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
 
 
@@ -428,3 +429,12 @@ def test_a_failed_add_adapter_leaves_the_model_as_it_was():
 def test_unsupported_target_type_is_named():
     with pytest.raises(TypeError, match="LoRA supports nn.Linear, Conv1D, nn.Embedding .* not LlamaRMSNorm"):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("wrapper", [PeftModel, TunerModel])
+def test_attributes_read_before_init_finishes_raise_attribute_error(wrapper):
+    """DeepSpeed ZeRO-3's zero.Init reads attributes of a module before its __init__ has run."""
+    unfinished = wrapper.__new__(wrapper)
+    with pytest.raises(AttributeError):
+        _ = unfinished.peft_config
+    assert not hasattr(unfinished, "training")

@@ -44,9 +44,10 @@ class TunerModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            modules = self.__dict__.get("_modules") or {}  # none yet while __init__ runs (DeepSpeed's zero.Init)
+            if name == "model" or "model" not in modules:
                 raise
-            return getattr(self._modules["model"], name)
+            return getattr(modules["model"], name)
 
     def update_and_allocate(self, global_step: int) -> int:
         """AdaLoRA's rank budget step under peft's name: `peft_model.base_model.update_and_allocate(step)`."""
@@ -105,9 +106,10 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            modules = self.__dict__.get("_modules") or {}  # none yet while __init__ runs (DeepSpeed's zero.Init)
+            if name == "base_model" or "base_model" not in modules:
                 raise
-            return getattr(self._modules["base_model"], name)
+            return getattr(modules["base_model"], name)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (with adapter layers inside)."""
