@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from transformers import Trainer, TrainerCallback
 
-from deltatune.cli.runs import checkpoint_problems, checkpoints
+from deltatune.cli.runs import checkpoint_problems, complete_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def save_interrupted(trainer: Trainer) -> None:
 
 def log_resume_point(output: str, step: int) -> None:
     """Name the checkpoint `--resume` would continue from (or say there is none)."""
-    complete = [c for c in checkpoints(output) if not checkpoint_problems(c)]
+    complete = complete_checkpoints(output)
     if complete:
         logger.warning("interrupted at step %d; continue from %s with --resume", step, complete[-1])
     else:
@@ -108,7 +108,7 @@ class StopOnNonFinite(TrainerCallback):
         self.lr = lr
 
     def _fail(self, args, step: int, what: str) -> None:
-        good = [c for c in checkpoints(args.output_dir) if not checkpoint_problems(c)]
+        good = complete_checkpoints(args.output_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved"
         raise DivergedError(
             f"training diverged at step {step}: {what} (--lr {self.lr:g}); nothing of this step is saved and {kept}; "
@@ -146,7 +146,7 @@ def is_disk_full(err: BaseException, folder: str) -> bool:
 
 def disk_full_error(output: str, what: str) -> DiskFullError:
     """The one-line error for a save that ran out of space, naming the last complete checkpoint."""
-    complete = [c for c in checkpoints(output) if not checkpoint_problems(c)]
+    complete = complete_checkpoints(output)
     then = (
         f"the last complete checkpoint is {complete[-1]}: free some space, then continue with --resume"
         if complete

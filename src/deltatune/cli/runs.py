@@ -145,6 +145,11 @@ def checkpoint_problems(checkpoint: str) -> list[str]:
     return problems
 
 
+def complete_checkpoints(folder: str) -> list[str]:
+    """The checkpoints `--resume` can continue from, oldest first."""
+    return [c for c in checkpoints(folder) if not checkpoint_problems(c)]
+
+
 def _resume_checkpoint(folder: str, resume: bool | str) -> str:
     if isinstance(resume, str):
         if not os.path.isdir(resume):
@@ -160,7 +165,7 @@ def _resume_checkpoint(folder: str, resume: bool | str) -> str:
         raise FileNotFoundError(
             f"--resume: {folder} holds no checkpoint-N folder to continue from; train without --resume"
         )
-    complete = [c for c in found if not checkpoint_problems(c)]
+    complete = complete_checkpoints(folder)
     if not complete:
         raise FileNotFoundError(
             f"--resume: no checkpoint in {folder} is complete "
