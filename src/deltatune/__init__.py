@@ -13,7 +13,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
+from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType, get_peft_config
 from deltatune.peft_model import PeftModel
 from deltatune.task_models import (
     PeftModelForCausalLM,
@@ -75,6 +75,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

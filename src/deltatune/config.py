@@ -55,6 +55,10 @@ def _enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any
         raise ValueError(f"{field_name}={value!r} is not known; use one of: {allowed}") from None
 
 
+class PeftWarning(UserWarning):
+    """A warning about an adapter's set-up or use (peft's class of the same name, so filters work on both)."""
+
+
 @dataclass
 class PeftConfig:
     """Fields every method has.

@@ -51,6 +51,38 @@ class AdapterLayer(nn.Module):
         """Apply exactly these adapters (the ones this layer has) in forward."""
         self.active_adapters = [n for n in names if n in self.adapters]
 
+    # peft's per-layer API (`BaseTunerLayer`), for code that walks the model's adapter layers itself.
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn this layer's adapters on or off (off: the layer computes its base output only)."""
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate these adapters here; they train unless `inference_mode`, the others are frozen (as peft)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in self.active_adapters and not inference_mode)
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped layer."""
+        base = self.base_layer
+        return base.get_base_layer() if isinstance(base, AdapterLayer) else base
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
     def delete_adapter(self, name: str) -> None:
         """Drop an adapter's container (unmerge it first if merged)."""
         if name in self.merged_adapters:
@@ -207,12 +239,43 @@ class ModulesToSaveWrapper(nn.Module):
         self.row_adapters: Sequence[str] | None = None
 
     def __getattr__(self, name: str):
+        # `model.head.weight` reads the copy that trains (the active adapter's), as peft: a model whose forward
+        # reads the weight directly must see the trained values.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            if name in ("original_module", "modules_to_save") or "_modules" not in self.__dict__:
                 raise
-            return getattr(self._modules["original_module"], name)
+            return getattr(self._current_module(), name)
+
+    def _current_module(self) -> nn.Module:
+        """The module forward runs: the active adapter's copy, or the original when none is active or disabled."""
+        copies = self._modules["modules_to_save"]
+        active = self.__dict__.get("active_adapter")
+        if self.__dict__.get("disabled") or active not in copies:
+            return self._modules["original_module"]
+        return copies[active]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter's copy here (the others freeze); two would be ambiguous, as in peft."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name, copied in self.modules_to_save.items():
+            copied.requires_grad_(name == self.active_adapter and not inference_mode)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
 
     def add(self, name: str) -> None:
         """Make a trainable copy of the original module for adapter `name`."""
@@ -222,7 +285,13 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[name] = copied
 
     def set_active(self, names: Sequence[str]) -> None:
-        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:  # one module cannot run two trained copies at once
+            raise ValueError(
+                f"adapters {present} each train their own copy of this module (modules_to_save), so they cannot be "
+                "active together; activate one of them, or give them modules_to_save that do not overlap"
+            )
+        self.active_adapter = present[0] if present else None
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -237,7 +306,14 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.row_adapters is not None and not self.disabled:
-            output = self.original_module(x, *args, **kwargs).clone()
+            output = self.original_module(x, *args, **kwargs)
+            if not isinstance(output, torch.Tensor):  # e.g. a GRU's (output, hidden): rows cannot be spliced
+                raise TypeError(
+                    f"a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
+                    f"{type(self.original_module).__name__} returns {type(output).__name__}; run each adapter's "
+                    "rows in a separate call with set_adapter()"
+                )
+            output = output.clone()
             for name, rows in rows_by_adapter(self.row_adapters, x):
                 if name in self.modules_to_save:
                     output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)

@@ -386,3 +386,14 @@ def lora_bias_is_trainable(param_name: str, config: LoraConfig) -> bool:
     if config.bias == "lora_only":
         return param_name.endswith("base_layer.bias")
     return False
+
+
+def refuse_second_bias(existing: dict, config: LoraConfig) -> None:
+    """As peft: only one adapter may train the base biases (`bias` "all" / "lora_only"); with two, training one
+    would silently change the biases the other saved."""
+    with_bias = [name for name, other in existing.items() if getattr(other, "bias", "none") != "none"]
+    if with_bias and getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"bias={config.bias!r}: adapter {with_bias[0]!r} already trains the base biases, and two adapters cannot "
+            "share them (training one would change the other's saved biases); set bias='none' for this adapter"
+        )
