@@ -9,6 +9,7 @@ A method's layer *wraps* the original module (`self.base_layer`) instead of subc
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -131,11 +132,14 @@ class MergeableLayer(AdapterLayer):
     """An `AdapterLayer` whose adapters fold into the base weight (LoRA, AdaLoRA): their containers have
     `delta_weight()`, shaped (out, in). Merging adds each update to the weight; unmerging takes it out again."""
 
-    def _base_weight_delta(self, name: str) -> torch.Tensor:
-        """What to add to the base weight to merge adapter `name`: its update in the weight's layout (Conv1D
-        stores W transposed)."""
-        delta = self.adapters[name].delta_weight()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Adapter `adapter_name`'s update in the base weight's layout (Conv1D stores W transposed), peft's name."""
+        delta = self.adapters[adapter_name].delta_weight()
         return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        """What to add to the base weight to merge adapter `name` (its update; a method may rescale W too)."""
+        return self.get_delta_weight(name)
 
     def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
         """What to add to the base weight (`current`: default the layer's own) to take merged adapter `name` out."""
@@ -147,7 +151,17 @@ class MergeableLayer(AdapterLayer):
 
     def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
         """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
+        names = [n for n in wanted if n not in self.merged_adapters]
+        if self.merged_adapters and wanted:  # peft's warnings, same words
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}.",
+                    stacklevel=3,
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
             biases = {name: self._bias_delta(name) for name in names}

@@ -270,6 +270,11 @@ class PeftModel(nn.Module):
             raise ValueError("this model has no adapter left (all were deleted); add one with add_adapter()")
         return self.peft_config[self.active_peft_name()]
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when an adapter is active and not switched off (peft's property)."""
+        return bool(self.active_adapters) and not self.base_model.adapters_disabled
+
     def active_peft_name(self) -> str:
         """The name of the (first) active adapter, else of the first adapter."""
         return next(iter(self.active_adapters), next(iter(self.peft_config), "default"))
@@ -449,6 +454,14 @@ class PeftModel(nn.Module):
         # A merged update lives in the base weight: take it out for the block, fold it back in after.
         merged = {m: list(m.merged_adapters) for m in modules if isinstance(m, AdapterLayer) and m.merged_adapters}
         before = {module: module.disabled for module in modules}
+        if len(set(before.values())) > 1:  # peft's words; on leaving, every layer is enabled
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                PeftWarning,
+                stacklevel=3,
+            )
+            before = dict.fromkeys(before, False)
         was_disabled = self.base_model.adapters_disabled
         for module in merged:
             module.unmerge()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -172,11 +173,30 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     )
 
 
+class AdapterAttributes(Mapping):
+    """A live, read-only {adapter name: that adapter's `attribute`} view over a layer's adapters (peft's
+    per-layer dicts such as `layer.lora_A["default"]`); it follows adapters being added and deleted."""
+
+    def __init__(self, adapters: nn.ModuleDict, attribute: str) -> None:
+        self._adapters = adapters
+        self._attribute = attribute
+
+    def __getitem__(self, name: str):
+        adapter = self._adapters[name] if name in self._adapters else None
+        if adapter is None or not hasattr(adapter, self._attribute):
+            raise KeyError(name)
+        return getattr(adapter, self._attribute)
+
+    def __iter__(self):
+        return (name for name, adapter in self._adapters.items() if hasattr(adapter, self._attribute))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def _per_adapter(attribute: str) -> property:
-    """A read-only property: {adapter name: that adapter's `attribute`} for the adapters that have it."""
-    return property(
-        lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items() if hasattr(a, attribute)}
-    )
+    """A read-only property: the live {adapter name: `attribute`} view of the layer's adapters."""
+    return property(lambda layer: AdapterAttributes(layer.adapters, attribute))
 
 
 class LoraAdapter(nn.Module):
