@@ -145,7 +145,10 @@ def test_merge_takes_peft_arguments_and_safe_merge_refuses_nan():
         ours_b[0, 0] = theirs_b[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         theirs.merge_adapter(safe_merge=True)
-    layer_error = r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN or inf into the base"
+    layer_error = (
+        r"^model.layers.1.self_attn.v_proj: safe_merge: NaNs detected in the merged weights: "
+        r"adapter 'default' would put NaN or inf into the base"
+    )
     with pytest.raises(ValueError, match=layer_error + " weight, so nothing was merged into this layer"):
         ours.merge_adapter(safe_merge=True)
     assert torch.isfinite(ours.get_base_model().model.layers[1].self_attn.v_proj.base_layer.weight).all()

@@ -3,7 +3,7 @@
 h = W x + b + s (B A x + b_B)        merged: b <- b + s b_B
 """
 
-import logging
+import re
 
 import peft
 import pytest
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
-from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from deltatune import AdaLoraConfig, LoraConfig, PeftModel, PeftWarning, get_peft_model
 from deltatune.tuners.lora import LoraLayer
 
 ATOL = 1e-5
@@ -89,18 +89,20 @@ def test_merge_adds_the_scaled_bias_like_peft_and_unmerge_restores(arch):
     torch.testing.assert_close(logits(merged, inputs), unmerged, rtol=0, atol=ATOL)
 
 
-def test_a_base_without_bias_warns_and_refuses_to_merge(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltatune"):
+def test_a_base_without_bias_warns_and_refuses_to_merge():
+    warning = (
+        "`lora_bias=True` was passed but the targeted layer of type Linear has no bias: adapter 'default' will work "
+        "unmerged but cannot be merged"
+    )
+    with pytest.warns(PeftWarning, match=re.escape(warning)):
         model = get_peft_model(
             tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
         )
-    warning = "lora_bias=True on a Linear with no bias: adapter 'default' will work unmerged but cannot be merged"
-    assert warning in caplog.text
     weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     with pytest.raises(
         RuntimeError,
-        match=r"cannot merge adapter 'default': it has lora_bias=True but the base "
-        r"layer Linear has no bias",
+        match=r"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: adapter 'default', "
+        r"base layer Linear; keep it unmerged",
     ):
         model.merge_adapter()
     assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)

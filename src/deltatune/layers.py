@@ -165,7 +165,9 @@ class MergeableLayer(AdapterLayer):
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
             biases = {name: self._bias_delta(name) for name in names}
-            check_finite_merge(self.base_layer.bias, {name: b for name, b in biases.items() if b is not None})
+            biases = {name: b for name, b in biases.items() if b is not None}
+            if biases:  # only lora_bias adapters have one, and only over a base with a bias (else refused above)
+                check_finite_merge(self.base_layer.bias, biases)
         return names
 
     def _shift_weight(self, delta: torch.Tensor) -> None:
@@ -206,7 +208,8 @@ def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) ->
             merged = weight + delta if weight.is_floating_point() else delta  # packed 4/8-bit codes: the update
             if not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"safe_merge: adapter {name!r} would put NaN or inf into the base weight, so nothing was merged "
+                    f"safe_merge: NaNs detected in the merged weights: adapter {name!r} would put NaN or inf into the "
+                    "base weight, so nothing was merged "
                     "into this layer; the adapter is broken (load a good checkpoint or retrain it)"
                 )
 

@@ -343,8 +343,8 @@ class PeftModel(nn.Module):
         if any(adapter_name in getattr(m, "merged_adapters", ()) for m in self._adapter_modules()):
             # as peft: unmerging here would also unmerge the others, and is lossy on a quantised base
             raise ValueError(
-                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge the adapter(s) "
-                "first (unmerge_adapter()), or keep it in the weights with merge_and_unload()"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
+                "(unmerge_adapter()), or keep the update in the weights with merge_and_unload()"
             )
         if adapter_name in self._modules.get("prompt_encoder", {}):
             del self.prompt_encoder[adapter_name]
@@ -640,7 +640,9 @@ class PeftModel(nn.Module):
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
             with random_start_while_loading(config):
-                self.add_adapter(adapter_name, config)
+                self.add_adapter(
+                    adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+                )
         try:
             self.load_adapter_weights(weights, adapter_name, source=folder)
         except Exception:
@@ -682,7 +684,9 @@ class PeftModel(nn.Module):
 
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         with random_start_while_loading(config):
-            peft_model = model_class(model, config, adapter_name)
+            peft_model = model_class(
+                model, config, adapter_name, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+            )
         peft_model.load_adapter_weights(weights, adapter_name, source=folder)
         if not is_trainable:
             peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.config import PeftConfigWithTargets, PeftType, check_range
+from deltatune.config import PeftConfigWithTargets, PeftType, PeftWarning, check_range
 from deltatune.layers import AdapterLayer, MergeableLayer, embedding_scale
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
@@ -335,9 +336,8 @@ class LoraLayer(MergeableLayer):
             return None
         if getattr(self.base_layer, "bias", None) is None:
             raise RuntimeError(
-                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer "
-                f"{type(self.base_layer).__name__} has no bias to add it to (as in peft); keep it "
-                "unmerged"
+                f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: adapter {name!r}, "
+                f"base layer {type(self.base_layer).__name__}; keep it unmerged"
             )
         return bias * self.adapters[name].scaling
 
@@ -357,10 +357,11 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
             f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias"
         )
     if getattr(layer.base_layer, "bias", None) is None:
-        logger.warning(
-            "lora_bias=True on a %s with no bias: adapter %r will work unmerged but cannot be merged",
-            type(layer.base_layer).__name__,
-            adapter_name,
+        warnings.warn(
+            f"`lora_bias=True` was passed but the targeted layer of type {type(layer.base_layer).__name__} has no "
+            f"bias: adapter {adapter_name!r} will work unmerged but cannot be merged",
+            PeftWarning,
+            stacklevel=2,
         )
 
 
