@@ -305,8 +305,9 @@ class ModulesToSaveWrapper(nn.Module):
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:  # one module cannot run two trained copies at once
             raise ValueError(
-                f"adapters {present} each train their own copy of this module (modules_to_save), so they cannot be "
-                "active together; activate one of them, or give them modules_to_save that do not overlap"
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(present)}: adapters "
+                f"{present} each train their own copy of this module (modules_to_save); activate one of them, or "
+                "give them modules_to_save that do not overlap"
             )
         self.active_adapter = present[0] if present else None
 

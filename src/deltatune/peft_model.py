@@ -343,8 +343,8 @@ class PeftModel(nn.Module):
         if any(adapter_name in getattr(m, "merged_adapters", ()) for m in self._adapter_modules()):
             # as peft: unmerging here would also unmerge the others, and is lossy on a quantised base
             raise ValueError(
-                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
-                "(unmerge_adapter()), or keep the update in the weights with merge_and_unload()"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. Call "
+                "unmerge_adapter(), or keep the update in the weights with merge_and_unload()"
             )
         if adapter_name in self._modules.get("prompt_encoder", {}):
             del self.prompt_encoder[adapter_name]
