@@ -209,7 +209,10 @@ def test_adapter_management_errors():
         model.delete_adapter("nope")
     model.set_adapter("other")
     model.merge_adapter()
-    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['other'\] while they are merged. Please unmerge them first. Call "):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot delete adapter\(s\) \['other'\] while they are merged. Please unmerge them first. Call ",
+    ):
         model.delete_adapter("other")  # as peft refuses
     assert "other" in model.peft_config and model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters
     model.unmerge_adapter()
