@@ -145,18 +145,19 @@ def test_mixed_batch_with_a_bias_adapter_equals_each_adapter_alone():
 def test_refusals_name_the_option_and_the_fix():
     with pytest.raises(
         ValueError,
-        match=r"lora_bias=True works with init_lora_weights=True or False \(as in peft\), "
-        r"not 'pissa'",
+        match=r"The argument lora_bias=True is only supported with init_lora_weights=True or False \(as in peft\), "
+        r"got init_lora_weights='pissa'",
     ):
         LoraConfig(lora_bias=True, init_lora_weights="pissa")
-    with pytest.raises(ValueError, match=r"lora_bias=True does not work with use_dora=True"):
+    with pytest.raises(
+        ValueError, match=r"The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
+    ):
         LoraConfig(lora_bias=True, use_dora=True)
     with pytest.raises(ValueError, match=r"AdaLoraConfig does not support lora_bias=True"):
         AdaLoraConfig(lora_bias=True, total_step=10)
     with pytest.raises(
         ValueError,
-        match=r"lora_bias=True does not work on an embedding layer \(as in peft\), and "
-        r"adapter 'default' targets one",
+        match=r"lora_bias=True is not supported for Embedding \(as in peft\), and adapter 'default' targets one",
     ):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
     model, _ = bias_pair("bloom")

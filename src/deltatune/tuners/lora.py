@@ -134,22 +134,41 @@ class LoraConfig(PeftConfigWithTargets):
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, "use a dropout probability such as 0.05")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
-        self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("olora", "gaussian"):
+            self.init_lora_weights = self.init_lora_weights.lower()  # peft compares these two case-insensitively
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(
-                f"lora_bias=True works with init_lora_weights=True or False (as in peft), not "
-                f"{self.init_lora_weights!r}; drop lora_bias or use the default init"
+                f"The argument lora_bias=True is only supported with init_lora_weights=True or False (as in peft), "
+                f"got init_lora_weights={self.init_lora_weights!r}; drop lora_bias or use the default init"
             )
         if self.lora_bias and self.use_dora:
-            raise ValueError("lora_bias=True does not work with use_dora=True (as in peft); pass use_dora=False")
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
+        warn_if_conversion_is_inexact(self)
         if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
             self.layer_replication = check_layer_map(self.layer_replication)
         self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
+        if self.megatron_config and self.use_dora:
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
                 "tensor-parallel ones; leave megatron_config=None"
             )
+
+
+def warn_if_conversion_is_inexact(config: LoraConfig) -> None:
+    """As peft: rsLoRA with per-module patterns cannot be converted back to a plain LoRA after PiSSA / OLoRA
+    (`save_pretrained(path_initial_model_for_weight_conversion=...)`), so say so when the config is made."""
+    reads_base = isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora"))
+    if reads_base and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        warnings.warn(
+            "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+            "base weights PiSSA/OLoRA means that you won't be able to pass `path_initial_model_for_weight_conversion` "
+            "to `save_pretrained` to restore the initial values of the base weights; if you intend to do this, do "
+            "not use rslora or rank_pattern/alpha_pattern.",
+            stacklevel=4,
+        )
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -353,8 +372,8 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
         return
     if layer.kind == "embedding":
         raise ValueError(
-            f"lora_bias=True does not work on an embedding layer (as in peft), and adapter "
-            f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias"
+            f"lora_bias=True is not supported for Embedding (as in peft), and adapter {adapter_name!r} targets one; "
+            "leave embeddings out of target_modules or drop lora_bias"
         )
     if getattr(layer.base_layer, "bias", None) is None:
         warnings.warn(
