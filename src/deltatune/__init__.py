@@ -13,7 +13,15 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType, get_peft_config
+from deltatune.config import (
+    NoMatchingPeftModuleError,
+    PeftConfig,
+    PeftError,
+    PeftType,
+    PeftWarning,
+    TaskType,
+    get_peft_config,
+)
 from deltatune.peft_model import PeftModel
 from deltatune.task_models import (
     PeftModelForCausalLM,
@@ -66,7 +74,9 @@ __all__ = [
     "LeanLossTrainer",
     "LoftQConfig",
     "LoraConfig",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

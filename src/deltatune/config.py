@@ -52,7 +52,19 @@ def _enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any
         return enum_class(str(value).upper() if enum_class is not TaskType else str(value))
     except ValueError:
         allowed = ", ".join(m.value for m in enum_class)
+        if enum_class is TaskType:  # peft's words, which code written against peft matches
+            raise ValueError(
+                f"Invalid task type: '{value}'. Must be one of the following task types: {allowed}."
+            ) from None
         raise ValueError(f"{field_name}={value!r} is not known; use one of: {allowed}") from None
+
+
+class PeftError(Exception):
+    """The base class of deltatune's own errors (peft's name)."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """A config's `target_modules` (after `exclude_modules`) selects no module of the model (peft's name)."""
 
 
 class PeftWarning(UserWarning):

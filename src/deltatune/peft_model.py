@@ -42,6 +42,7 @@ class TunerModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_names: list[str] = []
         self.adapters_disabled = False  # True while adapters are switched off; read by methods with their own forward
+        self.targeted_module_names: list[str] = []  # every module an adapter wraps, in the order first wrapped
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -78,6 +79,13 @@ class TunerModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield module
+
+    def record_targets(self, adapter_name: str) -> None:
+        """Add the modules adapter `adapter_name` wraps to `targeted_module_names` (peft's attribute)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+                if name not in self.targeted_module_names:
+                    self.targeted_module_names.append(name)
 
     def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate these adapters (several LoRA adapters add up); they train unless `inference_mode`."""
@@ -323,6 +331,7 @@ class PeftModel(nn.Module):
             del self.peft_config[adapter_name]
             raise
         cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
+        self.base_model.record_targets(adapter_name)
         self._set_trainable()
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
@@ -693,6 +702,18 @@ class PeftModel(nn.Module):
         return peft_model
 
     # ---- training helpers ---------------------------------------------------------------------------------
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """peft's question "can this adapter be converted to a LoRA?": deltatune has no such conversion."""
+        return False
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the inputs of a (not quantised) model require grads, so that activation checkpointing over a frozen
+        embedding still reaches the adapters (peft's method)."""
+        quantized = any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit"))
+        if not quantized and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        return model
+
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
     ) -> None:
