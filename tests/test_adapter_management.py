@@ -205,3 +205,43 @@ def test_lora_bias_over_a_base_without_bias_warns_with_peft_words():
         PeftWarning, match=re.escape("`lora_bias=True` was passed but the targeted layer of type Linear")
     ):
         get_peft_model(MLP(bias=False), LoraConfig(target_modules=["lin0"], lora_bias=True))
+
+
+def test_modules_to_save_passes_keyword_only_inputs():
+    class KeywordsOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, *, pixel_values):
+            return self.lin(pixel_values)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(8, 8)
+            self.vision = KeywordsOnly()
+
+        def forward(self, x):
+            return self.vision(pixel_values=self.trunk(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Outer(), LoraConfig(target_modules=["trunk"], modules_to_save=["vision"]))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        model.base_model.model.vision.modules_to_save["default"].lin.weight.add_(1.0)
+        trained = model(x)
+        with model.disable_adapter():
+            original = model(x)
+    assert not torch.allclose(trained, original)  # each path ran its own copy
+
+
+@pytest.mark.parametrize(
+    "container", [nn.ModuleDict({"a": nn.Linear(2, 2)}), nn.ParameterList([nn.Parameter(torch.ones(2))])]
+)
+def test_modules_to_save_refuses_a_container_without_forward(container):
+    model = nn.Module()
+    model.lin0 = nn.Linear(10, 10)
+    model.module = container
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+        get_peft_model(model, LoraConfig(target_modules=["lin0"], modules_to_save=["module"]))

@@ -244,10 +244,18 @@ def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tu
         yield name, torch.tensor(rows, device=x.device)
 
 
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and a trainable copy per adapter name (peft's `modules_to_save`)."""
 
     def __init__(self, original_module: nn.Module) -> None:
+        if isinstance(original_module, CONTAINERS):  # no forward of their own: a copy would never run (as peft)
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(original_module).__name__}: it holds "
+                "modules or parameters but has no forward; list the modules inside it instead"
+            )
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
@@ -322,23 +330,26 @@ class ModulesToSaveWrapper(nn.Module):
         keep = keep or self.active_adapter
         return self.modules_to_save[keep] if keep in self.modules_to_save else self.original_module
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # Inputs pass as given: some models call their modules with keywords only (`vision(pixel_values=...)`).
         if self.row_adapters is not None and not self.disabled:
-            output = self.original_module(x, *args, **kwargs)
-            if not isinstance(output, torch.Tensor):  # e.g. a GRU's (output, hidden): rows cannot be spliced
-                raise TypeError(
-                    f"a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
-                    f"{type(self.original_module).__name__} returns {type(output).__name__}; run each adapter's "
-                    "rows in a separate call with set_adapter()"
-                )
-            output = output.clone()
-            for name, rows in rows_by_adapter(self.row_adapters, x):
-                if name in self.modules_to_save:
-                    output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
-            return output
-        if self.disabled or self.active_adapter is None:
-            return self.original_module(x, *args, **kwargs)
-        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+            return self._mixed_forward(*args, **kwargs)
+        return self._current_module()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs):
+        """Each row through its own adapter's copy (rows of the base run the original)."""
+        output = self.original_module(x, *args, **kwargs)
+        if not isinstance(output, torch.Tensor):  # e.g. a GRU's (output, hidden): rows cannot be spliced
+            raise TypeError(
+                f"a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
+                f"{type(self.original_module).__name__} returns {type(output).__name__}; run each adapter's "
+                "rows in a separate call with set_adapter()"
+            )
+        output = output.clone()
+        for name, rows in rows_by_adapter(self.row_adapters, x):
+            if name in self.modules_to_save:
+                output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return output
 
 
 def peft_key(internal_key: str, adapter_name: str) -> str:
