@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +145,11 @@ class PeftConfig:
             k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, [])
         )
         if unknown:
-            logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
+            warnings.warn(  # peft's words first, so filters and code written against peft see the same warning
+                f"Unexpected keyword arguments {unknown} for class {config_class.__name__}, these are ignored. "
+                f"({source}: keys deltatune does not know)",
+                stacklevel=3,
+            )
         try:
             return config_class(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:  # a field of the wrong type (r: "8") fails inside the config's own checks
