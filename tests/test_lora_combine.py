@@ -64,7 +64,7 @@ def test_every_combination_type_gives_peft_factors_and_logits(rule):
         torch.testing.assert_close(mine[key], peft_state[key], rtol=0, atol=1e-6)
     inputs = tiny_inputs("llama")
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=1e-5)
-    assert ours.peft_config["mix"].target_modules == sorted(theirs.peft_config["mix"].target_modules)
+    assert ours.peft_config["mix"].target_modules == theirs.peft_config["mix"].target_modules
 
 
 def updates(model, name):

@@ -201,9 +201,9 @@ class PeftConfigWithTargets(PeftConfig):
     """Base for methods that change chosen modules (LoRA, AdaLoRA, bottleneck adapters).
 
     Attributes:
-        target_modules: names (exact or dotted suffix, e.g. ``["q_proj", "v_proj"]``), one regex string matched
-            against the full module name (``".*\\.1.*query_key_value"``), or ``"all-linear"``. None uses the
-            architecture's defaults.
+        target_modules: names (exact or dotted suffix, e.g. ``["q_proj", "v_proj"]``, kept as a set as in peft),
+            one regex string matched against the full module name (``".*\\.1.*query_key_value"``), or
+            ``"all-linear"``. None uses the architecture's defaults.
         modules_to_save: modules trained in full next to the adapter (a classifier head, the embeddings);
             each gets a trainable copy that is saved with the adapter.
         layers_to_transform: only these layer indices (int or list) get the adapter.
@@ -212,18 +212,19 @@ class PeftConfigWithTargets(PeftConfig):
             suffix) or one regex string matched against the full module name (peft's option).
     """
 
-    target_modules: list[str] | str | None = None
+    target_modules: set[str] | list[str] | str | None = None
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    exclude_modules: set[str] | list[str] | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        # A list of names is a set (as peft keeps it); files store it as a sorted list.
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern and self.layers_to_transform is None:

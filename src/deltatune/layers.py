@@ -49,8 +49,8 @@ class AdapterLayer(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def set_active(self, names: Sequence[str]) -> None:
-        """Apply exactly these adapters (the ones this layer has) in forward."""
-        self.active_adapters = [n for n in names if n in self.adapters]
+        """Apply these adapters in forward; names this layer lacks are kept (as peft) and skipped."""
+        self.active_adapters = list(names)
 
     # peft's per-layer API (`BaseTunerLayer`), for code that walks the model's adapter layers itself.
     @property
@@ -115,7 +115,7 @@ class AdapterLayer(nn.Module):
         if self.row_adapters is not None:
             return self.mixed_forward(x, result)
         for name in self.active_adapters:
-            if name not in self.merged_adapters:
+            if name in self.adapters and name not in self.merged_adapters:
                 result = self.adapter_forward(name, x, result)
         return result
 

@@ -111,6 +111,11 @@ def weight_module_names(model: nn.Module, limit: int = 25) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
+def shown_names(value):
+    """A set of module names as a sorted list, for messages (a regex string or None as it is)."""
+    return sorted(value) if isinstance(value, set) else value
+
+
 def _resolve_target_modules(model: nn.Module, config, default_targets: dict[str, list[str]]) -> list[str] | str:
     """`config.target_modules`, or the architecture's defaults (written back into the config, as peft does)."""
     if config.target_modules is not None:
@@ -121,7 +126,7 @@ def _resolve_target_modules(model: nn.Module, config, default_targets: dict[str,
             f"target_modules is not set and deltatune has no default for model_type={model_type!r}; "
             f"pass target_modules=[...] with some of: {weight_module_names(model)}"
         )
-    config.target_modules = list(default_targets[model_type])
+    config.target_modules = set(default_targets[model_type])
     return config.target_modules
 
 
@@ -140,7 +145,7 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
         and matches(name, targets, config.layers_to_transform, config.layers_pattern)
     ]
     if not found:
-        shown = config.target_modules
+        shown = shown_names(config.target_modules)
         layers = f" in layers {config.layers_to_transform}" if config.layers_to_transform else ""
         raise NoMatchingPeftModuleError(
             f"Target modules {shown} not found in the base model: target_modules={shown!r}{layers} matched no module "
@@ -149,14 +154,14 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
     kept = [name for name in found if not is_excluded(name, config.exclude_modules)]
     if not kept:
         raise NoMatchingPeftModuleError(
-            f"All modules were excluded: exclude_modules={config.exclude_modules!r} removes every module "
-            f"target_modules={config.target_modules!r} selects ({', '.join(found[:5])}"
+            f"All modules were excluded: exclude_modules={shown_names(config.exclude_modules)!r} removes every module "
+            f"target_modules={shown_names(config.target_modules)!r} selects ({', '.join(found[:5])}"
             f"{', ...' if len(found) > 5 else ''}); exclude fewer modules"
         )
     if config.exclude_modules and len(kept) == len(found):
         warnings.warn(
-            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. Please check "
-            "that exclude_modules was set correctly.",
+            f"You have passed exclude_modules={shown_names(config.exclude_modules)} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.",
             stacklevel=4,
         )
     return kept

@@ -75,9 +75,10 @@ def _dropout_p(adapter: nn.Module) -> float:
 
 
 def _pending(layer_state: dict) -> list[str]:
-    """Active adapters not merged into the base weight."""
+    """Active adapters this layer has, not merged into the base weight."""
     active, merged = layer_state["active_adapters"], layer_state["merged_adapters"]
-    return active if not merged else [name for name in active if name not in merged]
+    present = layer_state["_modules"]["adapters"]._modules
+    return [name for name in active if name in present and name not in merged]
 
 
 def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:

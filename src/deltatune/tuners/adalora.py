@@ -297,7 +297,9 @@ def _trainable_adapter(model: nn.Module) -> tuple[str, AdaLoraConfig, list[tuple
     layers = [m for m in model.modules() if isinstance(m, SVDLayer)]
     if not layers:
         raise ValueError("update_and_allocate is AdaLoRA's rank budget step, but this model holds no AdaLoRA adapter")
-    name = next((n for m in layers for n in m.active_adapters), None) or next(iter(layers[0].adapters))
+    name = next((n for m in layers for n in m.active_adapters if n in m.adapters), None) or next(
+        iter(layers[0].adapters)
+    )
     adapters = _adapters(model, name)
     config = adapters[0][1].config
     if config.inference_mode:

@@ -147,8 +147,8 @@ def _new_rank(model: PeftModel, adapters: Sequence[str], combination_type: str, 
     return ranks[0]
 
 
-def _new_target_modules(model: PeftModel, adapters: Sequence[str]) -> list[str] | str:
-    """The union of the adapters' targets: names as a sorted list, regexes joined with "|" (as peft)."""
+def _new_target_modules(model: PeftModel, adapters: Sequence[str]) -> set[str] | str:
+    """The union of the adapters' targets: names as a set, regexes joined with "|" (as peft)."""
     targets = []
     for name in adapters:
         target = model.peft_config[name].target_modules
@@ -166,7 +166,7 @@ def _new_target_modules(model: PeftModel, adapters: Sequence[str]) -> list[str] 
             "add_weighted_adapter: the adapters mix target_modules given as a regex and as a list of "
             "names; combine adapters that were targeted the same way"
         )
-    return sorted(set().union(*targets))
+    return set().union(*targets)
 
 
 # ---- the new factors, per layer ---------------------------------------------------------------------------------
