@@ -214,3 +214,23 @@ def test_fast_path_leaves_attention_to_its_own_forward():
     layer = ours.get_base_model().mha
     assert isinstance(layer, LoraLayer) and layer.kind == "mha"
     assert fast_lora_forward(layer, x, (x, x), {}) is None
+
+
+def test_safe_merge_refuses_nan_in_the_out_proj_update_before_any_change():
+    ours, _, _ = pair()
+    layer = ours.get_base_model().mha
+    with torch.no_grad():
+        layer.base_layer.out_proj.adapters["default"].lora_B.weight.fill_(float("nan"))
+    before = layer.base_layer.in_proj_weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN"):
+        ours.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.in_proj_weight, before) and not layer.merged_adapters
+
+
+def test_layer_set_adapter_trains_both_halves_of_the_active_adapter_only():
+    ours, _, _ = pair()
+    ours.add_adapter("other", LoraConfig(target_modules=["mha"]))
+    layer = ours.get_base_model().mha
+    layer.set_adapter("other")
+    trains = {n: p.requires_grad for n, p in layer.named_parameters() if ".adapters." in n}
+    assert len(trains) == 8 and all(flag == (".other." in n) for n, flag in trains.items())

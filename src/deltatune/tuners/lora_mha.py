@@ -106,6 +106,14 @@ class LoraMultiheadAttention(LoraLayer):
         if name in self.out_proj_lora.adapters:
             del self.out_proj_lora.adapters[name]
 
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode)
+        for name, adapter in self.out_proj_lora.adapters.items():  # the out_proj halves follow the in_proj ones
+            adapter.requires_grad_(name in self.active_adapters and not inference_mode)
+
+    def _restore_weights(self) -> None:
+        """peft's repair after its merge-around-forward; here the weights are never unregistered: nothing to do."""
+
     def _weights(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(in_proj_weight, out_proj.weight) with the updates of adapters `names` added, in the base dtype."""
         in_proj, out_proj = self.base_layer.in_proj_weight, self.out_proj_lora.weight
@@ -144,13 +152,16 @@ class LoraMultiheadAttention(LoraLayer):
         output, weights = attention(self.base_layer, in_proj, out_proj, query, key, value, **options)
         return output.to(query.dtype), weights.to(query.dtype) if weights is not None else None
 
-    def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+    def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
+        names = super()._names_to_merge(names, safe_merge=False)  # peft's warnings; the checks are on two weights
         if safe_merge:
             base, out = self.base_layer, self.out_proj_lora
             check_finite_merge(base.in_proj_weight, {n: self.adapters[n].delta_weight() for n in names})
             check_finite_merge(out.weight, {n: out.adapters[n].delta_weight() for n in names})
-        for name in names:
+        return names
+
+    def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        for name in self._names_to_merge(names, safe_merge):
             self._shift(name, 1)
             self.merged_adapters.append(name)
 
