@@ -232,5 +232,5 @@ def test_layer_set_adapter_trains_both_halves_of_the_active_adapter_only():
     ours.add_adapter("other", LoraConfig(target_modules=["mha"]))
     layer = ours.get_base_model().mha
     layer.set_adapter("other")
-    trains = {n: p.requires_grad for n, p in layer.named_parameters() if ".adapters." in n}
+    trains = {n: p.requires_grad for n, p in layer.named_parameters() if "adapters." in n}
     assert len(trains) == 8 and all(flag == (".other." in n) for n, flag in trains.items())
