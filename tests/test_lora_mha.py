@@ -209,6 +209,16 @@ def test_refusals_as_peft():
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")
 
 
+def test_attention_attributes_read_through_the_wrapper():
+    base, _ = base_and_input()
+    plain = copy.deepcopy(base.mha)
+    layer = deltatune.get_peft_model(base, LoraConfig(target_modules=["mha"])).get_base_model().mha
+    for name in ("embed_dim", "num_heads", "batch_first", "head_dim", "dropout", "_qkv_same_embed_dim"):
+        assert getattr(layer, name) == getattr(plain, name), name
+    assert torch.equal(layer.in_proj_weight, plain.in_proj_weight)
+    assert type(layer.out_proj) is type(plain.out_proj) and torch.equal(layer.out_proj.weight, plain.out_proj.weight)
+
+
 def test_fast_path_leaves_attention_to_its_own_forward():
     ours, _, x = pair()
     layer = ours.get_base_model().mha

@@ -93,6 +93,11 @@ class LoraMultiheadAttention(LoraLayer):
     def out_proj_lora(self) -> OutProjLora:
         return self.base_layer.out_proj
 
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The attention's own out_proj Linear (as peft exposes it; other attributes are read from the base)."""
+        return self.out_proj_lora.base_layer
+
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
         check_config(config)
         embed, out = self.base_layer.embed_dim, self.out_proj_lora
