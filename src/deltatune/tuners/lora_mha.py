@@ -16,7 +16,8 @@ where B_o is zero (a fresh adapter) and equal the formula above always.
 The out_proj adapters live in an `OutProjLora` put at `base_layer.out_proj`, so the file keys are peft's:
 `mha.lora_A.weight`, `mha.lora_B.weight`, `mha.base_layer.out_proj.lora_A.weight`, ... As in peft: only packed
 projections (kdim == vdim == embed_dim), no DoRA and no mixed batches (`adapter_names`); lora_bias is refused too
-(peft accepts it but never applies the in_proj bias).
+(peft accepts it but never applies the in_proj bias). lora_dropout does nothing here: the update goes into the
+weights, not beside the input (as in peft).
 """
 
 from __future__ import annotations
