@@ -230,3 +230,20 @@ def test_adalora_refuses_grouped_and_other_convs():
         base, _ = conv_net(kind)
         with pytest.raises((ValueError, TypeError), match=message):
             deltatune.get_peft_model(base, AdaLoraConfig(**ADALORA))
+
+
+def test_adalora_conv2d_prunes_and_its_file_loads_in_peft(tmp_path):
+    base, x = conv_net("conv2d")
+    config = AdaLoraConfig(target_modules=["conv", "head"], init_r=6, target_r=2, tfinal=1, total_step=4)
+    ours = deltatune.get_peft_model(copy.deepcopy(base), config)
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    for step in range(1, 5):
+        ours(x=x).pow(2).mean().backward()
+        optimizer.step()
+        ours.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    kept = ours.peft_config["default"].rank_pattern
+    assert sum(kept["conv.lora_E"]) + sum(kept["head.lora_E"]) == 4  # target_r x 2 modules
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(run(theirs, x), run(ours, x), atol=ATOL, rtol=0)
