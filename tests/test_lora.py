@@ -433,7 +433,7 @@ def test_a_failed_add_adapter_leaves_the_model_as_it_was():
 
 
 def test_unsupported_target_type_is_named():
-    with pytest.raises(TypeError, match="LoRA supports nn.Linear, Conv1D, nn.Embedding .* not LlamaRMSNorm"):
+    with pytest.raises(TypeError, match="LoRA supports nn.Linear, Conv1D, nn.Embedding, nn.Conv1d.* not LlamaRMSNorm"):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
 
 

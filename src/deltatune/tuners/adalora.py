@@ -18,6 +18,9 @@ orthogonality penalty mean(||QQᵀ - I||_F, ||PᵀP - I||_F) to the loss so that
 
 The final choice is `config.rank_pattern` ({module.lora_E: [kept, ...]}); the file keeps only the kept triplets,
 and loading it builds each module at its pruned rank. Same fields, files and numbers as peft's AdaLoRA.
+
+An nn.Conv2d kernel (out x in x kH x kW) is adapted as the matrix (out x in*kH*kW), as peft's `SVDConv2d`:
+Q: (r x in*kH*kW), and the update P diag(Λ) Q, reshaped to the kernel, runs as a second convolution.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.config import PeftType, check_range
@@ -162,16 +166,23 @@ class SVDAdapter(nn.Module):
 def _in_out(base: nn.Module) -> tuple[int, int]:
     if type(base).__name__ == "Conv1D":  # GPT-2 stores W as (in, out)
         return base.weight.shape[0], base.weight.shape[1]
+    if isinstance(base, nn.Conv2d):  # the kernel as a matrix (out, in * kH * kW), as peft
+        if base.groups > 1:  # a grouped kernel holds in/groups channels: the update would not fit it
+            raise ValueError(
+                f"AdaLoRA does not support a Conv2d with groups={base.groups} (peft's update is shaped for "
+                "groups=1); leave it out of target_modules or use LoraConfig"
+            )
+        return base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return base.in_features, base.out_features
     raise TypeError(
-        f"AdaLoRA supports nn.Linear, Conv1D and bitsandbytes linear layers, not {type(base).__name__}; "
+        f"AdaLoRA supports nn.Linear, Conv1D, nn.Conv2d and bitsandbytes linear layers, not {type(base).__name__}; "
         "choose other target_modules"
     )
 
 
 class SVDLayer(MergeableLayer):
-    """A linear layer (Linear, Conv1D or bitsandbytes 4/8-bit) with AdaLoRA adapters beside it."""
+    """A linear layer (Linear, Conv1D or bitsandbytes 4/8-bit) or an nn.Conv2d with AdaLoRA adapters beside it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -188,9 +199,18 @@ class SVDLayer(MergeableLayer):
         new.requires_grad_(old.lora_A.requires_grad)
         self.adapters[name] = new
 
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        delta = super()._base_weight_delta(name)
+        return delta.reshape(self.base_layer.weight.shape) if isinstance(self.base_layer, nn.Conv2d) else delta
+
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a = self.adapters[name]
         x = x.to(a.lora_A.dtype)
+        if isinstance(self.base_layer, nn.Conv2d):  # the update as a second kernel, in peft's order of operations
+            base = self.base_layer
+            kernel = self._base_weight_delta(name)  # (out, in, kH, kW)
+            update = F.conv2d(a.dropout(x), kernel, None, base.stride, base.padding, base.dilation, base.groups)
+            return (result + update).to(result.dtype)
         # Same operations in the same order as peft, so outputs match bit for bit.
         update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)

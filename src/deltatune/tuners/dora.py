@@ -14,6 +14,8 @@ gradient. With g = m / ||W + s B A||_c (detached), a linear layer's output is co
 
 With dropout in training, `y - b` is recomputed as W dropout(x), since the low-rank path sees dropout(x) and the
 direction must scale the same input. An embedding multiplies the base lookup: h = g * E[x] + g * s * (A[x] B).
+A convolution (nn.Conv1d/2d/3d, as peft's `DoraConv2dLayer`) does the same per output channel: the norm is taken
+over each channel's kernel slice (in/groups x k...), and m is stored shaped (1, out, 1, ...) as in peft's files.
 
 Merging writes W' into the base weight (W <- g * (W + s B A), with the norm taken on the unmerged W); unmerging
 divides by the same g, kept from the merge. The trainable vector is saved as `<module>.lora_magnitude_vector`
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.tuners import lora_conv
 from deltatune.tuners.quantized import readable_weight
 
 
@@ -41,17 +44,25 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def _rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (stored layout) with one row per magnitude entry: Conv1D and embeddings store it transposed."""
+    """`weight` (stored layout) with one row per magnitude entry: Conv1D and embeddings store it transposed, a
+    conv kernel (out, in, k...) is flattened to (out, in * k...)."""
+    if layer.kind == "conv":
+        return weight.flatten(1)
     return weight if layer.kind == "linear" else weight.T
 
 
 def _factor_view(layer: nn.Module, factor: torch.Tensor) -> torch.Tensor:
     """The per-feature factor (features,) shaped to scale the stored weight's rows or columns."""
+    if layer.kind == "conv":  # (out, 1, 1, ...) for a kernel (out, in, k...)
+        return factor.view(-1, *[1] * (layer.base_layer.weight.dim() - 1))
     return factor.view(-1, 1) if layer.kind == "linear" else factor.view(1, -1)
 
 
 def layout_delta(layer: nn.Module, adapter: nn.Module) -> torch.Tensor:
     """The plain LoRA update s B A of `adapter` in the stored layout of the base weight."""
+    if layer.kind == "conv":  # peft's DoRA conv takes the norm of B∘A built this way (see `dora_direction`)
+        shape = layer.base_layer.weight.shape
+        return lora_conv.dora_direction(adapter.lora_A, adapter.lora_B, shape) * adapter.scaling
     delta = adapter.delta_weight()  # (out, in); embeddings: (vocab, dim), already their stored layout
     return delta.T if layer.kind == "conv1d" else delta
 
@@ -65,17 +76,25 @@ def weight_norm(layer: nn.Module, weight: torch.Tensor, delta: torch.Tensor) -> 
 def init_magnitude(layer: nn.Module, name: str) -> None:
     """Give adapter `name` its magnitude vector m = ||W + s B A||_c, so the model starts equal to the base."""
     adapter = layer.adapters[name]
-    dtype = adapter.delta_weight().dtype
+    delta = layout_delta(layer, adapter)
+    dtype = delta.dtype
     weight = base_weight(layer).to(dtype)
-    norm = weight_norm(layer, weight, layout_delta(layer, adapter).to(weight.device))  # (features,)
+    norm = weight_norm(layer, weight, delta.to(weight.device))  # (features,)
+    if layer.kind == "conv":  # peft's shape for a conv's magnitude, which its files hold: (1, out, 1, ...)
+        norm = norm.view(1, -1, *[1] * (weight.dim() - 2))
     adapter.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+
+
+def magnitude(adapter: nn.Module) -> torch.Tensor:
+    """m as (features,), whatever shape it is stored in."""
+    return adapter.lora_magnitude_vector.view(-1)
 
 
 def _scale(layer: nn.Module, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """g = m / ||W + s B A||_c, (features,), with the norm detached."""
     with torch.no_grad():
         delta = layout_delta(layer, adapter).to(weight.dtype)
-    return adapter.lora_magnitude_vector / weight_norm(layer, weight, delta)
+    return magnitude(adapter) / weight_norm(layer, weight, delta)
 
 
 def linear_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -91,6 +110,23 @@ def linear_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result
         bias = layer.base_layer.bias
         base_out = result - bias if bias is not None else result  # (B, T, out)
     low_rank = adapter.lora_B(adapter.lora_A(x))  # (B, T, out)
+    update = (scale - 1) * base_out + scale * low_rank * adapter.scaling
+    return (result + update).to(result.dtype)
+
+
+def conv_forward(layer: nn.Module, adapter: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` (the base output, bias included) updated by DoRA adapter `adapter` on a nn.Conv1d/2d/3d."""
+    base = layer.base_layer
+    x = x.to(adapter.lora_A.weight.dtype)
+    channels = (1, -1, *[1] * (result.dim() - 2))  # a per-channel vector against (B, out, spatial...)
+    scale = _scale(layer, adapter, base.weight.to(x.dtype)).view(channels)
+    if layer.training and not isinstance(adapter.dropout, nn.Identity):  # W dropout(x), as in `linear_forward`
+        x = adapter.dropout(x)
+        conv = lora_conv.conv_fn(base.weight)
+        base_out = conv(x, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
+    else:
+        base_out = result - base.bias.view(channels) if base.bias is not None else result  # (B, out, spatial...)
+    low_rank = adapter.lora_B(adapter.lora_A(x))  # (B, out, spatial...)
     update = (scale - 1) * base_out + scale * low_rank * adapter.scaling
     return (result + update).to(result.dtype)
 
@@ -133,7 +169,7 @@ def merge_delta(layer: nn.Module, name: str) -> torch.Tensor:
         delta = layout_delta(layer, adapter)  # (stored layout)
         current = base_weight(layer).detach().to(delta.dtype)
         norm = weight_norm(layer, unmerged_weight(layer).to(delta.dtype), delta)
-        factor = _factor_view(layer, adapter.lora_magnitude_vector / norm)
+        factor = _factor_view(layer, magnitude(adapter) / norm)
         adapter.merged_norm = norm  # a plain attribute: not a parameter, not saved
         return factor * (current + delta) - current
 
@@ -144,7 +180,7 @@ def unmerge_delta(layer: nn.Module, name: str, current: torch.Tensor) -> torch.T
     with torch.no_grad():
         delta = layout_delta(layer, adapter)
         current = current.to(delta.dtype)  # worked in the adapter's precision, rounded once when added (as peft)
-        factor = _factor_view(layer, adapter.lora_magnitude_vector / adapter.merged_norm)
+        factor = _factor_view(layer, magnitude(adapter) / adapter.merged_norm)
         return current / factor - delta - current
 
 

@@ -6,7 +6,8 @@ A frozen weight W (out x in) is adapted by a trainable low-rank product::
 
 so the adapted model starts equal to the base. After training, W + (alpha / r) B A can be written back
 into W (`merge`), which leaves no extra latency at inference. With `use_rslora` the scale is
-alpha / sqrt(r) (Kalajdzievski, 2023). Embeddings use A: (r x vocab), B: (dim x r) the same way.
+alpha / sqrt(r) (Kalajdzievski, 2023). Embeddings use A: (r x vocab), B: (dim x r) the same way; convolutions
+use two convs (tuners/lora_conv.py) and nn.MultiheadAttention its own layer (tuners/lora_mha.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from deltatune.config import PeftConfigWithTargets, PeftType, PeftWarning, check
 from deltatune.layers import AdapterLayer, MergeableLayer, embedding_scale
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
-from deltatune.tuners import dora
+from deltatune.tuners import dora, lora_conv
 from deltatune.tuners.layer_replication import check_layer_map, prepare_replication
 from deltatune.tuners.lora_init import (
     LoftQConfig,
@@ -180,16 +181,21 @@ def _pattern_value(patterns: dict, key: str, default):
 
 
 def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
-    """(kind, in_features, out_features) of the wrapped layer; kinds: linear, conv1d, embedding."""
+    """(kind, in_features, out_features) of the wrapped layer; kinds: linear, conv1d (transformers' Conv1D),
+    embedding, conv (nn.Conv1d/2d/3d: channels) and mha (nn.MultiheadAttention: its in_proj, embed -> 3 x embed)."""
     if isinstance(base, nn.Embedding):
         return "embedding", base.num_embeddings, base.embedding_dim
     if type(base).__name__ == "Conv1D":
         return "conv1d", base.weight.shape[0], base.weight.shape[1]
+    if lora_conv.is_conv(base):
+        return "conv", base.in_channels, base.out_channels
+    if isinstance(base, nn.MultiheadAttention):
+        return "mha", base.embed_dim, 3 * base.embed_dim
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return "linear", base.in_features, base.out_features
     raise TypeError(
-        f"LoRA supports nn.Linear, Conv1D, nn.Embedding and bitsandbytes linear layers, not {type(base).__name__}; "
-        "choose other target_modules"
+        f"LoRA supports nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and bitsandbytes "
+        f"linear layers, not {type(base).__name__}; choose other target_modules"
     )
 
 
@@ -234,7 +240,9 @@ class LoraAdapter(nn.Module):
         init: bool | str,
         dtype: torch.dtype,
         lora_bias: bool = False,
+        conv: nn.Module | None = None,
     ) -> None:
+        """`conv`: for kind "conv", the base convolution whose type, kernel, stride, padding and groups A, B copy."""
         super().__init__()
         self.kind = kind
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -242,6 +250,8 @@ class LoraAdapter(nn.Module):
         if kind == "embedding":  # drawn with randn as peft does, so one seed gives both libraries the same values
             self.lora_embedding_A = nn.Parameter(torch.randn(r, in_features).to(dtype))  # (r, vocab)
             self.lora_embedding_B = nn.Parameter(torch.randn(out_features, r).to(dtype))  # (dim, r)
+        elif kind == "conv":
+            self.lora_A, self.lora_B = lora_conv.conv_factors(conv, r, lora_bias, dtype)
         else:
             self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype)
             self.lora_B = nn.Linear(r, out_features, bias=lora_bias, dtype=dtype)
@@ -255,7 +265,7 @@ class LoraAdapter(nn.Module):
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
         elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.weight.shape[0])  # 1 / r
             nn.init.zeros_(self.lora_B.weight)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -264,37 +274,49 @@ class LoraAdapter(nn.Module):
             nn.init.zeros_(self.lora_B.bias)
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B A, shaped (out, in); for embeddings (vocab, dim)."""
+        """scaling * B A, shaped (out, in); for embeddings (vocab, dim); for convs the kernel (out, in, k...)."""
         if self.kind == "embedding":
             return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+        if self.kind == "conv":
+            return lora_conv.conv_delta_weight(self.lora_A, self.lora_B, self.scaling)
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
+def new_adapter(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    r: int,
+    alpha: float,
+    config: LoraConfig,
+    weight: torch.Tensor,
+    conv: nn.Module | None = None,
+) -> LoraAdapter:
+    """A `LoraAdapter` for the base weight `weight`, on its device (`conv`: see `LoraAdapter`)."""
+    # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    device = weight.device if weight.device.type != "meta" else "meta"
+    options = (config.lora_dropout, config.use_rslora, config.init_lora_weights, dtype, config.lora_bias, conv)
+    return LoraAdapter(kind, in_features, out_features, r, alpha, *options).to(device)
+
+
 class LoraLayer(MergeableLayer):
-    """A Linear / Conv1D / Embedding (or bitsandbytes linear) with LoRA adapters beside it."""
+    """A Linear / Conv1D / Embedding / nn.Conv1d-3d (or bitsandbytes linear) with LoRA adapters beside it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.kind, self.in_features, self.out_features = _layer_shape(base_layer)
+        if self.kind == "conv":
+            lora_conv.warn_grouped(base_layer)
 
     def add(self, name: str, r: int, alpha: float, config: LoraConfig) -> None:
-        weight = self.base_layer.weight
-        # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         check_lora_bias(self, name, config.lora_bias)
-        device = weight.device if weight.device.type != "meta" else "meta"
-        self.adapters[name] = LoraAdapter(
-            self.kind,
-            self.in_features,
-            self.out_features,
-            r,
-            alpha,
-            config.lora_dropout,
-            config.use_rslora,
-            config.init_lora_weights,
-            dtype,
-            config.lora_bias,
-        ).to(device)
+        if self.kind == "conv":
+            lora_conv.check_conv_rank(self.base_layer, r)
+        conv = self.base_layer if self.kind == "conv" else None
+        self.adapters[name] = new_adapter(
+            self.kind, self.in_features, self.out_features, r, alpha, config, self.base_layer.weight, conv
+        )
         if reads_base_weight(config.init_lora_weights):  # PiSSA / OLoRA / LoftQ: from W, and W changes
             init_from_base(self, self.adapters[name], config.init_lora_weights, config.loftq_config)
         if config.use_dora:
@@ -322,6 +344,8 @@ class LoraLayer(MergeableLayer):
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         if dora.is_dora(adapter):
+            if self.kind == "conv":
+                return dora.conv_forward(self, adapter, x, result)
             if self.kind != "embedding":
                 return dora.linear_forward(self, adapter, x, result)
             return dora.embedding_forward(self, adapter, x, result, embedding_scale(self.base_layer, result.dtype))
@@ -339,11 +363,13 @@ class LoraLayer(MergeableLayer):
             update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
             return (result + update * embedding_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)
-        low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out)
+        low_rank = adapter.lora_B(adapter.lora_A(adapter.dropout(x)))  # (B, T, out); a conv: (B, out, spatial...)
         # Added in the adapter's dtype and rounded once to the base's (as peft, and as the fused path)
         return (result + low_rank * adapter.scaling).to(result.dtype)
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
+        if self.kind == "conv":
+            lora_conv.check_mergeable(self.base_layer)
         # A DoRA merge rescales the weight (W <- g (W + s B A)): its update depends on W (tuners/dora.py).
         if dora.is_dora(self.adapters[name]):
             return dora.merge_delta(self, name)
@@ -384,6 +410,15 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
         )
 
 
+def _new_layer(base: nn.Module) -> LoraLayer:
+    """The LoRA layer to wrap `base` in: nn.MultiheadAttention has its own (tuners/lora_mha.py)."""
+    if isinstance(base, nn.MultiheadAttention):
+        from deltatune.tuners.lora_mha import LoraMultiheadAttention  # that module builds on this one
+
+        return LoraMultiheadAttention(base)
+    return LoraLayer(base)
+
+
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module of `model` in a `LoraLayer` and give it adapter `adapter_name`."""
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft
@@ -406,7 +441,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         if not isinstance(module, LoraLayer):
             if isinstance(module, AdapterLayer):
                 raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
-            module = LoraLayer(module)
+            module = _new_layer(module)
             replace_module(model, name, module)
         if module.kind in ("linear", "conv1d"):  # the layout is read from the layer; the config records it (as peft)
             config.fan_in_fan_out = module.kind == "conv1d"

@@ -124,11 +124,23 @@ def _check(
         )
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method={majority_sign_method!r}; use 'total' or 'frequency'")
+    _refuse_conv_and_attention(model, adapters)
     for wrapper in model.get_base_model().modules():
         if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
             raise ValueError(
                 "add_weighted_adapter: two of the adapters train the same module in full "
                 "(modules_to_save); full copies cannot be combined"
+            )
+
+
+def _refuse_conv_and_attention(model: PeftModel, adapters: Sequence[str]) -> None:
+    """The rules here combine (r x in) / (out x r) factors; convolutions and nn.MultiheadAttention are refused."""
+    for name, layer in model.get_base_model().named_modules():
+        involved = isinstance(layer, LoraLayer) and any(a in layer.adapters for a in adapters)
+        if involved and layer.kind in ("conv", "mha"):
+            raise ValueError(
+                f"add_weighted_adapter does not combine adapters on {name} ({type(layer.base_layer).__name__}): only "
+                "linear and embedding layers; combine adapters that leave convolutions and attention layers out"
             )
 
 

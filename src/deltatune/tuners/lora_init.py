@@ -107,13 +107,14 @@ def check_init_applies(
         init: `init_lora_weights`.
 
     Raises:
-        ValueError: an embedding, or r larger than the weight's smaller side.
+        ValueError: an embedding, convolution or attention layer, or r larger than the weight's smaller side.
         TypeError: a non-float base weight, or a quantised one for any init but OLoRA.
     """
     kind = shape[0]
     fix = "leave this module out of target_modules, or use init_lora_weights=True"
-    if kind == "embedding":
-        raise ValueError(f"init_lora_weights={init!r} does not apply to the embedding {module_name}; {fix}")
+    if kind in ("embedding", "conv", "mha"):  # peft has these for linear layers only (a conv refuses them too)
+        layer = {"embedding": "embedding", "conv": "convolution", "mha": "nn.MultiheadAttention"}[kind]
+        raise ValueError(f"init_lora_weights={init!r} does not apply to the {layer} {module_name}; {fix}")
     if is_quantized_linear(base) and init == "olora":
         return _check_rank(module_name, shape, r, init)  # as peft: OLoRA dequantises, and quantises the residual
     if is_quantized_linear(base) or base.weight.dtype not in _FLOAT_DTYPES:
