@@ -244,3 +244,13 @@ def test_layer_set_adapter_trains_both_halves_of_the_active_adapter_only():
     layer.set_adapter("other")
     trains = {n: p.requires_grad for n, p in layer.named_parameters() if "adapters." in n}
     assert len(trains) == 8 and all(flag == (".other." in n) for n, flag in trains.items())
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_both_halves_follow_autocast_adapter_dtype(autocast):
+    model = deltatune.get_peft_model(
+        Attention().to(torch.bfloat16), LoraConfig(target_modules=["mha"]), autocast_adapter_dtype=autocast
+    )
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if "lora_" in name}
+    assert any("out_proj" in name for name in dtypes)
+    assert set(dtypes.values()) == {torch.float32 if autocast else torch.bfloat16}

@@ -84,6 +84,10 @@ class AdapterLayer(nn.Module):
     def _all_available_adapter_names(self) -> list[str]:
         return list(self.adapters)
 
+    def adapter_parts(self, name: str) -> list[nn.Module]:
+        """Every module that holds adapter `name`'s parameters in this layer (one container, usually)."""
+        return [self.adapters[name]]
+
     def delete_adapter(self, name: str) -> None:
         """Drop an adapter's container (unmerge it first if merged)."""
         if name in self.merged_adapters:

@@ -208,16 +208,17 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast: bool) -> N
     for module in model.modules():
         if not isinstance(module, AdapterLayer) or adapter_name not in module.adapters:
             continue
-        weight = getattr(module.get_base_layer(), "weight", None)
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", getattr(base, "in_proj_weight", None))  # MultiheadAttention: in_proj
         if weight is None or not weight.is_floating_point():  # a 4/8-bit base: the adapter stays fp32
             continue
-        adapter = module.adapters[adapter_name]
-        if autocast:
-            for param in adapter.parameters():
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
-        else:
-            adapter.to(weight.dtype)
+        for part in module.adapter_parts(adapter_name):
+            if autocast:
+                for param in part.parameters():
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
+            else:
+                part.to(weight.dtype)
 
 
 class PeftModel(nn.Module):

@@ -107,6 +107,9 @@ class LoraMultiheadAttention(LoraLayer):
         self.adapters[name] = new_adapter("linear", embed, 3 * embed, r, alpha, config, self.base_layer.in_proj_weight)
         out.adapters[name] = new_adapter("linear", embed, embed, r, alpha, config, out.weight)
 
+    def adapter_parts(self, name: str) -> list[nn.Module]:
+        return [self.adapters[name], self.out_proj_lora.adapters[name]]
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         if name in self.out_proj_lora.adapters:
@@ -151,7 +154,11 @@ class LoraMultiheadAttention(LoraLayer):
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
         )
-        pending = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        pending = (
+            []
+            if self.disabled
+            else [n for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+        )
         if not pending:  # disabled, or everything merged: exactly the base layer
             return self.base_layer(query, key, value, **options)
         in_proj, out_proj = self._weights(pending)
