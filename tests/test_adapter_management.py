@@ -194,7 +194,8 @@ def test_a_mixed_batch_through_a_tuple_returning_module_is_refused():
     model = get_peft_model(WithGRU(), LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]))
     model.add_adapter("other", LoraConfig(target_modules=["lin0"], modules_to_save=["gru"]))
     message = (
-        "a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but GRU returns tuple"
+        "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, Conv3d. A "
+        "mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but GRU returns tuple"
     )
     with pytest.raises(TypeError, match=re.escape(message)):
         model(X, adapter_names=["default", "other", "default"])

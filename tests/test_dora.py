@@ -251,7 +251,10 @@ def test_mixed_batch_refuses_a_dora_adapter_as_peft_does():
     torch.manual_seed(9)
     ours.add_adapter("plain", LoraConfig(r=4, init_lora_weights=False))
     inputs = tiny_inputs("llama")
-    with pytest.raises(ValueError, match=r"adapter_names cannot include the DoRA adapter 'default'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot pass `adapter_names` when DoRA is enabled: adapter_names includes the DoRA adapter 'default'",
+    ):
         logits(ours, inputs, adapter_names=["default", "plain", "__base__"])
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
         logits(theirs, inputs, adapter_names=["default", "default", "__base__"])

@@ -238,7 +238,9 @@ def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tu
     if batch != len(row_adapters):
         if batch % len(row_adapters):
             raise ValueError(
-                f"adapter_names has {len(row_adapters)} entries for a batch of {batch} rows; give one per row"
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(row_adapters)} "
+                f"and {batch} respectively: adapter_names has {len(row_adapters)} entries for a batch of {batch} "
+                "rows; give one per row"
             )
         row_adapters = [n for n in row_adapters for _ in range(batch // len(row_adapters))]
     for name in dict.fromkeys(row_adapters):
@@ -345,7 +347,8 @@ class ModulesToSaveWrapper(nn.Module):
         output = self.original_module(x, *args, **kwargs)
         if not isinstance(output, torch.Tensor):  # e.g. a GRU's (output, hidden): rows cannot be spliced
             raise TypeError(
-                f"a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
+                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                "Conv3d. A mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
                 f"{type(self.original_module).__name__} returns {type(output).__name__}; run each adapter's "
                 "rows in a separate call with set_adapter()"
             )

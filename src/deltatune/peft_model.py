@@ -400,7 +400,10 @@ class PeftModel(nn.Module):
             return
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}")
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                f"{', '.join(self.peft_config)} (and '__base__' for no adapter)"
+            )
         if self.active_peft_config.is_prompt_learning:
             raise ValueError(
                 "adapter_names (one adapter per row) is for layer adapters such as LoRA; a prompt method puts one "
@@ -408,8 +411,8 @@ class PeftModel(nn.Module):
             )
         if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in self._adapter_modules()):
             raise ValueError(
-                "adapter_names cannot be used while an adapter is merged into the base weights (every row would "
-                "see it); call unmerge_adapter() first"
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
+                "(a merged update is in the base weight, so every row would see it)"
             )
         if self.active_peft_config.peft_type == PeftType.BITFIT and "__base__" in adapter_names:
             raise ValueError(

@@ -189,7 +189,8 @@ def refuse_mixed_batch(layer: nn.Module, row_adapters) -> None:
     for name in dict.fromkeys(row_adapters):
         if name in layer.adapters and is_dora(layer.adapters[name]):
             raise ValueError(
-                f"adapter_names cannot include the DoRA adapter {name!r} (use_dora=True), as in peft: DoRA rescales "
+                f"Cannot pass `adapter_names` when DoRA is enabled: adapter_names includes the DoRA adapter {name!r} "
+                "(use_dora=True), as in peft: DoRA rescales "
                 "the base output per adapter, which a mixed batch does not do; run its rows separately after "
                 f"set_adapter({name!r})"
             )
