@@ -457,3 +457,13 @@ def test_targeted_names_are_recorded_and_an_unused_exclude_warns_like_peft():
         "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.v_proj",
     ]
+
+
+def test_a_pattern_key_matching_no_target_warns_like_peft():
+    config = LoraConfig(target_modules=["q_proj"], rank_pattern={"q_proj": 4, "typo_key": 2}, alpha_pattern={"q": 3})
+    with pytest.warns(RuntimeWarning) as caught:
+        get_peft_model(tiny_model("llama"), config)
+    assert sorted(str(w.message) for w in caught) == [
+        "The following alpha_pattern keys did not match any targeted module and were ignored: ['q'].",
+        "The following rank_pattern keys did not match any targeted module and were ignored: ['typo_key'].",
+    ]

@@ -123,7 +123,8 @@ def _resolve_target_modules(model: nn.Module, config, default_targets: dict[str,
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in default_targets:
         raise ValueError(
-            f"target_modules is not set and deltatune has no default for model_type={model_type!r}; "
+            f"Please specify `target_modules` in `peft_config`: it is not set and deltatune has no default for "
+            f"model_type={model_type!r}; "
             f"pass target_modules=[...] with some of: {weight_module_names(model)}"
         )
     config.target_modules = set(default_targets[model_type])

@@ -172,6 +172,19 @@ def warn_if_conversion_is_inexact(config: LoraConfig) -> None:
         )
 
 
+def warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
+    """As peft: a `rank_pattern` / `alpha_pattern` key that matches no targeted module is most likely a typo."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", name) for name in targets))
+        if unmatched:
+            warnings.warn(
+                f"The following {field_name} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 def _pattern_value(patterns: dict, key: str, default):
     """peft's rule: the first pattern that matches the end of the module name wins."""
     for pattern, value in patterns.items():
@@ -436,6 +449,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
                 _pattern_value(config.rank_pattern, name, config.r),
                 config.init_lora_weights,
             )
+    warn_unmatched_patterns(config, targets)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -469,6 +483,7 @@ def refuse_second_bias(existing: dict, config: LoraConfig) -> None:
     with_bias = [name for name, other in existing.items() if getattr(other, "bias", "none") != "none"]
     if with_bias and getattr(config, "bias", "none") != "none":
         raise ValueError(
-            f"bias={config.bias!r}: adapter {with_bias[0]!r} already trains the base biases, and two adapters cannot "
-            "share them (training one would change the other's saved biases); set bias='none' for this adapter"
+            f"bias={config.bias!r}: a model supports only 1 adapter with bias. When using multiple adapters, set "
+            f"bias='none' for all but one: adapter {with_bias[0]!r} already trains the base biases, and training "
+            "another would change the biases it saved"
         )
