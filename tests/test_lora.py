@@ -467,3 +467,11 @@ def test_a_pattern_key_matching_no_target_warns_like_peft():
         "The following alpha_pattern keys did not match any targeted module and were ignored: ['q'].",
         "The following rank_pattern keys did not match any targeted module and were ignored: ['typo_key'].",
     ]
+
+
+@pytest.mark.parametrize("arch, target", [("llama", "q_proj"), ("llama", "embed_tokens"), ("gpt2", "c_attn")])
+def test_layers_print_under_peft_names(arch, target):
+    ours, theirs = lora_pair(arch, target_modules=[target])
+    mine = next(m for n, m in ours.named_modules() if n.endswith(target))
+    peft_layer = next(m for n, m in theirs.named_modules() if n.endswith(target))
+    assert repr(mine).split("(")[0] == repr(peft_layer).split("(")[0]  # lora.Linear / lora.Embedding

@@ -335,6 +335,12 @@ class LoraLayer(MergeableLayer):
         if config.use_dora:
             dora.init_magnitude(self, name)
 
+    def _get_name(self) -> str:
+        # The printed name says what the layer is, as peft prints it: lora.Linear, lora.Embedding, lora.Conv2d
+        base = self.get_base_layer()
+        kind = type(base).__name__
+        return "lora." + ("Linear" if kind == "Conv1D" else kind)
+
     # peft's per-layer attributes ({adapter name: ...}), read-only views for code written against peft
     # (`layer.lora_A["default"].weight`); the modules themselves live in `self.adapters`.
     lora_A = _per_adapter("lora_A")
