@@ -249,3 +249,15 @@ def test_modules_to_save_refuses_a_container_without_forward(container):
     model.module = container
     with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
         get_peft_model(model, LoraConfig(target_modules=["lin0"], modules_to_save=["module"]))
+
+
+def test_deleting_an_inactive_adapter_keeps_the_merged_one_merged():
+    ours, _ = pair(modules_to_save=["lin1"])
+    ours.add_adapter("other", LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    ours.set_adapter("other")
+    ours.merge_adapter()
+    merged = ours(X)
+    assert ours.modules_to_save == {"lin1"}
+    ours.delete_adapter("default")
+    assert ours.base_model.model.lin0.merged_adapters == ["other"] and ours.modules_to_save is None
+    torch.testing.assert_close(ours(X), merged)

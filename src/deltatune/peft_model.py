@@ -160,13 +160,15 @@ class TunerModel(nn.Module):
         for module in self.adapter_modules():
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        if adapter_name not in self.active_names:  # the active ones (and anything merged) stay as they are
+            self.set_trainable()
+            return
         remaining = [name for name in self.active_names if name != adapter_name]
-        if not remaining and self.peft_config and adapter_name in self.active_names:
+        if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
-        if remaining or not self.peft_config:
-            self.active_names = remaining
-        if self.active_names:
-            self.set_adapter(self.active_names)
+        self.active_names = remaining
+        if remaining:
+            self.set_adapter(remaining)
 
     def update_and_allocate(self, global_step: int) -> int:
         """AdaLoRA's rank budget step under peft's name: `peft_model.base_model.update_and_allocate(step)`."""
@@ -278,6 +280,14 @@ class PeftModel(nn.Module):
         if not self.peft_config:
             raise ValueError("this model has no adapter left (all were deleted); add one with add_adapter()")
         return self.peft_config[self.active_peft_name()]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The module names any adapter trains a full copy of (peft's attribute); None when there are none."""
+        names = {
+            name for config in self.peft_config.values() for name in getattr(config, "modules_to_save", None) or ()
+        }
+        return names or None
 
     @property
     def has_active_enabled_adapter(self) -> bool:
