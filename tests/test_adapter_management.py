@@ -261,3 +261,14 @@ def test_deleting_an_inactive_adapter_keeps_the_merged_one_merged():
     ours.delete_adapter("default")
     assert ours.base_model.model.lin0.merged_adapters == ["other"] and ours.modules_to_save is None
     torch.testing.assert_close(ours(X), merged)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loaded_adapters_train_as_loaded_like_peft(tmp_path, is_trainable):
+    ours, _ = pair()
+    ours.save_pretrained(tmp_path)
+    model = deltatune.PeftModel.from_pretrained(MLP(), tmp_path, is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
+    trainable = {n.split(".adapters.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({"default", "other"} if is_trainable else {"opposite"})

@@ -43,6 +43,7 @@ class TunerModel(nn.Module):
         self.active_names: list[str] = []
         self.adapters_disabled = False  # True while adapters are switched off; read by methods with their own forward
         self.targeted_module_names: list[str] = []  # every module an adapter wraps, in the order first wrapped
+        self.loaded_trainable: set[str] = set()  # adapters loaded with is_trainable=True: they train while inactive
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -106,21 +107,22 @@ class TunerModel(nn.Module):
         self.set_trainable(inference_mode)
 
     def set_trainable(self, inference_mode: bool = False) -> None:
-        """Freeze everything but the active adapters (nothing trains in inference mode)."""
-        if not self.active_names:
-            for name, param in self.model.named_parameters():
-                if ".adapters." in name or ".modules_to_save." in name:
-                    param.requires_grad_(False)
-            return
-        config = self.peft_config[self.active_names[0]]
-        frozen = inference_mode or config.inference_mode
-        method = method_for(config)
+        """Train the active adapters and those loaded with `is_trainable=True`; freeze the rest (an adapter
+        whose config is in inference mode never trains; `inference_mode` freezes the active ones, as peft)."""
+        training = [
+            name
+            for name, config in self.peft_config.items()
+            if ((name in self.active_names and not inference_mode) or name in self.loaded_trainable)
+            and not config.inference_mode
+        ]
+        lead = next((name for name in self.active_names if name in training), None)
+        config = self.peft_config[lead] if lead is not None else None
         for name, param in self.model.named_parameters():
-            if any(belongs_to_adapter(name, active) for active in self.active_names):
-                trains = True
-            else:
-                trains = ".adapters." not in name and method.base_param_trains(name, config)
-            param.requires_grad_(trains and not frozen)
+            if ".adapters." in name or ".modules_to_save." in name:
+                trains = any(belongs_to_adapter(name, adapter) for adapter in training)
+            else:  # base parameters some methods train (LoRA's bias, BitFit)
+                trains = config is not None and method_for(config).base_param_trains(name, config)
+            param.requires_grad_(trains)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the named adapters' parameters only (as peft)."""
@@ -160,6 +162,7 @@ class TunerModel(nn.Module):
         for module in self.adapter_modules():
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self.loaded_trainable.discard(adapter_name)
         if adapter_name not in self.active_names:  # the active ones (and anything merged) stay as they are
             self.set_trainable()
             return
@@ -666,6 +669,8 @@ class PeftModel(nn.Module):
                 self.add_adapter(
                     adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
                 )
+            if is_trainable:  # as peft: it trains even while another adapter is the active one
+                self.base_model.loaded_trainable.add(adapter_name)
         try:
             self.load_adapter_weights(weights, adapter_name, source=folder)
         except Exception:
