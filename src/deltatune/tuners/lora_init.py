@@ -253,8 +253,9 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
         raise ValueError("path_initial_model_for_weight_conversion only applies to LoRA adapters (PiSSA / OLoRA)")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(
-            "path_initial_model_for_weight_conversion cannot keep the scale with use_rslora=True and "
-            "rank_pattern / alpha_pattern; train without one of them"
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported here: the "
+            "conversion cannot keep the scale with use_rslora=True and rank_pattern / alpha_pattern; train without "
+            "one of them"
         )
     if not reads_base_weight(config.init_lora_weights) or config.init_lora_weights == "loftq":
         logger.warning(
