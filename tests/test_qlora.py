@@ -239,3 +239,11 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 def test_bad_quantization_request():
     with pytest.raises(ValueError, match="pass exactly one of load_in_4bit=True or load_in_8bit=True"):
         bitsandbytes_config(load_in_4bit=True, load_in_8bit=True)
+
+
+def test_prepare_model_for_kbit_training_takes_peft_arguments():
+    import inspect
+
+    ours = inspect.signature(prepare_model_for_kbit_training).parameters
+    theirs = inspect.signature(peft.prepare_model_for_kbit_training).parameters
+    assert [(n, p.default) for n, p in ours.items()] == [(n, p.default) for n, p in theirs.items()]

@@ -86,13 +86,18 @@ def bitsandbytes_config(
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+    auto_clear_cache: bool = True,
 ) -> nn.Module:
     """Get a 4-bit / 8-bit transformers model ready for adapter training (peft's function, same steps).
 
     1. Freeze every base parameter (the adapter added next is what trains).
     2. Upcast fp16/bf16 parameters that are not 4-bit codes (layer norms, embeddings, the head) to fp32:
        norms and the loss are unstable in half precision, and they are small.
+    After step 2, with `auto_clear_cache` (peft's default), the GPU allocator's cache is emptied: the old
+    half-precision copies would otherwise stay reserved.
     3. On a quantised model with `use_gradient_checkpointing`: make the embedding output require grad (with
        reentrant checkpointing a frozen input would otherwise cut the graph) and turn checkpointing on,
        trading recomputation for activation memory.
@@ -107,6 +112,8 @@ def prepare_model_for_kbit_training(
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     loaded_in_kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     if loaded_in_kbit and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
