@@ -272,3 +272,16 @@ def test_loaded_adapters_train_as_loaded_like_peft(tmp_path, is_trainable):
     model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
     trainable = {n.split(".adapters.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == ({"default", "other"} if is_trainable else {"opposite"})
+
+
+def test_peft_model_set_adapter_takes_a_list_too():
+    ours, _ = pair()
+    ours.add_adapter("other", LoraConfig(target_modules=["lin1"], init_lora_weights=False))
+    ours.set_adapter(["default", "other"])
+    assert ours.active_adapters == ["default", "other"]
+    both = ours(X)
+    ours.set_adapter("default")
+    only_default = ours(X)
+    assert not torch.allclose(both, only_default)
+    with pytest.raises(ValueError, match="Adapter nope not found"):
+        ours.set_adapter(["default", "nope"])

@@ -348,12 +348,14 @@ class PeftModel(nn.Module):
         self.base_model.record_targets(adapter_name)
         self._set_trainable()
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make `adapter_name` the adapter used in forward and trained (unless `inference_mode`)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"Adapter {adapter_name} not found: this model has {', '.join(self.peft_config) or 'no adapters'}"
-            )
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` the adapter used in forward and trained (unless `inference_mode`); a list of LoRA
+        adapters activates them all, their updates adding up (peft does this on `base_model.set_adapter`)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1 and any(
+            self.peft_config.get(n, None) and self.peft_config[n].is_prompt_learning for n in names
+        ):
+            raise ValueError("a prompt method runs one prompt at a time: activate one adapter with set_adapter(name)")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_trainable(inference_mode)
 
