@@ -15,6 +15,13 @@ from deltatune.auto import (
 )
 from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
 from deltatune.peft_model import PeftModel
+from deltatune.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from deltatune.task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -34,6 +41,7 @@ from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparame
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.tuners.quantized import prepare_model_for_int8_training, prepare_model_for_kbit_training
+from deltatune.warning import PeftWarning
 
 __version__ = "0.1.0"
 
@@ -75,15 +83,21 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "get_base_model_state_dict",
     "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
     "replace_lora_weights_loftq",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]
