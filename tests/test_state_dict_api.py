@@ -14,6 +14,7 @@ from torch import nn
 import deltatune
 from deltatune import (
     LoraConfig,
+    PeftModel,
     PeftWarning,
     PromptTuningConfig,
     get_base_model_state_dict,
@@ -212,7 +213,11 @@ def test_a_wrapper_is_looked_through():
             self.module = module
 
     model, _ = lora_pair("llama", r=4, init_lora_weights=False)
-    assert_same_tensors(get_peft_model_state_dict(Wrapper(model)), get_peft_model_state_dict(model))
+    expected = get_peft_model_state_dict(model)
+    assert_same_tensors(get_peft_model_state_dict(Wrapper(model)), expected)
+    compiled = torch.compile(model)  # keys gain `_orig_mod.`; nothing is compiled before a forward
+    assert_same_tensors(get_peft_model_state_dict(compiled, unwrap_compiled=True), expected)
+    assert not set_peft_model_state_dict(Wrapper(compiled), expected).unexpected_keys
 
 
 def test_base_model_state_dict_has_the_original_keys_as_peft():
@@ -239,3 +244,20 @@ def test_unsharded_lora_tensors_warn_with_peft_warning(tmp_path):
     assert issubclass(PeftWarning, UserWarning)
     with pytest.warns(PeftWarning, match="DeepSpeed ZeRO-3 / FSDP shards were not gathered"):
         get_peft_model_state_dict(model)
+
+
+def test_loading_skips_mismatched_sizes_only_when_asked(tmp_path):
+    # peft's case: an adapter on an embedding that was resized since (100 -> 105 rows)
+    model, _ = lora_pair("llama", r=4, init_lora_weights=False, target_modules=["q_proj", "embed_tokens"])
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    resized = tiny_model("llama")
+    resized.resize_token_embeddings(105)
+    with pytest.raises(RuntimeError, match=r"size mismatch.*ignore_mismatched_sizes=True") as error:
+        PeftModel.from_pretrained(copy.deepcopy(resized), tmp_path)
+    assert "(100, 4)" in str(error.value) or "(4, 100)" in str(error.value)
+    with pytest.warns(UserWarning, match="skipped 1 tensors whose shape differs"):
+        loaded = PeftModel.from_pretrained(resized, tmp_path, ignore_mismatched_sizes=True, low_cpu_mem_usage=True)
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    torch.testing.assert_close(get_peft_model_state_dict(loaded)[q_proj], get_peft_model_state_dict(model)[q_proj])
+    result = loaded.load_adapter(tmp_path, "other", ignore_mismatched_sizes=True, low_cpu_mem_usage=True)
+    assert len(result.missing_keys) == 1 and "embed_tokens.adapters.other.lora_embedding_" in result.missing_keys[0]

@@ -200,8 +200,8 @@ def _embedding_tensors(model: nn.Module, config: PeftConfig, everything: dict[st
 
 def _warn_unsharded(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
     """As peft: a 1-D or empty lora_A / lora_B is a ZeRO-3 / FSDP shard saved without gathering first."""
-    bad = [(k, tuple(v.shape)) for k, v in tensors.items() if (".lora_A" in k or ".lora_B" in k) and v.ndim < 2]
-    bad += [(k, tuple(v.shape)) for k, v in tensors.items() if (".lora_A" in k or ".lora_B" in k) and v.numel() == 0]
+    lora = {k: v for k, v in tensors.items() if ".lora_A" in k or ".lora_B" in k}
+    bad = [(k, tuple(v.shape)) for k, v in lora.items() if v.ndim < 2 or v.numel() == 0]
     if bad:
         warnings.warn(
             f"Adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) have invalid shape: {bad[:3]}. A 1-D or zero-sized "
