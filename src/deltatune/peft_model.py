@@ -442,7 +442,11 @@ class PeftModel(nn.Module):
             if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA -> plain LoRA
                 state, config = convert_to_plain_lora(state, config, path_initial_model_for_weight_conversion)
             save_adapter_files(folder, state, config.saved_json_string())  # both files or neither
-        create_or_update_model_card(self, save_directory)  # after the adapters: a failed save writes no card
+        self.create_or_update_model_card(save_directory)  # after the adapters: a failed save writes no card
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write peft's model card `README.md` into `output_dir`, or update the one there (see `deltatune.hub`)."""
+        create_or_update_model_card(self, output_dir)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload the adapters (as `save_pretrained` writes them) to Hub repo `repo_id`, creating it if needed;
