@@ -261,3 +261,17 @@ def test_loading_skips_mismatched_sizes_only_when_asked(tmp_path):
     torch.testing.assert_close(get_peft_model_state_dict(loaded)[q_proj], get_peft_model_state_dict(model)[q_proj])
     result = loaded.load_adapter(tmp_path, "other", ignore_mismatched_sizes=True, low_cpu_mem_usage=True)
     assert len(result.missing_keys) == 1 and "embed_tokens.adapters.other.lora_embedding_" in result.missing_keys[0]
+
+
+def test_a_model_adapted_by_peft_itself_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match="holds peft's own adapter layers .*use peft's get/set_peft_model_state_dict"):
+        get_peft_model_state_dict(injected(peft, seed=1))
+
+
+def test_save_pretrained_saves_the_values_of_a_given_state_dict(tmp_path):
+    model, _ = lora_pair("llama", r=4)
+    state = {k: torch.ones_like(v) if ".lora_B." in k else v for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=state)
+    saved = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    assert all(torch.all(v == 1) for k, v in get_peft_model_state_dict(saved).items() if "lora_B" in k)
+    assert not any(torch.all(v == 1) for k, v in get_peft_model_state_dict(model).items() if "lora_B" in k)

@@ -56,7 +56,18 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     return model, path
 
 
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A model adapted by peft itself has peft_config too, but none of deltatune's layers: say so, not `{}`."""
+    layer = next((m for m in model.modules() if type(m).__module__.startswith("peft.")), None)
+    if layer is not None:
+        raise TypeError(
+            f"this model holds peft's own adapter layers ({type(layer).__module__}.{type(layer).__name__}); "
+            "use peft's get/set_peft_model_state_dict for it, or build the adapter with deltatune"
+        )
+
+
 def _config_of(model: nn.Module, adapter_name: str) -> PeftConfig:
+    _refuse_peft_layers(model)
     if adapter_name not in model.peft_config:
         known = ", ".join(model.peft_config) or "none"
         raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model; it has: {known}")
