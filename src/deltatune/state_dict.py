@@ -34,15 +34,20 @@ _WRAPPER_PARTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_
 
 
 # ---- finding the adapters -----------------------------------------------------------------------------------------
+def _holds_adapters(model: nn.Module) -> bool:
+    """`peft_config` set on the module or defined by its class; a wrapper's `__getattr__` (FSDP's) only forwards it."""
+    return "peft_config" in vars(model) or any("peft_config" in vars(c) for c in type(model).__mro__)
+
+
 def _is_peft_model(model: nn.Module) -> bool:
-    return "peft_config" in vars(model) and "base_model" in model._modules
+    return _holds_adapters(model) and "base_model" in model._modules
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     """The PeftModel or injected module inside torch.compile / FSDP / DDP wrappers, and the key prefix the
     wrappers add to state-dict keys (DDP's `module.`)."""
     path = ""
-    while "peft_config" not in vars(model):
+    while not _holds_adapters(model):
         for child in ("_orig_mod", "_fsdp_wrapped_module", "module"):
             if isinstance(model._modules.get(child), nn.Module):
                 path += f"{child}." if child == "module" else ""  # FSDP and compile name no level in their keys
