@@ -10,6 +10,7 @@ import torch
 from prompt_helpers import make_pair
 from tiny_models import copy_to_peft, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import deltatune
 from deltatune import (
@@ -275,3 +276,18 @@ def test_save_pretrained_saves_the_values_of_a_given_state_dict(tmp_path):
     saved = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
     assert all(torch.all(v == 1) for k, v in get_peft_model_state_dict(saved).items() if "lora_B" in k)
     assert not any(torch.all(v == 1) for k, v in get_peft_model_state_dict(model).items() if "lora_B" in k)
+
+
+def test_auto_saves_the_embeddings_of_a_resized_vocabulary_as_peft(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")  # the base model's config.json: vocab_size=100
+    models = []
+    for library in (deltatune, peft):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # its name_or_path is recorded in the config
+        base.resize_token_embeddings(104, mean_resizing=False)
+        models.append(library.get_peft_model(base, library.LoraConfig(r=4)))
+    with pytest.warns(UserWarning, match="embedding layer has been resized"):
+        mine = get_peft_model_state_dict(models[0])
+    assert "base_model.model.model.embed_tokens.weight" in mine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sorted(mine) == sorted(peft.get_peft_model_state_dict(models[1]))
