@@ -226,7 +226,9 @@ def test_safe_merge_refuses_an_update_with_nan_and_merges_nothing_there():
     with torch.no_grad():
         layer.adapters["default"].lora_E[0] = float("nan")
     with pytest.raises(
-        ValueError, match=r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN"
+        ValueError,
+        match=r"^model.layers.1.self_attn.v_proj: safe_merge: NaNs detected in the merged weights: "
+        r"adapter 'default' would put NaN",
     ):
         ours.merge_adapter(safe_merge=True)
     assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []

@@ -164,7 +164,11 @@ def test_safe_merge_refuses_a_nan_magnitude_and_leaves_the_weight():
     before = layer.base_layer.weight.detach().clone()
     with torch.no_grad():
         layer.adapters["default"].lora_magnitude_vector[0] = float("nan")
-    with pytest.raises(ValueError, match=r"q_proj: safe_merge: adapter 'default' would put NaN or inf"):
+    with pytest.raises(
+        ValueError,
+        match=r"q_proj: safe_merge: NaNs detected in the merged weights: "
+        r"adapter 'default' would put NaN or inf",
+    ):
         ours.merge_adapter(safe_merge=True)
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged_adapters
 

@@ -262,15 +262,17 @@ def test_config_of_the_wrong_shape_or_types(tmp_path, text, message):
         PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
 
 
-def test_unknown_config_key_warns_and_loads(tmp_path, caplog):
+def test_unknown_config_key_warns_and_loads(tmp_path):
     model = saved_lora(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["lora_magic"] = 3
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with caplog.at_level(logging.WARNING, logger="deltatune"):
+    with pytest.warns(UserWarning) as caught:
         loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"{tmp_path}/adapter_config.json: ignoring keys deltatune does not know: lora_magic"]
+    assert [str(w.message) for w in caught] == [
+        "Unexpected keyword arguments ['lora_magic'] for class LoraConfig, these are ignored. "
+        f"({tmp_path}/adapter_config.json: keys deltatune does not know)"
+    ]
     assert torch.equal(logits(loaded, tiny_inputs("llama")), logits(model, tiny_inputs("llama")))
 
 

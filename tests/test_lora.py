@@ -25,7 +25,7 @@ from tiny_models import (
 )
 
 import deltatune
-from deltatune import LoraConfig, PeftModel, TaskType, get_peft_model
+from deltatune import LoraConfig, NoMatchingPeftModuleError, PeftModel, TaskType, get_peft_model
 from deltatune.ops.lora_dispatch import use_fast_paths
 from deltatune.peft_model import TunerModel
 from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
@@ -175,7 +175,8 @@ def test_exclude_modules_leaves_out_what_peft_leaves_out(target_modules, exclude
 def test_exclude_modules_that_remove_every_target_are_refused():
     with pytest.raises(
         ValueError,
-        match=r"exclude_modules=\['q_proj'\] removes every module target_modules=\['q_proj'\] "
+        match=r"All modules were excluded: exclude_modules=\['q_proj'\] removes every module "
+        r"target_modules=\['q_proj'\] "
         r"selects \(model.layers.0.self_attn.q_proj, .*exclude fewer modules",
     ):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
@@ -369,7 +370,8 @@ def test_dropout_must_be_in_zero_one(dropout):
 
 def test_unknown_task_type_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="task_type='CAUSAL' is not known; use one of: SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"
+        ValueError,
+        match="Invalid task type: 'CAUSAL'. Must be one of the following task types: SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM",
     ):
         LoraConfig(task_type="CAUSAL")
 
@@ -383,10 +385,13 @@ def test_unknown_bias_and_init_are_refused():
 
 def test_target_matching_nothing_lists_the_module_names():
     model = tiny_model("llama")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(NoMatchingPeftModuleError) as error:  # a ValueError, as in peft
         get_peft_model(model, LoraConfig(target_modules=["query_key_value"]))
     message = str(error.value)
-    assert message.startswith("target_modules=['query_key_value'] matched no module of LlamaForCausalLM;")
+    assert message.startswith(
+        "Target modules ['query_key_value'] not found in the base model: target_modules=['query_key_value'] matched "
+        "no module of LlamaForCausalLM;"
+    )
     for name in ("q_proj", "v_proj", "down_proj", "embed_tokens"):
         assert name in message
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # nothing half-applied
@@ -438,3 +443,16 @@ def test_attributes_read_before_init_finishes_raise_attribute_error(wrapper):
     with pytest.raises(AttributeError):
         _ = unfinished.peft_config
     assert not hasattr(unfinished, "training")
+
+
+def test_targeted_names_are_recorded_and_an_unused_exclude_warns_like_peft():
+    with pytest.warns(UserWarning, match=r"You have passed exclude_modules=\['nothere'\] but no modules were excluded"):
+        model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], exclude_modules=["nothere"]))
+    assert model.targeted_module_names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    model.add_adapter("other", LoraConfig(target_modules=["v_proj", "q_proj"]))
+    assert model.base_model.targeted_module_names == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]

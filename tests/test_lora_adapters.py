@@ -145,7 +145,10 @@ def test_merge_takes_peft_arguments_and_safe_merge_refuses_nan():
         ours_b[0, 0] = theirs_b[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         theirs.merge_adapter(safe_merge=True)
-    layer_error = r"^model.layers.1.self_attn.v_proj: safe_merge: adapter 'default' would put NaN or inf into the base"
+    layer_error = (
+        r"^model.layers.1.self_attn.v_proj: safe_merge: NaNs detected in the merged weights: "
+        r"adapter 'default' would put NaN or inf into the base"
+    )
     with pytest.raises(ValueError, match=layer_error + " weight, so nothing was merged into this layer"):
         ours.merge_adapter(safe_merge=True)
     assert torch.isfinite(ours.get_base_model().model.layers[1].self_attn.v_proj.base_layer.weight).all()
@@ -198,25 +201,41 @@ def test_several_named_adapters_like_peft(tmp_path):
 
 def test_adapter_management_errors():
     model = two_adapter_model("llama")
-    with pytest.raises(ValueError, match="an adapter named 'other' exists already; pick another adapter_name"):
+    with pytest.raises(ValueError, match="Adapter with name 'other' already exists; pick another adapter_name"):
         model.add_adapter("other", LoraConfig())
-    with pytest.raises(ValueError, match="no adapter named 'nope'; this model has: default, other"):
+    with pytest.raises(ValueError, match="Adapter nope not found: this model has default, other"):
         model.set_adapter("nope")
-    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+    with pytest.raises(ValueError, match="Adapter nope does not exist: this model has default, other"):
         model.delete_adapter("nope")
     model.set_adapter("other")
     model.merge_adapter()
     with pytest.raises(
         ValueError,
-        match=r"cannot delete adapter 'other' while it is merged into the base weights; "
-        r"call unmerge_adapter\(\) first",
+        match=r"Cannot delete adapter\(s\) \['other'\] while they are merged. Please unmerge them first. Call ",
     ):
         model.delete_adapter("other")  # as peft refuses
     assert "other" in model.peft_config and model.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters
     model.unmerge_adapter()
     model.delete_adapter("other")
-    with pytest.raises(ValueError, match="cannot delete the only adapter; use unload"):
-        model.delete_adapter("default")
+    assert model.active_adapters == ["default"]
+
+
+def test_deleting_the_last_adapter_leaves_the_base_model_like_peft():
+    ours, theirs = lora_pair("llama")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        base = theirs.get_base_model()
+        with theirs.disable_adapter():
+            expected = base(ids).logits
+    ours.delete_adapter("default")
+    theirs.delete_adapter("default")
+    assert ours.peft_config == {} and ours.active_adapters == theirs.active_adapters == []
+    assert not any(".adapters." in name for name, _ in ours.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, expected)
+    ours.add_adapter("again", LoraConfig(target_modules=["q_proj"]))  # the model takes new adapters after
+    ours.set_adapter("again")
+    assert ours.active_adapter == "again"
 
 
 def test_print_trainable_parameters_prints_peft_line(capsys):

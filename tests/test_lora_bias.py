@@ -3,7 +3,7 @@
 h = W x + b + s (B A x + b_B)        merged: b <- b + s b_B
 """
 
-import logging
+import re
 
 import peft
 import pytest
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
-from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from deltatune import AdaLoraConfig, LoraConfig, PeftModel, PeftWarning, get_peft_model
 from deltatune.tuners.lora import LoraLayer
 
 ATOL = 1e-5
@@ -89,18 +89,20 @@ def test_merge_adds_the_scaled_bias_like_peft_and_unmerge_restores(arch):
     torch.testing.assert_close(logits(merged, inputs), unmerged, rtol=0, atol=ATOL)
 
 
-def test_a_base_without_bias_warns_and_refuses_to_merge(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltatune"):
+def test_a_base_without_bias_warns_and_refuses_to_merge():
+    warning = (
+        "`lora_bias=True` was passed but the targeted layer of type Linear has no bias: adapter 'default' will work "
+        "unmerged but cannot be merged"
+    )
+    with pytest.warns(PeftWarning, match=re.escape(warning)):
         model = get_peft_model(
             tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
         )
-    warning = "lora_bias=True on a Linear with no bias: adapter 'default' will work unmerged but cannot be merged"
-    assert warning in caplog.text
     weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
     with pytest.raises(
         RuntimeError,
-        match=r"cannot merge adapter 'default': it has lora_bias=True but the base "
-        r"layer Linear has no bias",
+        match=r"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: adapter 'default', "
+        r"base layer Linear; keep it unmerged",
     ):
         model.merge_adapter()
     assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
@@ -143,18 +145,19 @@ def test_mixed_batch_with_a_bias_adapter_equals_each_adapter_alone():
 def test_refusals_name_the_option_and_the_fix():
     with pytest.raises(
         ValueError,
-        match=r"lora_bias=True works with init_lora_weights=True or False \(as in peft\), "
-        r"not 'pissa'",
+        match=r"The argument lora_bias=True is only supported with init_lora_weights=True or False \(as in peft\), "
+        r"got init_lora_weights='pissa'",
     ):
         LoraConfig(lora_bias=True, init_lora_weights="pissa")
-    with pytest.raises(ValueError, match=r"lora_bias=True does not work with use_dora=True"):
+    with pytest.raises(
+        ValueError, match=r"The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
+    ):
         LoraConfig(lora_bias=True, use_dora=True)
     with pytest.raises(ValueError, match=r"AdaLoraConfig does not support lora_bias=True"):
         AdaLoraConfig(lora_bias=True, total_step=10)
     with pytest.raises(
         ValueError,
-        match=r"lora_bias=True does not work on an embedding layer \(as in peft\), and "
-        r"adapter 'default' targets one",
+        match=r"lora_bias=True is not supported for Embedding \(as in peft\), and adapter 'default' targets one",
     ):
         get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
     model, _ = bias_pair("bloom")

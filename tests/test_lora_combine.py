@@ -124,7 +124,7 @@ def test_bad_combinations_are_refused_by_name():
         ours.add_weighted_adapter(["a", "b"], [1, 1], "mix", combination_type="mean")
     with pytest.raises(ValueError, match=r"combination_type='ties' needs density in \[0, 1\]"):
         ours.add_weighted_adapter(["a", "b"], [1, 1], "mix", combination_type="ties")
-    with pytest.raises(ValueError, match=r"an adapter named 'a' exists already"):
+    with pytest.raises(ValueError, match=r"Adapter with name 'a' already exists"):
         ours.add_weighted_adapter(["a", "b"], [1, 1], "a")
     assert sorted(ours.peft_config) == ["a", "b"]  # nothing was added by the refused calls
     ada = get_peft_model(tiny_model("llama"), AdaLoraConfig(target_modules=["q_proj"], total_step=10))

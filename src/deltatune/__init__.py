@@ -13,7 +13,15 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import PeftConfig, PeftType, TaskType, get_peft_config
+from deltatune.config import (
+    NoMatchingPeftModuleError,
+    PeftConfig,
+    PeftError,
+    PeftType,
+    PeftWarning,
+    TaskType,
+    get_peft_config,
+)
 from deltatune.peft_model import PeftModel
 from deltatune.state_dict import (
     get_base_model_state_dict,
@@ -41,7 +49,6 @@ from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparame
 from deltatune.tuners.prefix_tuning import PrefixTuningConfig
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.tuners.quantized import prepare_model_for_int8_training, prepare_model_for_kbit_training
-from deltatune.warning import PeftWarning
 
 __version__ = "0.1.0"
 
@@ -74,7 +81,9 @@ __all__ = [
     "LeanLossTrainer",
     "LoftQConfig",
     "LoraConfig",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

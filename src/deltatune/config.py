@@ -92,7 +92,23 @@ def _enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any
         return enum_class(str(value).upper() if enum_class is not TaskType else str(value))
     except ValueError:
         allowed = ", ".join(m.value for m in enum_class)
+        if enum_class is TaskType:  # peft's words, which code written against peft matches
+            raise ValueError(
+                f"Invalid task type: '{value}'. Must be one of the following task types: {allowed}."
+            ) from None
         raise ValueError(f"{field_name}={value!r} is not known; use one of: {allowed}") from None
+
+
+class PeftError(Exception):
+    """The base class of deltatune's own errors (peft's name)."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """A config's `target_modules` (after `exclude_modules`) selects no module of the model (peft's name)."""
+
+
+class PeftWarning(UserWarning):
+    """A warning about an adapter's set-up or use (peft's class of the same name, so filters work on both)."""
 
 
 @dataclass
@@ -171,7 +187,11 @@ class PeftConfig:
             k for k in set(data) - known if k not in INFORMATIONAL_KEYS and data[k] not in (None, False, {}, [])
         )
         if unknown:
-            logger.warning("%s: ignoring keys deltatune does not know: %s", source, ", ".join(unknown))
+            warnings.warn(  # peft's words first, so filters and code written against peft see the same warning
+                f"Unexpected keyword arguments {unknown} for class {config_class.__name__}, these are ignored. "
+                f"({source}: keys deltatune does not know)",
+                stacklevel=3,
+            )
         try:
             return config_class(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:  # a field of the wrong type (r: "8") fails inside the config's own checks

@@ -9,6 +9,7 @@ A method's layer *wraps* the original module (`self.base_layer`) instead of subc
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -50,6 +51,38 @@ class AdapterLayer(nn.Module):
     def set_active(self, names: Sequence[str]) -> None:
         """Apply exactly these adapters (the ones this layer has) in forward."""
         self.active_adapters = [n for n in names if n in self.adapters]
+
+    # peft's per-layer API (`BaseTunerLayer`), for code that walks the model's adapter layers itself.
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn this layer's adapters on or off (off: the layer computes its base output only)."""
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate these adapters here; they train unless `inference_mode`, the others are frozen (as peft)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in self.active_adapters and not inference_mode)
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped layer."""
+        base = self.base_layer
+        return base.get_base_layer() if isinstance(base, AdapterLayer) else base
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.adapters)
 
     def delete_adapter(self, name: str) -> None:
         """Drop an adapter's container (unmerge it first if merged)."""
@@ -99,11 +132,14 @@ class MergeableLayer(AdapterLayer):
     """An `AdapterLayer` whose adapters fold into the base weight (LoRA, AdaLoRA): their containers have
     `delta_weight()`, shaped (out, in). Merging adds each update to the weight; unmerging takes it out again."""
 
-    def _base_weight_delta(self, name: str) -> torch.Tensor:
-        """What to add to the base weight to merge adapter `name`: its update in the weight's layout (Conv1D
-        stores W transposed)."""
-        delta = self.adapters[name].delta_weight()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Adapter `adapter_name`'s update in the base weight's layout (Conv1D stores W transposed), peft's name."""
+        delta = self.adapters[adapter_name].delta_weight()
         return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+
+    def _base_weight_delta(self, name: str) -> torch.Tensor:
+        """What to add to the base weight to merge adapter `name` (its update; a method may rescale W too)."""
+        return self.get_delta_weight(name)
 
     def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
         """What to add to the base weight (`current`: default the layer's own) to take merged adapter `name` out."""
@@ -115,11 +151,23 @@ class MergeableLayer(AdapterLayer):
 
     def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
         """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
-        names = [n for n in (names or self.active_adapters) if n in self.adapters and n not in self.merged_adapters]
+        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
+        names = [n for n in wanted if n not in self.merged_adapters]
+        if self.merged_adapters and wanted:  # peft's warnings, same words
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}.",
+                    stacklevel=3,
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
             biases = {name: self._bias_delta(name) for name in names}
-            check_finite_merge(self.base_layer.bias, {name: b for name, b in biases.items() if b is not None})
+            biases = {name: b for name, b in biases.items() if b is not None}
+            if biases:  # only lora_bias adapters have one, and only over a base with a bias (else refused above)
+                check_finite_merge(self.base_layer.bias, biases)
         return names
 
     def _shift_weight(self, delta: torch.Tensor) -> None:
@@ -160,7 +208,8 @@ def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) ->
             merged = weight + delta if weight.is_floating_point() else delta  # packed 4/8-bit codes: the update
             if not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"safe_merge: adapter {name!r} would put NaN or inf into the base weight, so nothing was merged "
+                    f"safe_merge: NaNs detected in the merged weights: adapter {name!r} would put NaN or inf into the "
+                    "base weight, so nothing was merged "
                     "into this layer; the adapter is broken (load a good checkpoint or retrain it)"
                 )
 
@@ -195,10 +244,18 @@ def rows_by_adapter(row_adapters: Sequence[str], x: torch.Tensor) -> Iterator[tu
         yield name, torch.tensor(rows, device=x.device)
 
 
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and a trainable copy per adapter name (peft's `modules_to_save`)."""
 
     def __init__(self, original_module: nn.Module) -> None:
+        if isinstance(original_module, CONTAINERS):  # no forward of their own: a copy would never run (as peft)
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(original_module).__name__}: it holds "
+                "modules or parameters but has no forward; list the modules inside it instead"
+            )
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
@@ -207,12 +264,43 @@ class ModulesToSaveWrapper(nn.Module):
         self.row_adapters: Sequence[str] | None = None
 
     def __getattr__(self, name: str):
+        # `model.head.weight` reads the copy that trains (the active adapter's), as peft: a model whose forward
+        # reads the weight directly must see the trained values.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            if name in ("original_module", "modules_to_save") or "_modules" not in self.__dict__:
                 raise
-            return getattr(self._modules["original_module"], name)
+            return getattr(self._current_module(), name)
+
+    def _current_module(self) -> nn.Module:
+        """The module forward runs: the active adapter's copy, or the original when none is active or disabled."""
+        copies = self._modules["modules_to_save"]
+        active = self.__dict__.get("active_adapter")
+        if self.__dict__.get("disabled") or active not in copies:
+            return self._modules["original_module"]
+        return copies[active]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate one adapter's copy here (the others freeze); two would be ambiguous, as in peft."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name, copied in self.modules_to_save.items():
+            copied.requires_grad_(name == self.active_adapter and not inference_mode)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
 
     def add(self, name: str) -> None:
         """Make a trainable copy of the original module for adapter `name`."""
@@ -222,7 +310,14 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[name] = copied
 
     def set_active(self, names: Sequence[str]) -> None:
-        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:  # one module cannot run two trained copies at once
+            raise ValueError(
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(present)}: adapters "
+                f"{present} each train their own copy of this module (modules_to_save); activate one of them, or "
+                "give them modules_to_save that do not overlap"
+            )
+        self.active_adapter = present[0] if present else None
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -235,16 +330,26 @@ class ModulesToSaveWrapper(nn.Module):
         keep = keep or self.active_adapter
         return self.modules_to_save[keep] if keep in self.modules_to_save else self.original_module
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # Inputs pass as given: some models call their modules with keywords only (`vision(pixel_values=...)`).
         if self.row_adapters is not None and not self.disabled:
-            output = self.original_module(x, *args, **kwargs).clone()
-            for name, rows in rows_by_adapter(self.row_adapters, x):
-                if name in self.modules_to_save:
-                    output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
-            return output
-        if self.disabled or self.active_adapter is None:
-            return self.original_module(x, *args, **kwargs)
-        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+            return self._mixed_forward(*args, **kwargs)
+        return self._current_module()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs):
+        """Each row through its own adapter's copy (rows of the base run the original)."""
+        output = self.original_module(x, *args, **kwargs)
+        if not isinstance(output, torch.Tensor):  # e.g. a GRU's (output, hidden): rows cannot be spliced
+            raise TypeError(
+                f"a mixed batch (adapter_names) needs modules_to_save modules that return one tensor, but "
+                f"{type(self.original_module).__name__} returns {type(output).__name__}; run each adapter's "
+                "rows in a separate call with set_adapter()"
+            )
+        output = output.clone()
+        for name, rows in rows_by_adapter(self.row_adapters, x):
+            if name in self.modules_to_save:
+                output[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return output
 
 
 def peft_key(internal_key: str, adapter_name: str) -> str:

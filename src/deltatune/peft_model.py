@@ -8,8 +8,10 @@ so `peft_model.config`, `peft_model.generation_config` etc. work as on the base.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from deltatune import trainer_integration
-from deltatune.config import PeftConfig, PeftType, TaskType
+from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.files import adapter_folder, check_save_arguments, load_weights, save_adapter_files
 from deltatune.hub import create_or_update_model_card, push_to_hub
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter
@@ -33,11 +35,16 @@ logger = logging.getLogger(__name__)
 
 
 class TunerModel(nn.Module):
-    """Holds the transformers model (`.model`) the adapters live in; forwards everything to it."""
+    """Holds the transformers model (`.model`) the adapters live in, and which adapters exist and are active
+    (peft's tuner model: `peft_model.base_model`). Unknown attributes are read from the model."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_names: list[str] = []
+        self.adapters_disabled = False  # True while adapters are switched off; read by methods with their own forward
+        self.targeted_module_names: list[str] = []  # every module an adapter wraps, in the order first wrapped
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -50,6 +57,118 @@ class TunerModel(nn.Module):
             if name == "model" or "model" not in modules:
                 raise
             return getattr(modules["model"], name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.active_names)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name; a list when several (or none) are active, as in peft."""
+        return self.active_names[0] if len(self.active_names) == 1 else list(self.active_names)
+
+    @property
+    def prefix(self) -> str:
+        """The text every adapter parameter name holds ("lora_" for the LoRA family), as peft's tuners."""
+        config = next(iter(self.peft_config.values()), None)
+        prefix = method_for(config).param_prefix if config is not None else None
+        if prefix is None:
+            raise AttributeError("prefix")
+        return prefix
+
+    def adapter_modules(self) -> Iterator[nn.Module]:
+        """Every adapter-wrapped layer and trainable copy in the model."""
+        for module in self.model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield module
+
+    def record_targets(self, adapter_name: str) -> None:
+        """Add the modules adapter `adapter_name` wraps to `targeted_module_names` (peft's attribute)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+                if name not in self.targeted_module_names:
+                    self.targeted_module_names.append(name)
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate these adapters (several LoRA adapters add up); they train unless `inference_mode`."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"Adapter {unknown[0]} not found: this model has {', '.join(self.peft_config) or 'no adapters'}"
+            )
+        merged = [m for m in self.adapter_modules() if isinstance(m, AdapterLayer) and m.merged_adapters]
+        if merged:  # as peft: a merged update would stay in the base weight under the new adapter
+            logger.warning("set_adapter(%r): unmerging the merged adapters first", adapter_names)
+            for module in merged:
+                module.unmerge()
+        for module in self.adapter_modules():
+            module.set_active(names)
+        self.active_names = names
+        self.set_trainable(inference_mode)
+
+    def set_trainable(self, inference_mode: bool = False) -> None:
+        """Freeze everything but the active adapters (nothing trains in inference mode)."""
+        if not self.active_names:
+            for name, param in self.model.named_parameters():
+                if ".adapters." in name or ".modules_to_save." in name:
+                    param.requires_grad_(False)
+            return
+        config = self.peft_config[self.active_names[0]]
+        frozen = inference_mode or config.inference_mode
+        method = method_for(config)
+        for name, param in self.model.named_parameters():
+            if any(belongs_to_adapter(name, active) for active in self.active_names):
+                trains = True
+            else:
+                trains = ".adapters." not in name and method.base_param_trains(name, config)
+            param.requires_grad_(trains and not frozen)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the named adapters' parameters only (as peft)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]} not found: this model has {', '.join(self.peft_config)}")
+        for name, param in self.model.named_parameters():
+            if any(belongs_to_adapter(name, adapter) for adapter in names):
+                param.requires_grad_(requires_grad)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch every adapter back on after `disable_adapter_layers`."""
+        for module in self.adapter_modules():
+            module.disabled = False
+        self.adapters_disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off in place: the model computes the base output (merged ones are unmerged)."""
+        for name in self.active_names:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":  # the trained biases are the base model's own: they stay
+                warnings.warn(
+                    f"disabling adapter layers with bias={bias!r} does not give the base model's output: the "
+                    "biases trained in place stay",
+                    PeftWarning,
+                    stacklevel=2,
+                )
+        for module in self.adapter_modules():
+            if isinstance(module, AdapterLayer) and module.merged_adapters:
+                module.unmerge()
+            module.disabled = True
+        self.adapters_disabled = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's layers and config; the remaining ones stay active (or the first one left)."""
+        for module in self.adapter_modules():
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [name for name in self.active_names if name != adapter_name]
+        if not remaining and self.peft_config and adapter_name in self.active_names:
+            remaining = [next(iter(self.peft_config))]
+        if remaining or not self.peft_config:
+            self.active_names = remaining
+        if self.active_names:
+            self.set_adapter(self.active_names)
 
     def update_and_allocate(self, global_step: int) -> int:
         """AdaLoRA's rank budget step under peft's name: `peft_model.base_model.update_and_allocate(step)`."""
@@ -85,6 +204,24 @@ def count_parameters(params: Iterator[tuple[str, nn.Parameter]]) -> tuple[int, i
     return trainable, total
 
 
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast: bool) -> None:
+    """peft's `autocast_adapter_dtype`: True keeps a half-precision base's adapter in fp32 (stable updates);
+    False gives each adapter its layer's dtype."""
+    for module in model.modules():
+        if not isinstance(module, AdapterLayer) or adapter_name not in module.adapters:
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        if weight is None or not weight.is_floating_point():  # a 4/8-bit base: the adapter stays fp32
+            continue
+        adapter = module.adapters[adapter_name]
+        if autocast:
+            for param in adapter.parameters():
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+        else:
+            adapter.to(weight.dtype)
+
+
 class PeftModel(nn.Module):
     """A transformers model with parameter-efficient adapters.
 
@@ -92,15 +229,21 @@ class PeftModel(nn.Module):
         model: the transformers model; it is changed in place (its layers are wrapped).
         peft_config: the first adapter's config.
         adapter_name: the first adapter's name.
+        autocast_adapter_dtype: keep adapters over a float16/bfloat16 base in float32 (peft's default, True).
+        low_cpu_mem_usage: accepted for peft's signature; adapters are small and made in place either way.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
         self.base_model = TunerModel(model)
-        self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter = adapter_name
-        self._adapters_disabled = False  # True inside disable_adapter(); read by methods with their own forward
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
 
     # ---- attribute pass-through -------------------------------------------------------------------------
@@ -118,29 +261,61 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     @property
-    def active_peft_config(self) -> PeftConfig:
-        return self.peft_config[self.active_adapter]
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """{adapter name: config}, in the order the adapters were added."""
+        return self.base_model.peft_config
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return self.base_model.active_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the (first) active adapter; the model's method is the same for all its adapters."""
+        if not self.peft_config:
+            raise ValueError("this model has no adapter left (all were deleted); add one with add_adapter()")
+        return self.peft_config[self.active_peft_name()]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when an adapter is active and not switched off (peft's property)."""
+        return bool(self.active_adapters) and not self.base_model.adapters_disabled
+
+    def active_peft_name(self) -> str:
+        """The name of the (first) active adapter, else of the first adapter."""
+        return next(iter(self.active_adapters), next(iter(self.peft_config), "default"))
+
+    @property
+    def _adapters_disabled(self) -> bool:
+        return self.base_model.adapters_disabled
 
     def _adapter_modules(self) -> Iterator[nn.Module]:
-        for module in self.get_base_model().modules():
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-                yield module
+        return self.base_model.adapter_modules()
 
     # ---- adapters ----------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a new adapter (not activated; call `set_adapter`)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter (not activated; call `set_adapter`). peft's arguments: `autocast_adapter_dtype`
+        keeps adapters over a half-precision base in fp32; `low_cpu_mem_usage` is accepted (nothing to save)."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another adapter_name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; pick another adapter_name")
         if self.peft_config and method_for(peft_config) is not method_for(self.active_peft_config):
             raise ValueError(
                 f"this model holds {self.active_peft_config.peft_type.value} adapters; a "
                 f"{peft_config.peft_type.value} adapter needs its own base model"
             )
         method = method_for(peft_config)
+        if self.peft_config and method.refuse_second_adapter is not None:
+            method.refuse_second_adapter(self.peft_config, peft_config)
         model = self.get_base_model()
         _add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
@@ -157,41 +332,35 @@ class PeftModel(nn.Module):
                 module.delete_adapter(adapter_name)
             del self.peft_config[adapter_name]
             raise
+        cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
+        self.base_model.record_targets(adapter_name)
         self._set_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter used in forward and trained."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the adapter used in forward and trained (unless `inference_mode`)."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
-        self.active_adapter = adapter_name
-        merged = [m for m in self._adapter_modules() if isinstance(m, AdapterLayer) and m.merged_adapters]
-        if merged:  # as peft: a merged update would stay in the base weight under the new adapter
-            logger.warning("set_adapter(%r): unmerging the merged adapters first", adapter_name)
-            for module in merged:
-                module.unmerge()
-        for module in self._adapter_modules():
-            module.set_active([adapter_name])
-        self._set_trainable()
+            raise ValueError(
+                f"Adapter {adapter_name} not found: this model has {', '.join(self.peft_config) or 'no adapters'}"
+            )
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        self._set_trainable(inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and its weights."""
+        """Remove an adapter and its weights (the last one too: the model then runs as the base)."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}")
-        if len(self.peft_config) == 1:
-            raise ValueError("cannot delete the only adapter; use unload() to get the base model back")
+            raise ValueError(
+                f"Adapter {adapter_name} does not exist: this model has {', '.join(self.peft_config) or 'none'}"
+            )
         if any(adapter_name in getattr(m, "merged_adapters", ()) for m in self._adapter_modules()):
             # as peft: unmerging here would also unmerge the others, and is lossy on a quantised base
             raise ValueError(
-                f"cannot delete adapter {adapter_name!r} while it is merged into the base weights; "
-                "call unmerge_adapter() first (or merge_and_unload() to keep it in the weights)"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. Call "
+                "unmerge_adapter(), or keep the update in the weights with merge_and_unload()"
             )
-        for module in self._adapter_modules():
-            module.delete_adapter(adapter_name)
         if adapter_name in self._modules.get("prompt_encoder", {}):
             del self.prompt_encoder[adapter_name]
-        del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.set_adapter(next(iter(self.peft_config)))
+        self.base_model.delete_adapter(adapter_name)
+        self._set_trainable()
 
     def add_weighted_adapter(
         self,
@@ -207,18 +376,21 @@ class PeftModel(nn.Module):
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
 
-    def _set_trainable(self) -> None:
-        """Freeze everything but the active adapter (nothing trains in inference mode)."""
-        config = self.active_peft_config
-        method = method_for(config)
-        for name, param in self.get_base_model().named_parameters():
-            if belongs_to_adapter(name, self.active_adapter):
-                trains = True
-            else:
-                trains = ".adapters." not in name and method.base_param_trains(name, config)
-            param.requires_grad_(trains and not config.inference_mode)
+    def _set_trainable(self, inference_mode: bool = False) -> None:
+        """Freeze everything but the active adapters (nothing trains in inference mode)."""
+        self.base_model.set_trainable(inference_mode)
+        frozen = inference_mode or not self.peft_config or self.active_peft_config.inference_mode
         for name, encoder in self._modules.get("prompt_encoder", {}).items():
-            encoder.requires_grad_(name == self.active_adapter and not config.inference_mode)
+            encoder.requires_grad_(name in self.active_adapters and not frozen)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the named adapters only (peft's method; layer adapters only)."""
+        if self.peft_config and self.active_peft_config.is_prompt_learning:
+            raise TypeError(
+                "Setting `requires_grad` is not supported for prompt learning methods like "
+                f"{self.active_peft_config.peft_type.value}."
+            )
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     # ---- forward and generation ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -254,35 +426,26 @@ class PeftModel(nn.Module):
             for module in modules:
                 module.row_adapters = None
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        token_type_ids=None,
-        position_ids=None,
-        decoder_input_ids=None,
-        decoder_attention_mask=None,
-        adapter_names=None,
-        **kwargs,
-    ):
-        """The base model's forward; `adapter_names` (one per row) runs a mixed batch of adapters."""
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        )
-        kwargs.update({k: v for k, v in inputs.items() if v is not None})
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        """The base model's forward, with the inputs as given (positional ones stay positional, so any
+        nn.Module works); `adapter_names` (one per row) runs a mixed batch of adapters."""
+        if not self.peft_config:  # every adapter was deleted: the base model alone
+            return self.get_base_model()(*args, **kwargs)
         method = method_for(self.active_peft_config)
         with self._rows_use(adapter_names):
-            outputs = method.forward(self, **kwargs) if method.forward else self.get_base_model()(**kwargs)
+            if method.forward:  # the method builds its inputs (virtual tokens) from named ones
+                outputs = method.forward(self, **self._named_inputs(args, kwargs))
+            else:
+                outputs = self.get_base_model()(*args, **kwargs)
         return method.after_forward(self, outputs) if method.after_forward else outputs
+
+    def _named_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Positional inputs under the names the base model's forward gives them; None values dropped."""
+        if args:
+            signature = inspect.signature(self.get_base_model().forward)
+            kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+        return {key: value for key, value in kwargs.items() if value is not None}
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The base model's `generate`, with the active adapter (or one adapter per row)."""
@@ -294,18 +457,28 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block."""
+        """Run the base model alone inside the block; on leaving, every layer is as it was before."""
         from deltatune.tuners.bitfit import swap_bitfit_biases
 
-        bitfit = self.active_peft_config.peft_type == PeftType.BITFIT  # BitFit trains biases in place: swap them
+        bitfit = bool(self.peft_config) and self.active_peft_config.peft_type == PeftType.BITFIT  # biases in place
         modules = list(self._adapter_modules())
         # A merged update lives in the base weight: take it out for the block, fold it back in after.
         merged = {m: list(m.merged_adapters) for m in modules if isinstance(m, AdapterLayer) and m.merged_adapters}
+        before = {module: module.disabled for module in modules}
+        if len(set(before.values())) > 1:  # peft's words; on leaving, every layer is enabled
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                PeftWarning,
+                stacklevel=3,
+            )
+            before = dict.fromkeys(before, False)
+        was_disabled = self.base_model.adapters_disabled
         for module in merged:
             module.unmerge()
         for module in modules:
             module.disabled = True
-        self._adapters_disabled = True
+        self.base_model.adapters_disabled = True
         if bitfit:
             swap_bitfit_biases(self.get_base_model())
         try:
@@ -315,9 +488,9 @@ class PeftModel(nn.Module):
                 swap_bitfit_biases(self.get_base_model())
             for module, names in merged.items():
                 module.merge(names)
-            self._adapters_disabled = False
-            for module in modules:
-                module.disabled = False
+            self.base_model.adapters_disabled = was_disabled
+            for module, disabled in before.items():
+                module.disabled = disabled
 
     # ---- merging ------------------------------------------------------------------------------------------
     def _check_mergeable(self) -> None:
@@ -405,7 +578,7 @@ class PeftModel(nn.Module):
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under peft's file keys (`base_model.model.<module>.lora_A.weight`, ...), without
         embedding layers (see `deltatune.get_peft_model_state_dict` for peft's function and its options)."""
-        adapter_name = adapter_name or self.active_adapter
+        adapter_name = adapter_name or self.active_peft_name()
         return get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
 
     def save_pretrained(
@@ -482,7 +655,9 @@ class PeftModel(nn.Module):
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
             with random_start_while_loading(config):
-                self.add_adapter(adapter_name, config)
+                self.add_adapter(
+                    adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+                )
         try:
             result = self.load_adapter_weights(weights, adapter_name, folder, kwargs.get("ignore_mismatched_sizes"))
         except Exception:
@@ -528,13 +703,27 @@ class PeftModel(nn.Module):
 
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
         with random_start_while_loading(config):
-            peft_model = model_class(model, config, adapter_name)
+            peft_model = model_class(
+                model, config, adapter_name, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
+            )
         peft_model.load_adapter_weights(weights, adapter_name, folder, kwargs.get("ignore_mismatched_sizes"))
         if not is_trainable:
             peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout
         return peft_model
 
     # ---- training helpers ---------------------------------------------------------------------------------
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """peft's question "can this adapter be converted to a LoRA?": deltatune has no such conversion."""
+        return False
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the inputs of a (not quantised) model require grads, so that activation checkpointing over a frozen
+        embedding still reaches the adapters (peft's method)."""
+        quantized = any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit"))
+        if not quantized and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        return model
+
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
     ) -> None:

@@ -20,11 +20,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from deltatune.config import PeftConfig, PeftType
+from deltatune.config import PeftConfig, PeftType, PeftWarning
 from deltatune.files import Placement, match_tensors, place_tensors
 from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune.tuners import method_for
-from deltatune.warning import PeftWarning
 
 PREFIX = "base_model.model."
 # What `load_state_dict(strict=False)` returns in torch, and peft's loaders with it.

@@ -8,9 +8,12 @@ or as a dotted suffix; `layers_to_transform` then keeps only modules inside the 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
+
+from deltatune.config import NoMatchingPeftModuleError
 
 ALL_LINEAR = "all-linear"
 
@@ -139,15 +142,22 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
     if not found:
         shown = config.target_modules
         layers = f" in layers {config.layers_to_transform}" if config.layers_to_transform else ""
-        raise ValueError(
-            f"target_modules={shown!r}{layers} matched no module of {type(model).__name__}; "
-            f"modules with weights here include: {weight_module_names(model)}"
+        raise NoMatchingPeftModuleError(
+            f"Target modules {shown} not found in the base model: target_modules={shown!r}{layers} matched no module "
+            f"of {type(model).__name__}; modules with weights here include: {weight_module_names(model)}"
         )
     kept = [name for name in found if not is_excluded(name, config.exclude_modules)]
     if not kept:
-        raise ValueError(
-            f"exclude_modules={config.exclude_modules!r} removes every module target_modules={config.target_modules!r} "
-            f"selects ({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); exclude fewer modules"
+        raise NoMatchingPeftModuleError(
+            f"All modules were excluded: exclude_modules={config.exclude_modules!r} removes every module "
+            f"target_modules={config.target_modules!r} selects ({', '.join(found[:5])}"
+            f"{', ...' if len(found) > 5 else ''}); exclude fewer modules"
+        )
+    if config.exclude_modules and len(kept) == len(found):
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. Please check "
+            "that exclude_modules was set correctly.",
+            stacklevel=4,
         )
     return kept
 

@@ -26,17 +26,17 @@ def _check_can_generate(model: nn.Module, task_type: str) -> None:
 class PeftModelForCausalLM(PeftModel):
     """For `AutoModelForCausalLM` models (task_type CAUSAL_LM)."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **options) -> None:
         _check_can_generate(model, "CAUSAL_LM")
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, peft_config, adapter_name, **options)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """For encoder-decoder models (task_type SEQ_2_SEQ_LM)."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **options) -> None:
         _check_can_generate(model, "SEQ_2_SEQ_LM")
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, peft_config, adapter_name, **options)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -65,12 +65,34 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (the seeds' entry point)."""
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (the seeds' entry point).
+
+    peft's arguments: `autocast_adapter_dtype` (default True) keeps adapters over a float16/bfloat16 base in
+    float32; `revision` is recorded in the config; `low_cpu_mem_usage` is accepted (adapters are made in place).
+    `mixed=True` gives the same `PeftModel`: it already runs several LoRA adapters at once
+    (`base_model.set_adapter([...])`); adapters of different methods on one model are refused by `add_adapter`.
+    """
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a deltatune config such as LoraConfig, not {type(peft_config).__name__}")
+    if revision is not None:
+        peft_config.revision = revision
     model_class = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
-    peft_model = model_class(model, peft_config, adapter_name)
+    peft_model = model_class(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)

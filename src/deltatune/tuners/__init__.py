@@ -21,7 +21,7 @@ from deltatune.tuners.adalora import (
 )
 from deltatune.tuners.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
 from deltatune.tuners.bottleneck import AdapterConfig, add_bottleneck
-from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable
+from deltatune.tuners.lora import LoraConfig, add_lora, lora_bias_is_trainable, refuse_second_bias
 from deltatune.tuners.p_tuning import PromptEncoderConfig, add_p_tuning
 from deltatune.tuners.prefix_tuning import PREFIX_HOOKS, PrefixTuningConfig, add_prefix_tuning
 from deltatune.tuners.prompt_tuning import PromptTuningConfig, add_prompt_tuning
@@ -54,6 +54,9 @@ class Method:
             not their parameters (prompt methods store `prompt_embeddings`); to_file(peft_model, name, tensors).
         from_file: the inverse, run before the generic loading; it loads what it understands and returns the
             rest under peft keys; from_file(peft_model, weights, name, source) -> weights.
+        param_prefix: the text in every adapter parameter's name ("lora_"), peft's `prefix` of a tuner model.
+        refuse_second_adapter: raises when a new adapter's config cannot sit beside the existing ones;
+            called as refuse_second_adapter(existing {name: config}, new config).
     """
 
     peft_type: PeftType
@@ -66,6 +69,8 @@ class Method:
     after_forward: Callable[[nn.Module, Any], Any] | None = None
     to_file: Callable[..., dict[str, Any]] | None = None
     from_file: Callable[..., dict[str, Any]] | None = None
+    param_prefix: str | None = None
+    refuse_second_adapter: Callable[[dict[str, PeftConfig], PeftConfig], None] | None = None
 
 
 METHODS: dict[PeftType, Method] = {}
@@ -75,7 +80,17 @@ def register(method: Method) -> None:
     METHODS[method.peft_type] = method
 
 
-register(Method(PeftType.LORA, LoraConfig, add_lora, lora_bias_is_trainable, can_merge=True))
+register(
+    Method(
+        PeftType.LORA,
+        LoraConfig,
+        add_lora,
+        lora_bias_is_trainable,
+        can_merge=True,
+        param_prefix="lora_",
+        refuse_second_adapter=refuse_second_bias,
+    )
+)
 register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable, can_merge=True))  # trained in place
 register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
 register(
@@ -88,6 +103,8 @@ register(
         after_forward=add_orthogonal_regularizer,
         to_file=pruned_tensors,
         from_file=load_rank_pattern,
+        param_prefix="lora_",
+        refuse_second_adapter=refuse_second_bias,
     )
 )
 register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.config import PeftConfigWithTargets, PeftType, check_range
+from deltatune.config import PeftConfigWithTargets, PeftType, PeftWarning, check_range
 from deltatune.layers import AdapterLayer, MergeableLayer, embedding_scale
 from deltatune.ops.lora_dispatch import fast_lora_forward, fast_mixed_forward
 from deltatune.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
@@ -132,22 +134,41 @@ class LoraConfig(PeftConfigWithTargets):
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, "use a dropout probability such as 0.05")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not known; use 'none', 'all' or 'lora_only'")
-        self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("olora", "gaussian"):
+            self.init_lora_weights = self.init_lora_weights.lower()  # peft compares these two case-insensitively
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(
-                f"lora_bias=True works with init_lora_weights=True or False (as in peft), not "
-                f"{self.init_lora_weights!r}; drop lora_bias or use the default init"
+                f"The argument lora_bias=True is only supported with init_lora_weights=True or False (as in peft), "
+                f"got init_lora_weights={self.init_lora_weights!r}; drop lora_bias or use the default init"
             )
         if self.lora_bias and self.use_dora:
-            raise ValueError("lora_bias=True does not work with use_dora=True (as in peft); pass use_dora=False")
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        self.loftq_config = check_init_lora_weights(self.init_lora_weights, self.loftq_config)
+        warn_if_conversion_is_inexact(self)
         if self.layer_replication is not None:  # as lists (how JSON reads it back); the layer count is checked later
             self.layer_replication = check_layer_map(self.layer_replication)
         self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
+        if self.megatron_config and self.use_dora:
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if self.megatron_config:
             raise ValueError(
                 "megatron_config is not supported: deltatune adapts transformers' own layers, not Megatron's "
                 "tensor-parallel ones; leave megatron_config=None"
             )
+
+
+def warn_if_conversion_is_inexact(config: LoraConfig) -> None:
+    """As peft: rsLoRA with per-module patterns cannot be converted back to a plain LoRA after PiSSA / OLoRA
+    (`save_pretrained(path_initial_model_for_weight_conversion=...)`), so say so when the config is made."""
+    reads_base = isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora"))
+    if reads_base and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        warnings.warn(
+            "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+            "base weights PiSSA/OLoRA means that you won't be able to pass `path_initial_model_for_weight_conversion` "
+            "to `save_pretrained` to restore the initial values of the base weights; if you intend to do this, do "
+            "not use rslora or rank_pattern/alpha_pattern.",
+            stacklevel=4,
+        )
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -172,11 +193,30 @@ def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     )
 
 
+class AdapterAttributes(Mapping):
+    """A live, read-only {adapter name: that adapter's `attribute`} view over a layer's adapters (peft's
+    per-layer dicts such as `layer.lora_A["default"]`); it follows adapters being added and deleted."""
+
+    def __init__(self, adapters: nn.ModuleDict, attribute: str) -> None:
+        self._adapters = adapters
+        self._attribute = attribute
+
+    def __getitem__(self, name: str):
+        adapter = self._adapters[name] if name in self._adapters else None
+        if adapter is None or not hasattr(adapter, self._attribute):
+            raise KeyError(name)
+        return getattr(adapter, self._attribute)
+
+    def __iter__(self):
+        return (name for name, adapter in self._adapters.items() if hasattr(adapter, self._attribute))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def _per_adapter(attribute: str) -> property:
-    """A read-only property: {adapter name: that adapter's `attribute`} for the adapters that have it."""
-    return property(
-        lambda layer: {name: getattr(a, attribute) for name, a in layer.adapters.items() if hasattr(a, attribute)}
-    )
+    """A read-only property: the live {adapter name: `attribute`} view of the layer's adapters."""
+    return property(lambda layer: AdapterAttributes(layer.adapters, attribute))
 
 
 class LoraAdapter(nn.Module):
@@ -315,9 +355,8 @@ class LoraLayer(MergeableLayer):
             return None
         if getattr(self.base_layer, "bias", None) is None:
             raise RuntimeError(
-                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer "
-                f"{type(self.base_layer).__name__} has no bias to add it to (as in peft); keep it "
-                "unmerged"
+                f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: adapter {name!r}, "
+                f"base layer {type(self.base_layer).__name__}; keep it unmerged"
             )
         return bias * self.adapters[name].scaling
 
@@ -333,14 +372,15 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
         return
     if layer.kind == "embedding":
         raise ValueError(
-            f"lora_bias=True does not work on an embedding layer (as in peft), and adapter "
-            f"{adapter_name!r} targets one; leave embeddings out of target_modules or drop lora_bias"
+            f"lora_bias=True is not supported for Embedding (as in peft), and adapter {adapter_name!r} targets one; "
+            "leave embeddings out of target_modules or drop lora_bias"
         )
     if getattr(layer.base_layer, "bias", None) is None:
-        logger.warning(
-            "lora_bias=True on a %s with no bias: adapter %r will work unmerged but cannot be merged",
-            type(layer.base_layer).__name__,
-            adapter_name,
+        warnings.warn(
+            f"`lora_bias=True` was passed but the targeted layer of type {type(layer.base_layer).__name__} has no "
+            f"bias: adapter {adapter_name!r} will work unmerged but cannot be merged",
+            PeftWarning,
+            stacklevel=2,
         )
 
 
@@ -386,3 +426,14 @@ def lora_bias_is_trainable(param_name: str, config: LoraConfig) -> bool:
     if config.bias == "lora_only":
         return param_name.endswith("base_layer.bias")
     return False
+
+
+def refuse_second_bias(existing: dict, config: LoraConfig) -> None:
+    """As peft: only one adapter may train the base biases (`bias` "all" / "lora_only"); with two, training one
+    would silently change the biases the other saved."""
+    with_bias = [name for name, other in existing.items() if getattr(other, "bias", "none") != "none"]
+    if with_bias and getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"bias={config.bias!r}: adapter {with_bias[0]!r} already trains the base biases, and two adapters cannot "
+            "share them (training one would change the other's saved biases); set bias='none' for this adapter"
+        )
