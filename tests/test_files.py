@@ -37,7 +37,8 @@ def saved_lora(folder, arch="llama", **kwargs):
 
 def test_save_writes_peft_layout(tmp_path):
     model = saved_lora(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # README.md is peft's model card
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["inference_mode"] is True  # as peft writes it
@@ -64,15 +65,14 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no temp
 
 
-def test_asking_for_a_pickled_file_warns_and_writes_safetensors(tmp_path, caplog):
+def test_asking_for_a_pickled_file_is_refused_before_anything_is_written(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig())
-    with caplog.at_level(logging.WARNING, logger="deltatune"):
+    with pytest.raises(ValueError, match=r"safe_serialization=False.*deltatune writes safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
-    assert "deltatune writes safetensors only" in caplog.text
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not os.listdir(tmp_path)
 
 
 def test_a_save_cut_short_between_the_two_files_leaves_the_previous_pair(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_a_save_cut_short_between_the_two_files_leaves_the_previous_pair(tmp_pat
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert {name: (tmp_path / name).read_bytes() for name in before} == before  # not r=8 weights beside an r=4 config
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)).peft_config["default"].r == 4
 
 
@@ -109,7 +109,7 @@ def test_selected_adapters_only(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig())
     model.add_adapter("other", LoraConfig(r=2))
     model.save_pretrained(tmp_path, selected_adapters=["other"])
-    assert sorted(os.listdir(tmp_path)) == ["other"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "other"]  # the card is for the folder, as peft
     assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["r"] == 2
 
 
@@ -208,8 +208,8 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
         PeftModel.from_pretrained(wider, tmp_path)
     assert str(error.value) == (
         f"{tmp_path}: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape (4, 32) in the adapter "
-        "file but (4, 48) in this model; the adapter was trained on a different base model "
-        "(load it onto the model it was made for)"
+        "file but (4, 48) in this model (size mismatch); the adapter was trained on a different base model "
+        "(load it onto the model it was made for, or pass ignore_mismatched_sizes=True to skip such tensors)"
     )
 
 

@@ -23,6 +23,13 @@ from deltatune.config import (
     get_peft_config,
 )
 from deltatune.peft_model import PeftModel
+from deltatune.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from deltatune.task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -92,9 +99,14 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "get_base_model_state_dict",
     "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
     "replace_lora_weights_loftq",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import logging
 import os
@@ -15,11 +16,49 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import packaging.version
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 # Keys peft writes that describe the file rather than the method; dropped without a warning.
-INFORMATIONAL_KEYS = {"peft_version", "qalora_group_size"}
+INFORMATIONAL_KEYS = {"qalora_group_size"}
+
+# The peft release whose adapter format deltatune writes (tests/test_files.py checks both directions against it).
+# Each config records it as `peft_version`, the field peft's readers consult to pick format conversions, so it must
+# name a peft format, not deltatune's own release. Read at construction time: peft's tests monkeypatch it.
+__version__ = "0.21.2"
+
+
+def _get_commit_hash(pkg_name: str) -> str | None:
+    """The VCS commit `pkg_name` was installed from (pip's direct_url.json), or None (as peft's helper)."""
+    try:
+        dist = importlib.metadata.distribution(pkg_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for path in dist.files or []:
+        if path.name == "direct_url.json":
+            vcs_info = json.loads(dist.locate_file(path).read_text()).get("vcs_info") or {}
+            if "commit_id" in vcs_info:
+                return vcs_info["commit_id"]
+    return None
+
+
+def current_peft_version() -> str:
+    """`__version__`, with `@<commit>` after a dev version (ambiguous alone), as peft records it."""
+    version = __version__
+    if packaging.version.Version(version).dev is None:
+        return version
+    try:
+        commit = _get_commit_hash("deltatune") or "UNKNOWN"
+    except Exception as err:  # a version string must never break building a config
+        warnings.warn(
+            "A dev version of PEFT is used but there was an error while trying to determine the commit hash of the "
+            f"deltatune install ({err}); recording {version}@UNKNOWN",
+            stacklevel=3,
+        )
+        commit = "UNKNOWN"
+    return f"{version}@{commit}"
 
 
 class TaskType(str, enum.Enum):
@@ -88,10 +127,13 @@ class PeftConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    peft_version: str | None = None  # the adapter format's peft release; None fills in `__version__` (as peft)
 
     def __post_init__(self) -> None:
         self.task_type = _enum_value(TaskType, self.task_type, "task_type")
         self.peft_type = _enum_value(PeftType, self.peft_type, "peft_type")
+        if self.peft_version is None:
+            self.peft_version = current_peft_version()
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -158,6 +200,16 @@ class PeftConfig:
             ) from None
 
     @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """peft's reader: the dict stored in a config JSON file (a stray `runtime_config` key is dropped, as peft)."""
+        data = _read_json_object(str(path_json_file))
+        if data.pop("runtime_config", None) is not None:
+            warnings.warn(
+                f"{path_json_file}: ignoring its runtime_config key (runtime settings are not saved)", stacklevel=2
+            )
+        return data
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "PeftConfig":
         """Read `adapter_config.json` from a folder (or the file itself)."""
         config_file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else str(path)
@@ -166,18 +218,23 @@ class PeftConfig:
                 f"{config_file} not found: an adapter folder holds adapter_config.json and "
                 "adapter_model.safetensors, as written by save_pretrained()"
             )
-        try:
-            with open(config_file, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON ({err}); save the adapter again") from None
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{config_file} must hold a JSON object of config fields, not {type(data).__name__}; "
-                "save the adapter again"
-            )
+        data = cls.from_json_file(config_file)
         data.update(overrides)
         return cls.from_dict(data, source=config_file)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in file `path`, with an error naming the file if it is not valid JSON or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); save the adapter again") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object of config fields, not {type(data).__name__}; save the adapter again"
+        )
+    return data
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
@@ -103,6 +105,28 @@ def save_adapter_files(folder: str, state_dict: dict[str, torch.Tensor], config_
     )
 
 
+def check_save_arguments(
+    adapter_names: list[str],
+    save_directory: str | os.PathLike,
+    selected_adapters: list[str] | None,
+    safe_serialization: bool,
+) -> None:
+    """Refuse a `save_pretrained` call before anything is written: a file as folder, unknown adapters, a pickle."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory={save_directory} is a file; give a folder")
+    unknown = [name for name in selected_adapters or () if name not in adapter_names]
+    if unknown:
+        raise ValueError(
+            f"selected_adapters={unknown!r} names no adapter of this model; it has: {', '.join(adapter_names)}"
+        )
+    if not safe_serialization:  # peft would write a pickled adapter_model.bin
+        raise ValueError(
+            f"save_pretrained(safe_serialization=False) asks for a pickled {PICKLED_WEIGHTS_NAME}, but deltatune "
+            f"writes safetensors only (unpickling a file can run arbitrary code); drop the argument to write "
+            f"{WEIGHTS_NAME}, which peft loads as well"
+        )
+
+
 def adapter_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
     """The folder holding the adapter files: `model_id`, or its sub-folder `subfolder` (peft's keyword)."""
     return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
@@ -155,45 +179,102 @@ def _target_of(key: str, targets: dict[str, torch.Tensor], everything: dict[str,
     return targets.get(key, everything.get(key, targets.get(key.replace(".modules_to_save.", "."))))
 
 
-def place_tensors(
-    weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], everything: dict[str, torch.Tensor], source: str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pair each tensor of an adapter file with the model tensor it goes into, checking every key and shape.
+class SizeMismatchError(ValueError, RuntimeError):
+    """A file tensor whose shape differs from the model's. A ValueError as deltatune's other file errors, and a
+    RuntimeError as torch's `load_state_dict` raises it in peft."""
+
+
+@dataclass
+class Placement:
+    """Where the tensors of an adapter file go (see `match_tensors`).
+
+    Attributes:
+        pairs: (model tensor, file tensor) to copy.
+        unexpected: file keys with no place in the model.
+        mismatched: (file key, file shape, model shape) of tensors skipped for `ignore_mismatched_sizes`.
+        missing: adapter keys the file has no value for.
+    """
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def _check_dtype_kind(key: str, value: torch.Tensor, target: torch.Tensor, source: str) -> None:
+    if value.dtype.is_floating_point != target.dtype.is_floating_point:
+        raise ValueError(
+            f"{source}: {key} is {value.dtype} in the adapter file but {target.dtype} in this model; the file was "
+            "not written by a PEFT library (save the adapter again with save_pretrained)"
+        )
+
+
+def match_tensors(
+    weights: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    everything: dict[str, torch.Tensor],
+    source: str,
+    ignore_mismatched_sizes: bool = False,
+) -> Placement:
+    """Pair each tensor of an adapter file with the model tensor it goes into, checking dtypes and shapes.
 
     Args:
         weights: the file's tensors under peft's keys.
         targets: the adapter's own tensors under the same keys.
         everything: the whole model state dict (keep_vars), for base tensors an adapter trains (biases).
         source: the folder, named in errors.
+        ignore_mismatched_sizes: skip (and list) tensors whose shape differs instead of raising (peft's option).
     """
     refuse_non_finite(weights, source)
-    pairs, unexpected = [], []
+    placement = Placement()
     for key, value in weights.items():
         if ".original_module." in key:  # peft also writes the frozen original of a modules_to_save copy
             continue
         target = _target_of(key, targets, everything)
         if target is None:
-            unexpected.append(key)
-        elif value.dtype.is_floating_point != target.dtype.is_floating_point:
-            raise ValueError(
-                f"{source}: {key} is {value.dtype} in the adapter file but {target.dtype} in this model; the file was "
-                "not written by a PEFT library (save the adapter again with save_pretrained)"
-            )
-        elif target.shape != value.shape:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but {tuple(target.shape)} in "
-                "this model; the adapter was trained on a different base model (load it onto the model it was made for)"
-            )
+            placement.unexpected.append(key)
+            continue
+        _check_dtype_kind(key, value, target, source)
+        if target.shape == value.shape:
+            placement.pairs.append((target, value))
+        elif ignore_mismatched_sizes:
+            placement.mismatched.append((key, tuple(value.shape), tuple(target.shape)))
         else:
-            pairs.append((target, value))
-    if unexpected:
+            raise SizeMismatchError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the adapter file but {tuple(target.shape)} in "
+                "this model (size mismatch); the adapter was trained on a different base model (load it onto the "
+                "model it was made for, or pass ignore_mismatched_sizes=True to skip such tensors)"
+            )
+    placement.missing = sorted(set(targets) - set(weights))
+    if placement.mismatched:  # as peft: said, not raised
+        warnings.warn(
+            f"{source}: skipped {len(placement.mismatched)} tensors whose shape differs from this model's because "
+            f"ignore_mismatched_sizes=True (key, file shape, model shape): {placement.mismatched[:3]}",
+            stacklevel=4,
+        )
+    return placement
+
+
+def place_tensors(
+    weights: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    everything: dict[str, torch.Tensor],
+    source: str,
+    ignore_mismatched_sizes: bool = False,
+) -> Placement:
+    """`match_tensors`, strict as loading a file should be: a file tensor with no place in the model is an error
+    (the adapter was made for another model); missing values are logged."""
+    placement = match_tensors(weights, targets, everything, source, ignore_mismatched_sizes)
+    if placement.unexpected:
         raise ValueError(
-            f"{source}: {len(unexpected)} tensors in the adapter file have no place in this model, e.g. "
-            f"{unexpected[:3]}; the adapter was made for another architecture or another config"
+            f"{source}: {len(placement.unexpected)} tensors in the adapter file have no place in this model, e.g. "
+            f"{placement.unexpected[:3]}; the adapter was made for another architecture or another config"
         )
-    missing = sorted(set(targets) - set(weights))
-    if missing:
+    if placement.missing:
         logger.warning(
-            "%s: no values for %d adapter tensors (kept at init), e.g. %s", source, len(missing), missing[:3]
+            "%s: no values for %d adapter tensors (kept at init), e.g. %s",
+            source,
+            len(placement.missing),
+            placement.missing[:3],
         )
-    return pairs
+    return placement

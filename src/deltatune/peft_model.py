@@ -20,9 +20,11 @@ from torch import nn
 
 from deltatune import trainer_integration
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
-from deltatune.files import adapter_folder, load_weights, place_tensors, save_adapter_files
-from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
+from deltatune.files import adapter_folder, check_save_arguments, load_weights, save_adapter_files
+from deltatune.hub import create_or_update_model_card, push_to_hub
+from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter
 from deltatune.ops.lora_dispatch import weights_fixed
+from deltatune.state_dict import IncompatibleKeys, get_peft_model_state_dict, load_adapter_tensors
 from deltatune.targeting import replace_module
 from deltatune.tuners import method_for
 from deltatune.tuners.layer_replication import refuse_merge_if_replicated
@@ -592,60 +594,57 @@ class PeftModel(nn.Module):
         )
 
     # ---- files --------------------------------------------------------------------------------------------
-    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Internal name -> tensor for everything adapter `adapter_name` saves."""
-        config = self.peft_config[adapter_name]
-        method = method_for(config)
-        prefix = "base_model.model."
-        return {
-            key: value
-            for key, value in self.state_dict(keep_vars=True).items()
-            if belongs_to_adapter(key, adapter_name)
-            or (".adapters." not in key and method.base_param_trains(key[len(prefix) :], config))
-        }
-
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under peft's file keys (`base_model.model.<module>.lora_A.weight`, ...)."""
+        """The adapter's tensors under peft's file keys (`base_model.model.<module>.lora_A.weight`, ...), without
+        embedding layers (see `deltatune.get_peft_model_state_dict` for peft's function and its options)."""
         adapter_name = adapter_name or self.active_peft_name()
-        tensors = {peft_key(k, adapter_name): v.detach() for k, v in self._adapter_tensors(adapter_name).items()}
-        method = method_for(self.peft_config[adapter_name])
-        return method.to_file(self, adapter_name, tensors) if method.to_file else tensors
+        return get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors` (peft's layout: the
-        "default" adapter in the folder itself, any other in a sub-folder named after it).
+        "default" adapter in the folder itself, any other in a sub-folder named after it), then the model card
+        `README.md` (created, or updated if present, as peft).
+
+        peft's arguments, in peft's order. `safe_serialization=False` (peft's pickled `adapter_model.bin`) is
+        refused: a pickle can run code when loaded, so deltatune writes safetensors only. `save_embedding_layers`
+        ("auto", True, False) also saves the embeddings (see `get_peft_model_state_dict`); `state_dict=` gives the
+        values to save (as peft).
 
         `path_initial_model_for_weight_conversion=folder` (peft's option): `folder` holds the PiSSA / OLoRA
         adapter as saved right after initialisation; the adapter is written as a plain LoRA of rank 2r that
         applies to the ORIGINAL base weights (`deltatune.tuners.lora_init.convert_to_plain_lora`).
         """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory={save_directory} is a file; give a folder")
-        unknown = [name for name in selected_adapters or () if name not in self.peft_config]
-        if unknown:
-            raise ValueError(
-                f"selected_adapters={unknown!r} names no adapter of this model; it has: {', '.join(self.peft_config)}"
-            )
-        if kwargs.get("safe_serialization") is False:  # peft would write a pickled adapter_model.bin
-            logger.warning(
-                "save_pretrained(safe_serialization=False): deltatune writes safetensors only (a pickled "
-                ".bin can run code when loaded); writing adapter_model.safetensors"
-            )
+        check_save_arguments(list(self.peft_config), save_directory, selected_adapters, safe_serialization)
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
             folder = os.path.join(save_directory, name) if name != "default" else str(save_directory)
             os.makedirs(folder, exist_ok=True)
-            config, state = self.peft_config[name], self.get_adapter_state_dict(name)
-            if kwargs.get("path_initial_model_for_weight_conversion") is not None:  # PiSSA / OLoRA -> plain LoRA
-                state, config = convert_to_plain_lora(state, config, kwargs["path_initial_model_for_weight_conversion"])
+            config = self.peft_config[name]
+            state = get_peft_model_state_dict(self, kwargs.get("state_dict"), name, False, save_embedding_layers)
+            if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA -> plain LoRA
+                state, config = convert_to_plain_lora(state, config, path_initial_model_for_weight_conversion)
             save_adapter_files(folder, state, config.saved_json_string())  # both files or neither
+        self.create_or_update_model_card(save_directory)  # after the adapters: a failed save writes no card
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write peft's model card `README.md` into `output_dir`, or update the one there (see `deltatune.hub`)."""
+        create_or_update_model_card(self, output_dir)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapters (as `save_pretrained` writes them) to Hub repo `repo_id`, creating it if needed;
+        transformers' arguments (`commit_message`, `private`, `token`, `revision`, `create_pr`, `tags`), plus
+        `save_pretrained`'s. See `deltatune.hub.push_to_hub`."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     def load_adapter(
         self,
@@ -653,13 +652,20 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
-    ) -> None:
+    ) -> IncompatibleKeys:
         """Add adapter `adapter_name` from a folder written by deltatune or peft (not activated: `set_adapter`).
 
         If `adapter_name` exists already, its values are replaced in place, as peft does (this is how Trainer's
         `resume_from_checkpoint` and `load_best_model_at_end` load a checkpoint; an optimizer keeps working).
-        `subfolder=` reads the adapter from that sub-folder of `model_id` (peft's option).
+        `subfolder=` reads the adapter from that sub-folder of `model_id`, `ignore_mismatched_sizes=True` skips
+        tensors whose shape differs (peft's options). `low_cpu_mem_usage` is accepted and changes nothing: adapter
+        weights are created on the base layer's device and the values copied in.
+
+        Returns:
+            peft's load result: `missing_keys` (this adapter's tensors the file had no value for) and
+            `unexpected_keys` (always empty: a file tensor with no place in the model is an error).
         """
         folder = adapter_folder(model_id, kwargs.get("subfolder"))
         weights = load_weights(folder)  # file errors first, before the model is touched
@@ -674,7 +680,7 @@ class PeftModel(nn.Module):
             if is_trainable:  # as peft: it trains even while another adapter is the active one
                 self.base_model.loaded_trainable.add(adapter_name)
         try:
-            self.load_adapter_weights(weights, adapter_name, source=folder)
+            result = self.load_adapter_weights(weights, adapter_name, folder, kwargs.get("ignore_mismatched_sizes"))
         except Exception:
             if created:  # leave no half-loaded adapter behind
                 self.delete_adapter(adapter_name)
@@ -682,17 +688,18 @@ class PeftModel(nn.Module):
         self._set_trainable()
         if not is_trainable:
             self.eval()  # as peft does: no adapter dropout at inference
+        return IncompatibleKeys([k for k in result.missing_keys if belongs_to_adapter(k, adapter_name)], [])
 
-    def load_adapter_weights(self, weights: dict[str, torch.Tensor], adapter_name: str, source: str = "") -> None:
-        """Copy peft-keyed tensors into adapter `adapter_name`; every key and shape is checked before any copy."""
-        method = method_for(self.peft_config[adapter_name])
-        if method.from_file:  # the method loads what is special to its file layout first
-            weights = method.from_file(self, weights, adapter_name, source)
-        targets = {peft_key(k, adapter_name): v for k, v in self._adapter_tensors(adapter_name).items()}
-        pairs = place_tensors(weights, targets, self.state_dict(keep_vars=True), source)
-        with torch.no_grad():
-            for target, value in pairs:
-                target.copy_(value.to(target.dtype))
+    def load_adapter_weights(
+        self,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        source: str = "",
+        ignore_mismatched_sizes: bool = False,
+    ) -> IncompatibleKeys:
+        """Copy peft-keyed tensors into adapter `adapter_name`; every key and shape is checked before any copy.
+        Returns the model's keys left without a value (base weights included, as torch reports them)."""
+        return load_adapter_tensors(self, weights, adapter_name, source, True, bool(ignore_mismatched_sizes))
 
     @classmethod
     def from_pretrained(
@@ -702,10 +709,13 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> "PeftModel":
         """Wrap `model` and load the adapter saved in folder `model_id`, or in its sub-folder `subfolder=` (as peft);
-        frozen unless `is_trainable`."""
+        frozen unless `is_trainable`. `ignore_mismatched_sizes=True` skips tensors whose shape differs; with
+        `low_cpu_mem_usage` (accepted, as peft) nothing changes: adapter weights are small and made on the base
+        layer's device before the values are copied in."""
         folder = adapter_folder(model_id, kwargs.get("subfolder"))
         config = config or PeftConfig.from_pretrained(folder)
         weights = load_weights(folder)  # file errors first, before the model is wrapped
@@ -717,7 +727,7 @@ class PeftModel(nn.Module):
             peft_model = model_class(
                 model, config, adapter_name, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
             )
-        peft_model.load_adapter_weights(weights, adapter_name, source=folder)
+        peft_model.load_adapter_weights(weights, adapter_name, folder, kwargs.get("ignore_mismatched_sizes"))
         if not is_trainable:
             peft_model.eval()  # as peft does: a model loaded for inference runs without adapter dropout
         return peft_model
