@@ -297,3 +297,26 @@ def test_one_trainable_adapter_like_peft(tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
     with pytest.raises(ValueError, match="AdaLoraModel supports only 1 trainable adapter"):
         theirs.add_adapter("second", peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
+
+
+def test_module_lists_are_sets_and_files_list_them_like_peft(tmp_path):
+    config = AdaLoraConfig(
+        target_modules=["v_proj", "q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"], total_step=10
+    )
+    theirs = peft.AdaLoraConfig(
+        target_modules=["v_proj", "q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"], total_step=10
+    )
+    assert config.target_modules == theirs.target_modules == {"q_proj", "v_proj"}
+    assert config.exclude_modules == theirs.exclude_modules
+    model = get_peft_model(tiny_llama(), config)
+    wrapped = sorted(name for name, m in model.get_base_model().named_modules() if isinstance(m, SVDLayer))
+    assert wrapped == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["q_proj", "v_proj"]
+    assert peft.PeftConfig.from_pretrained(tmp_path).target_modules == {"q_proj", "v_proj"}
+    assert AdaLoraConfig.from_pretrained(tmp_path).target_modules == {"q_proj", "v_proj"}
