@@ -410,3 +410,19 @@ def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
         ).start_logits
     torch.testing.assert_close(ours, expected)
     assert not torch.allclose(ours, model(input_ids=ids, attention_mask=mask).start_logits)  # the segments matter
+
+
+def test_peft_model_methods_peft_calls():
+    # prepare_model_for_gradient_checkpointing / supports_lora_conversion are peft's PeftModel methods;
+    # base_model.peft_config is where peft's tuner model keeps the configs.
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert model.base_model.peft_config is model.peft_config
+    assert model.supports_lora_conversion() is False  # deltatune converts no adapter to plain LoRA
+    ids = torch.tensor([[5, 6, 7]])
+    assert not model.get_input_embeddings()(ids).requires_grad
+    assert model.prepare_model_for_gradient_checkpointing(model) is model
+    assert model.get_input_embeddings()(ids).requires_grad  # frozen embeddings no longer cut the graph
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
