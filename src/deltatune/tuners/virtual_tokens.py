@@ -22,7 +22,8 @@ Where peft 0.21.2 is broken we do the evident thing instead: TOKEN_CLS labels ar
 crashes on the length mismatch); QUESTION_ANS start/end positions are shifted by n (peft scores them against the
 wrong tokens), and QUESTION_ANS keeps token_type_ids (and, for prefix tuning, position_ids) as the other
 classifier tasks do (peft silently drops both there). Inference-loaded adapters count 0 trainable parameters
-(peft leaves the loaded prompt trainable).
+(peft leaves the loaded prompt trainable). `PeftModel.unload()` gives the unchanged base model back (peft has no
+unload for prompt methods and raises AttributeError).
 """
 
 from __future__ import annotations
