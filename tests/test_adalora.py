@@ -250,11 +250,73 @@ def test_update_and_allocate_entry_points_and_errors():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"AdaLoRA needs total_step \(got None\): the number of optimizer steps"):
+    # Each message starts with peft's words (peft's tests match them), then says what to do.
+    with pytest.raises(
+        ValueError,
+        match=r"^AdaLoRA does not work when `total_step` is None, supply a value > 0\. It is the number of optimizer",
+    ):
         AdaLoraConfig(target_modules=TARGETS)
-    with pytest.raises(ValueError, match=r"tinit=5, tfinal=5 and total_step=10 leave no budget phase"):
+    with pytest.raises(ValueError, match=r"when `total_step` is 0, supply a value > 0"):
+        AdaLoraConfig(total_step=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^The supplied schedule values don't allow for a budgeting phase\. .*"
+        r"\(tinit=5, tfinal=5 and total_step=10 leave no step between them",
+    ):
         AdaLoraConfig(total_step=10, tinit=5, tfinal=5)
+    with pytest.raises(
+        ValueError, match=r"^`orth_reg_weight` should be greater than or equal to 0, but the value passed is -0\.5"
+    ):
+        AdaLoraConfig(total_step=10, orth_reg_weight=-0.5)
+    with pytest.raises(ValueError, match=r"^ADALORA does not support LOFTQ .*LoraConfig\(init_lora_weights='loftq'"):
+        AdaLoraConfig(total_step=10, init_lora_weights="loftq", loftq_config={"loftq": "config"})
+    with pytest.raises(ValueError, match=r"^ADALORA does not support LOFTQ"):
+        AdaLoraConfig(total_step=10, loftq_config={"loftq_bits": 4})
+    with pytest.warns(UserWarning, match=r"^Note that `r` is not used in AdaLora and will be ignored\. .* `init_r`"):
+        AdaLoraConfig(total_step=10, r=4)
     with pytest.raises(ValueError, match=r"need 0 <= target_r <= init_r and init_r > 0; got target_r=16, init_r=12"):
         AdaLoraConfig(total_step=10, target_r=16)
     with pytest.raises(ValueError, match=r"beta1=1.5 is outside"):
         AdaLoraConfig(total_step=10, beta1=1.5)
+
+
+def test_one_trainable_adapter_like_peft(tmp_path):
+    # The rank allocator budgets one adapter; peft refuses a second trainable one with the same words.
+    config = AdaLoraConfig(target_modules=TARGETS, total_step=10)
+    model = get_peft_model(tiny_llama(), config)
+    with pytest.raises(ValueError, match=r"^AdaLoraModel supports only 1 trainable adapter\. .*'default' trains"):
+        model.add_adapter("second", AdaLoraConfig(target_modules=TARGETS, total_step=10))
+    assert list(model.peft_config) == ["default"]
+    assert not any("second" in name for name, _ in model.named_parameters())  # nothing left half-added
+    model.add_adapter("frozen", AdaLoraConfig(target_modules=TARGETS, total_step=10, inference_mode=True))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="AdaLoraModel supports only 1 trainable adapter"):
+        model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=False)
+    assert set(model.peft_config) == {"default", "frozen", "other"}
+    theirs = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
+    with pytest.raises(ValueError, match="AdaLoraModel supports only 1 trainable adapter"):
+        theirs.add_adapter("second", peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
+
+
+def test_module_lists_are_sets_and_files_list_them_like_peft(tmp_path):
+    config = AdaLoraConfig(
+        target_modules=["v_proj", "q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"], total_step=10
+    )
+    theirs = peft.AdaLoraConfig(
+        target_modules=["v_proj", "q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"], total_step=10
+    )
+    assert config.target_modules == theirs.target_modules == {"q_proj", "v_proj"}
+    assert config.exclude_modules == theirs.exclude_modules
+    model = get_peft_model(tiny_llama(), config)
+    wrapped = sorted(name for name, m in model.get_base_model().named_modules() if isinstance(m, SVDLayer))
+    assert wrapped == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["q_proj", "v_proj"]
+    assert peft.PeftConfig.from_pretrained(tmp_path).target_modules == {"q_proj", "v_proj"}
+    assert AdaLoraConfig.from_pretrained(tmp_path).target_modules == {"q_proj", "v_proj"}

@@ -206,9 +206,10 @@ def test_adapters_cannot_be_merged():
         peft_model.merge_and_unload()
 
 
-def test_layers_to_transform_and_target_modules():
+@pytest.mark.parametrize("layers", [[1], 1])  # one int is one layer, as in peft
+def test_layers_to_transform_and_target_modules(layers):
     peft_model = get_peft_model(
-        build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4, layers_to_transform=[1])
+        build("llama"), AdapterConfig(preset="houlsby", reduction_factor=4, layers_to_transform=layers)
     )
     names = [n for n, m in peft_model.named_modules() if isinstance(m, BottleneckLayer)]
     assert names == [

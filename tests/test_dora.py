@@ -286,7 +286,9 @@ def test_embedding_dora_matches_peft_merged_and_files(tmp_path):
 
 
 def test_adalora_refuses_dora_like_peft():
-    with pytest.raises(ValueError, match=r"AdaLoraConfig does not support use_dora=True .*LoraConfig\(use_dora=True\)"):
+    with pytest.raises(
+        ValueError, match=r"^ADALORA does not support DoRA \(use_dora=True.*LoraConfig\(use_dora=True\)"
+    ):
         AdaLoraConfig(total_step=10, use_dora=True)
     with pytest.raises(ValueError, match="does not support DoRA"):
         peft.AdaLoraConfig(total_step=10, use_dora=True)

@@ -276,7 +276,26 @@ def test_unknown_config_key_warns_and_loads(tmp_path):
     assert torch.equal(logits(loaded, tiny_inputs("llama")), logits(model, tiny_inputs("llama")))
 
 
-def test_peft_default_keys_do_not_warn(tmp_path, caplog):
+def test_a_config_without_peft_type_is_refused_like_peft(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"foo": "bar", "r": 8}')
+    message = r"^The LoraConfig config that is trying to be loaded is missing required keys: \{'peft_type'\}\."
+    with pytest.raises(TypeError, match=message + r" \(.*adapter_config\.json holds no adapter config"):
+        LoraConfig.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=message):
+        peft.LoraConfig.from_pretrained(tmp_path)
+
+
+def test_from_json_file_gives_the_fields_like_peft(tmp_path):
+    config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    config.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = LoraConfig.from_json_file(path)
+    assert fields == config.to_dict() and fields["r"] == 4
+    path.write_text(json.dumps({**fields, "runtime_config": {"ephemeral_gpu_offload": True}}))
+    assert LoraConfig.from_json_file(path) == fields  # peft's per-run options are dropped, as in peft
+
+
+def test_peft_default_keys_do_not_warn(tmp_path, caplog, recwarn):
     theirs = peft.get_peft_model(
         tiny_model("t5", "SEQ_2_SEQ_LM"), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules="all-linear")
     )
@@ -286,6 +305,7 @@ def test_peft_default_keys_do_not_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         loaded = PeftModel.from_pretrained(tiny_model("t5", "SEQ_2_SEQ_LM"), tmp_path)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not [w for w in recwarn if "Unexpected keyword arguments" in str(w.message)]
     assert loaded.active_peft_config.task_type == TaskType.SEQ_2_SEQ_LM
 
 

@@ -190,6 +190,7 @@ def test_layers_to_transform_like_peft(layers, pattern):
     )
     expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
     assert wrapped_names(ours, LoraLayer) == expected
+    assert ours.peft_config["default"].layers_to_transform == layers  # an int stays an int, as in peft
     wanted = [layers] if isinstance(layers, int) else layers
     assert {int(n.split(".")[2]) for n in expected} == set(wanted)
 

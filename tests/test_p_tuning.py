@@ -1,7 +1,6 @@
 """P-Tuning (prompt encoder, MLP or LSTM): the seeds' numbers, parity with peft 0.21.2, files both ways, generation
 with the cache, training and bad input."""
 
-import logging
 import warnings
 
 import peft
@@ -53,7 +52,7 @@ def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
     assert config.encoder_hidden_size == 2048  # the default: the model's hidden size
 
 
-def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers(caplog):
+def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers():
     # The seeds' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
     fields = dict(
         task_type=TaskType.CAUSAL_LM,
@@ -63,9 +62,14 @@ def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers(
         encoder_num_layers=5,
         encoder_hidden_size=1024,
     )
-    with caplog.at_level(logging.WARNING, logger="deltatune"):
+    # peft's warning, word for word (peft's tests compare it whole); none with the default encoder_num_layers.
+    with pytest.warns(UserWarning) as record:
         ours = get_peft_model(bloom_on_meta(), PromptEncoderConfig(**fields))
-    assert "encoder_num_layers=5 is ignored for the MLP encoder" in caplog.text
+    messages = [str(w.message) for w in record if "encoder_num_layers" in str(w.message)]
+    assert messages == ["for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(bloom_on_meta(), PromptEncoderConfig(**{**fields, "encoder_num_layers": 2}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(bloom_on_meta(), peft.PromptEncoderConfig(**fields))

@@ -17,6 +17,7 @@ from prompt_helpers import (
     tiny_model,
 )
 from test_seeds_table import bloom_on_meta
+from torch import nn
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, DynamicCache, LlamaForCausalLM
 
 from deltatune import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
@@ -133,6 +134,45 @@ def test_an_architecture_without_past_key_values_is_refused_by_name():
         r"prompt tuning or P-tuning",
     ):
         get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+
+
+class DictConfig(dict):
+    """A dict read by attribute, as peft's key-mapping tests fake a model config."""
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        raise AttributeError(name)
+
+
+class NotTransformers(nn.Module):
+    """A plain module with a config, as peft's key-mapping tests build: it takes no KV cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = DictConfig(vocab_size=10)
+        self.device = "cpu"  # peft reads it
+        self.layers = nn.ModuleList([nn.Linear(10, 10) for _ in range(2)])
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layers[0](input_ids.float())
+
+    def prepare_inputs_for_generation(self):  # what CAUSAL_LM asks of a model
+        return None
+
+
+def test_a_module_outside_transformers_takes_a_prefix_but_cannot_run_it(tmp_path):
+    # peft adds (and saves and loads) prefixes on any module; only a run needs the KV cache.
+    config = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, num_layers=2, token_dim=10, num_attention_heads=2)
+    model = get_peft_model(NotTransformers(), PrefixTuningConfig(**config))
+    model.prompt_encoder["default"].embedding.weight.data.fill_(1.0)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(NotTransformers(), tmp_path)
+    torch.testing.assert_close(loaded.prompt_encoder["default"].embedding.weight, torch.ones(5, 2 * 2 * 10))
+    with pytest.raises(ValueError, match=r"prefix tuning puts learned keys/values .* NotTransformers .* takes no KV"):
+        loaded(input_ids=torch.ones(1, 10, dtype=torch.long))
+    theirs = peft.get_peft_model(NotTransformers(), peft.PrefixTuningConfig(**config))
+    assert theirs.prompt_encoder["default"].embedding.weight.shape == (5, 40)
 
 
 class LlamaThatDropsThePast(LlamaForCausalLM):

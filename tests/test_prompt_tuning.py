@@ -27,7 +27,16 @@ from test_seeds_table import bloom_on_meta
 from transformers import LlamaForCausalLM
 
 import deltatune
-from deltatune import PeftModel, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from deltatune import (
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
 from deltatune.kv_cache import cache_argument, passed_cache
 
 CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [
@@ -290,18 +299,41 @@ def test_a_saved_prompt_can_be_trained_further(tmp_path):
     )
 
 
-@pytest.mark.parametrize("n", [0, -3, None, 2.5])
+@pytest.mark.parametrize("n", [0, -3, 2.5])
 def test_num_virtual_tokens_must_be_positive(n):
     with pytest.raises(ValueError, match=rf"num_virtual_tokens={n!r} is invalid: it must be a positive integer"):
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
 
 
+@pytest.mark.parametrize("config_class", [PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig])
+def test_num_virtual_tokens_may_wait_for_the_model_but_is_checked_when_added(config_class, tmp_path):
+    # peft's default is None; the config saves and loads without it, but no model takes an adapter without it.
+    config = config_class(task_type="CAUSAL_LM")
+    assert (
+        config.num_virtual_tokens is None and peft_class(config_class)(task_type="CAUSAL_LM").num_virtual_tokens is None
+    )
+    config.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    message = rf"num_virtual_tokens=None is invalid: it must be a positive integer.*{config_class.__name__}\("
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_model("llama"), config)
+    model = get_peft_model(tiny_model("llama"), config_class(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("second", config)
+    assert list(model.peft_config) == ["default"]
+
+
+def peft_class(config_class):
+    return getattr(peft, config_class.__name__)
+
+
 def test_text_init_needs_a_tokenizer_and_a_text():
-    with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs a tokenizer"):
+    # The messages start with peft's words (peft's tests match them).
+    with pytest.raises(ValueError, match="^When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None: a"):
         PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="hello"
         )
-    with pytest.raises(ValueError, match="prompt_tuning_init=TEXT needs prompt_tuning_init_text"):
+    with pytest.raises(ValueError, match="^When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None: "):
         PromptTuningConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=4,
@@ -378,3 +410,19 @@ def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
         ).start_logits
     torch.testing.assert_close(ours, expected)
     assert not torch.allclose(ours, model(input_ids=ids, attention_mask=mask).start_logits)  # the segments matter
+
+
+def test_peft_model_methods_peft_calls():
+    # prepare_model_for_gradient_checkpointing / supports_lora_conversion are peft's PeftModel methods;
+    # base_model.peft_config is where peft's tuner model keeps the configs.
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert model.base_model.peft_config is model.peft_config
+    assert model.supports_lora_conversion() is False  # deltatune converts no adapter to plain LoRA
+    ids = torch.tensor([[5, 6, 7]])
+    assert not model.get_input_embeddings()(ids).requires_grad
+    assert model.prepare_model_for_gradient_checkpointing(model) is model
+    assert model.get_input_embeddings()(ids).requires_grad  # frozen embeddings no longer cut the graph
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0

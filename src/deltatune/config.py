@@ -10,15 +10,12 @@ import dataclasses
 import enum
 import importlib.metadata
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import packaging.version
-
-logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 # Keys peft writes that describe the file rather than the method; dropped without a warning.
@@ -176,6 +173,11 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
         """Build the config of the method named by `peft_type`; unknown keys are dropped with a warning."""
+        if "peft_type" not in data:  # peft's words and error type, which its tests match
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"({source} holds no adapter config; save_pretrained writes one with peft_type)"
+            )
         config_class = cls
         if cls is PeftConfig:
             from deltatune.tuners import config_class_for
@@ -263,7 +265,7 @@ class PeftConfigWithTargets(PeftConfig):
             ``"all-linear"``. None uses the architecture's defaults.
         modules_to_save: modules trained in full next to the adapter (a classifier head, the embeddings);
             each gets a trainable copy that is saved with the adapter.
-        layers_to_transform: only these layer indices (int or list) get the adapter.
+        layers_to_transform: only these layer indices (a list, or one int, kept as given like peft) get the adapter.
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``) used to read the layer index.
         exclude_modules: modules to leave out of what `target_modules` selects: names (exact or dotted
             suffix) or one regex string matched against the full module name (peft's option).
@@ -282,8 +284,6 @@ class PeftConfigWithTargets(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 f"layers_pattern={self.layers_pattern!r} only tells where the layer index is; give "

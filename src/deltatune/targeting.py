@@ -55,9 +55,12 @@ def is_excluded(key: str, exclude_modules: list[str] | str | None) -> bool:
     return key in exclude_modules or any(key.endswith(f".{m}") for m in exclude_modules)
 
 
-def in_layers(key: str, layers_to_transform: list[int] | None, layers_pattern=None) -> bool:
-    """Whether `key` lies in one of the layers listed (always true when none are listed)."""
-    return not layers_to_transform or _layer_index(key, layers_pattern) in set(layers_to_transform)
+def in_layers(key: str, layers_to_transform: list[int] | int | None, layers_pattern=None) -> bool:
+    """Whether `key` lies in one of the layers listed, or the one layer given (always true when none are listed)."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+    return _layer_index(key, layers_pattern) in wanted
 
 
 def is_module_to_save(key: str, modules_to_save: Iterable[str] | None) -> bool:
@@ -147,7 +150,7 @@ def find_targets(model: nn.Module, config, default_targets: dict[str, list[str]]
     ]
     if not found:
         shown = shown_names(config.target_modules)
-        layers = f" in layers {config.layers_to_transform}" if config.layers_to_transform else ""
+        layers = f" in layers {config.layers_to_transform}" if config.layers_to_transform is not None else ""
         raise NoMatchingPeftModuleError(
             f"Target modules {shown} not found in the base model: target_modules={shown!r}{layers} matched no module "
             f"of {type(model).__name__}; modules with weights here include: {weight_module_names(model)}"

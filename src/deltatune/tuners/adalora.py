@@ -98,35 +98,58 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.loftq_config or self.init_lora_weights == "loftq":  # before LoRA's own checks of loftq_config
+            raise ValueError(
+                "ADALORA does not support LOFTQ (init_lora_weights='loftq' / loftq_config, as in peft); use "
+                "LoraConfig(init_lora_weights='loftq', loftq_config=...) for LoftQ"
+            )
         super().__post_init__()
         self.peft_type = PeftType.ADALORA
-        if self.use_dora:  # peft refuses it too: DoRA's magnitude has no place in AdaLoRA's SVD update
+        self._check_options()
+        self._check_schedule()
+
+    def _check_options(self) -> None:
+        """LoRA options AdaLoRA has no use for. The first words of the errors and warning are peft's."""
+        if self.use_dora:  # DoRA's magnitude has no place in AdaLoRA's SVD update
             raise ValueError(
-                "AdaLoraConfig does not support use_dora=True (peft neither); use "
-                "LoraConfig(use_dora=True) for DoRA, or AdaLoRA with use_dora=False"
+                "ADALORA does not support DoRA (use_dora=True, as in peft); use LoraConfig(use_dora=True) for "
+                "DoRA, or AdaLoRA with use_dora=False"
             )
         if self.lora_bias:  # its SVD layers have no B module to hold a bias
             raise ValueError("AdaLoraConfig does not support lora_bias=True; use LoraConfig(lora_bias=True)")
         if self.r != 8:
-            warnings.warn("AdaLoraConfig ignores r; the starting rank is init_r", stacklevel=3)
-        if reads_base_weight(self.init_lora_weights):  # PiSSA / OLoRA / LoftQ are LoRA's only (peft refuses LoftQ)
+            warnings.warn(
+                "Note that `r` is not used in AdaLora and will be ignored. If you intended to set the initial "
+                "rank, use `init_r` instead.",
+                stacklevel=4,
+            )
+        if reads_base_weight(self.init_lora_weights):  # PiSSA / OLoRA are LoRA's only
             raise ValueError(f"AdaLoRA does not support init_lora_weights={self.init_lora_weights!r}; use True")
+
+    def _check_schedule(self) -> None:
+        """The budget schedule needs a run length, a warm-up and a final phase that leave room to prune."""
         if self.total_step is None or self.total_step <= 0:
+            got = "is None" if self.total_step is None else f"is {self.total_step}"
             raise ValueError(
-                f"AdaLoRA needs total_step (got {self.total_step}): the number of optimizer steps of the run, over "
-                "which the rank budget schedule is laid out; e.g. total_step=len(train_dataloader) * num_epochs"
+                f"AdaLoRA does not work when `total_step` {got}, supply a value > 0. It is the number of optimizer "
+                "steps of the run, over which the rank budget schedule is laid out; e.g. "
+                "total_step=len(train_dataloader) * num_epochs"
             )
         if self.init_r <= 0 or not 0 <= self.target_r <= self.init_r:
             raise ValueError(
                 f"need 0 <= target_r <= init_r and init_r > 0; got target_r={self.target_r}, init_r={self.init_r}"
             )
+        if self.orth_reg_weight < 0:
+            raise ValueError(
+                "`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                f"{self.orth_reg_weight}; it weighs the orthogonality penalty (peft's default: 0.5)"
+            )
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
-                f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no budget phase "
-                "(need tinit < total_step - tfinal); lower tinit/tfinal or raise total_step"
+                "The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or "
+                f"increase `total_step` (tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} "
+                "leave no step between them: need tinit < total_step - tfinal)"
             )
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight={self.orth_reg_weight} must be >= 0")
         if self.deltaT < 1:
             raise ValueError(f"deltaT={self.deltaT} must be a positive number of steps")
         for name in ("beta1", "beta2"):
@@ -216,11 +239,33 @@ class SVDLayer(MergeableLayer):
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
 
+def refuse_second_trainable(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
+    """One trainable AdaLoRA adapter per model: the rank allocator budgets the ranks of a single adapter."""
+    if config.inference_mode:
+        return
+    training = sorted(
+        {
+            name
+            for m in model.modules()
+            if isinstance(m, SVDLayer)
+            for name, a in m.adapters.items()
+            if name != adapter_name and not a.config.inference_mode
+        }
+    )
+    if training:  # the first sentence is peft's, which its tests match
+        raise ValueError(
+            "AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode to "
+            f"True for all adapters except the one you want to train ({training[0]!r} trains already; add "
+            f"{adapter_name!r} with inference_mode=True, or load it with is_trainable=False)"
+        )
+
+
 def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
     """Wrap every targeted module in an `SVDLayer` with adapter `adapter_name` at rank init_r.
 
     A `rank_pattern` in the config is applied when weights are loaded (`load_rank_pattern`), as in peft.
     """
+    refuse_second_trainable(model, config, adapter_name)
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft (and LoRA)
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     tokens = plan_trainable_tokens(model, config, targets)  # checked before any layer is changed

@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune.config import PeftConfigWithTargets, PeftType, check_range
 from deltatune.layers import AdapterLayer
-from deltatune.targeting import _layer_index, find_targets, is_excluded, replace_module, wrap_modules_to_save
+from deltatune.targeting import find_targets, in_layers, is_excluded, replace_module, wrap_modules_to_save
 
 # Which sub-layers each preset puts an adapter after.
 PRESETS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -180,8 +180,7 @@ def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[str]:
     wanted = [{"attention": attention, "ffn": ffn}[place] for place in PRESETS[config.preset]]
     pattern = re.compile(rf"(?:.*\.)?{layers}\.\d+\.(?:{'|'.join(wanted)})")
     found = [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
-    if config.layers_to_transform:
-        found = [n for n in found if _layer_index(n, layers) in set(config.layers_to_transform)]
+    found = [n for n in found if in_layers(n, config.layers_to_transform, layers)]
     found = [n for n in found if not is_excluded(n, config.exclude_modules)]
     if not found:
         raise ValueError(f"no {config.preset} adapter place found in {type(model).__name__} (model_type={model_type})")

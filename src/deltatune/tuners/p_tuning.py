@@ -17,7 +17,7 @@ resume from it.
 from __future__ import annotations
 
 import enum
-import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,6 @@ from torch import nn
 
 from deltatune.config import PeftType, _enum_value, check_range
 from deltatune.tuners.virtual_tokens import PromptLearningConfig, VirtualTokenEncoder, build_on_device, prepare_model
-
-logger = logging.getLogger(__name__)
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -43,7 +41,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     Attributes:
         encoder_reparameterization_type: MLP (default) or LSTM.
         encoder_hidden_size: hidden width of the prompt encoder; None takes the model's hidden size.
-        encoder_num_layers: LSTM layers (the MLP always has 3 linear layers; other values are ignored there).
+        encoder_num_layers: LSTM layers (the MLP always has 2 hidden layers, 3 linear; other values warn, as in peft).
         encoder_dropout: dropout between LSTM layers.
     """
 
@@ -86,10 +84,9 @@ class PromptEncoder(VirtualTokenEncoder):
             )
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
             return
-        if config.encoder_num_layers != 2:
-            logger.warning(
-                "encoder_num_layers=%d is ignored for the MLP encoder, which has 3 linear layers (as in peft)",
-                config.encoder_num_layers,
+        if config.encoder_num_layers != 2:  # peft's words, which its tests compare: "2 MLP layers" = 2 hidden layers
+            warnings.warn(
+                "for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used.", stacklevel=2
             )
         self.mlp_head = nn.Sequential(
             nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d)

@@ -178,8 +178,14 @@ NEEDS_CACHE = (
 
 
 def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:
-    """Check the architecture, size the config (key/value heads on grouped-query attention), build the encoder."""
-    require_cache_argument(model, "prefix tuning", *NEEDS_CACHE)
+    """Check the architecture, size the config (key/value heads on grouped-query attention), build the encoder.
+
+    A transformers model that takes no KV cache is refused here; any other module is accepted, as peft accepts
+    it (its prefixes can be trained elsewhere, saved and loaded), and refused with the same error at its first
+    forward.
+    """
+    if isinstance(model, transformers.PreTrainedModel):
+        require_cache_argument(model, "prefix tuning", *NEEDS_CACHE)
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError(
             "prefix tuning does not work with gradient checkpointing (the prefix cache would be filled twice); "

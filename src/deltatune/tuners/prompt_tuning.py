@@ -68,13 +68,18 @@ class PromptTuningConfig(PromptLearningConfig):
         super().__post_init__()
         self.prompt_tuning_init = _enum_value(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
         text_init = self.prompt_tuning_init == PromptTuningInit.TEXT
-        if text_init and self.tokenizer_name_or_path is None:
+        # The first words of both errors are peft's, which its tests match.
+        if text_init and self.tokenizer_name_or_path in (None, ""):
             raise ValueError(
-                "prompt_tuning_init=TEXT needs a tokenizer to turn prompt_tuning_init_text into token ids: pass "
-                "tokenizer_name_or_path='<model name or folder>' or tokenizer_name_or_path=<tokenizer object>"
+                f"When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be {self.tokenizer_name_or_path!r}: "
+                "a tokenizer turns prompt_tuning_init_text into token ids; pass tokenizer_name_or_path='<model name "
+                "or folder>' or tokenizer_name_or_path=<tokenizer object>"
             )
         if text_init and not self.prompt_tuning_init_text:
-            raise ValueError("prompt_tuning_init=TEXT needs prompt_tuning_init_text, the text that starts the prompt")
+            raise ValueError(
+                f"When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be {self.prompt_tuning_init_text!r}: "
+                "give the text whose token embeddings start the prompt"
+            )
         if self.tokenizer_kwargs and not text_init:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init=TEXT; remove it or use TEXT")
 

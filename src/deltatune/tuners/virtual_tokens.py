@@ -22,7 +22,8 @@ Where peft 0.21.2 is broken we do the evident thing instead: TOKEN_CLS labels ar
 crashes on the length mismatch); QUESTION_ANS start/end positions are shifted by n (peft scores them against the
 wrong tokens), and QUESTION_ANS keeps token_type_ids (and, for prefix tuning, position_ids) as the other
 classifier tasks do (peft silently drops both there). Inference-loaded adapters count 0 trainable parameters
-(peft leaves the loaded prompt trainable).
+(peft leaves the loaded prompt trainable). `PeftModel.unload()` gives the unchanged base model back (peft has no
+unload for prompt methods and raises AttributeError).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class PromptLearningConfig(PeftConfig):
     """Fields every prompt method has (peft's `PromptLearningConfig`); the sizes are filled from the model.
 
     Attributes:
-        num_virtual_tokens: how many learned vectors go in front of each sequence (the seeds use 10-20).
+        num_virtual_tokens: how many learned vectors go in front of each sequence (the seeds use 10-20). None
+            (peft's default) is allowed in the config but must be set before the adapter is added to a model.
         token_dim: width of one virtual token; None takes the model's hidden size (for prefix tuning on
             grouped-query attention: key/value heads x head size).
         num_transformer_submodules: 2 for encoder-decoder models (peft keeps a second set of rows), else 1.
@@ -72,12 +74,18 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(
-                f"num_virtual_tokens={n!r} is invalid: it must be a positive integer, the number of learned "
-                "tokens put in front of each sequence (e.g. num_virtual_tokens=20)"
-            )
+        if self.num_virtual_tokens is not None:  # None waits for the model, as in peft; checked again when added
+            check_num_virtual_tokens(self)
+
+
+def check_num_virtual_tokens(config: PromptLearningConfig) -> None:
+    """Raise unless `config.num_virtual_tokens` is a positive integer (None included: a model needs a number)."""
+    n = config.num_virtual_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(
+            f"num_virtual_tokens={n!r} is invalid: it must be a positive integer, the number of learned tokens put "
+            f"in front of each sequence (e.g. {type(config).__name__}(num_virtual_tokens=20, ...))"
+        )
 
 
 # ---- filling the model's sizes into the config ------------------------------------------------------------
@@ -142,6 +150,7 @@ def model_device(model: nn.Module) -> torch.device:
 def prepare_model(model: nn.Module, config: PromptLearningConfig, adapter_name: str, kv_heads: bool = False) -> None:
     """What every prompt method does before building its encoder: check the task, size the config, and give
     `modules_to_save` (PeftModel has added the task's head there, as peft does) a trainable copy."""
+    check_num_virtual_tokens(config)
     if config.task_type is None:
         known = ", ".join(t.value for t in TaskType)
         raise ValueError(
