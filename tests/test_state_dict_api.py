@@ -173,7 +173,7 @@ def injected(library, seed: int, **settings):
 
 def test_inject_adapter_in_model_round_trip_and_keys_as_peft():
     ours = injected(deltatune, seed=1, modules_to_save=["linear2"])
-    assert ours.peft_config["default"].target_modules == ["linear"]
+    assert ours.peft_config["default"].target_modules == {"linear"}
     trainable = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
     assert trainable == [
         "linear.adapters.default.lora_A.weight",
@@ -198,7 +198,7 @@ def test_inject_adapter_in_model_round_trip_and_keys_as_peft():
 def test_inject_targets_the_modules_a_state_dict_names():
     state = peft.get_peft_model_state_dict(injected(peft, seed=1))  # keys made by peft
     model = inject_adapter_in_model(LoraConfig(target_modules=["lm_head"]), Dummy(), state_dict=state)
-    assert model.peft_config["default"].target_modules == ["linear"]
+    assert model.peft_config["default"].target_modules == {"linear"}
     assert sorted(get_peft_model_state_dict(model)) == sorted(state)
 
 

@@ -395,7 +395,7 @@ def _config_targeting(config: PeftConfig, state_dict: dict[str, torch.Tensor]) -
             "inject_adapter_in_model: state_dict has no LoRA tensors (keys with '.lora_'); nothing to adapt"
         )
     config = copy.copy(config)
-    config.target_modules = sorted(names)
+    config.target_modules = set(names)  # a set, as every config keeps it
     config.layers_to_transform = config.layers_pattern = None  # full names are exact targets
     return config
 
