@@ -18,7 +18,30 @@ from torch import nn
 BASE_ADAPTER_NAME = "__base__"  # a row of a mixed batch that should see no adapter
 
 
-class AdapterLayer(nn.Module):
+def as_names(adapter_names: str | Sequence[str]) -> list[str]:
+    """One adapter name or several, as a list (peft's `set_adapter` takes either)."""
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
+class WrappedLayer(nn.Module):
+    """A module that wraps `base_layer` and keeps per-adapter containers in `adapters`; attributes it lacks are
+    read from the wrapped layer (model code reads `layer.weight` or `layer.in_features`)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
+class AdapterLayer(WrappedLayer):
     """A base layer plus named adapters; subclasses implement `adapter_forward` and, if they can, merging.
 
     Attributes:
@@ -31,22 +54,11 @@ class AdapterLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        super().__init__(base_layer)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: Sequence[str] | None = None
-
-    def __getattr__(self, name: str):
-        # Model code sometimes reads `layer.weight` or `layer.in_features`; answer from the wrapped layer.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapters"):
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     def set_active(self, names: Sequence[str]) -> None:
         """Apply these adapters in forward; names this layer lacks are kept (as peft) and skipped."""
@@ -71,8 +83,7 @@ class AdapterLayer(nn.Module):
 
     def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate these adapters here; they train unless `inference_mode`, the others are frozen (as peft)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.set_active(names)
+        self.set_active(as_names(adapter_names))
         for name, adapter in self.adapters.items():
             adapter.requires_grad_(name in self.active_adapters and not inference_mode)
 
@@ -300,8 +311,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter's copy here (the others freeze); two would be ambiguous, as in peft."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.set_active(names)
+        self.set_active(as_names(adapter_names))
         for name, copied in self.modules_to_save.items():
             copied.requires_grad_(name == self.active_adapter and not inference_mode)
 

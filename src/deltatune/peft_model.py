@@ -22,7 +22,7 @@ from deltatune import trainer_integration
 from deltatune.config import PeftConfig, PeftType, PeftWarning, TaskType
 from deltatune.files import adapter_folder, check_save_arguments, load_weights, save_adapter_files
 from deltatune.hub import create_or_update_model_card, push_to_hub
-from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter
+from deltatune.layers import AdapterLayer, ModulesToSaveWrapper, as_names, belongs_to_adapter
 from deltatune.ops.lora_dispatch import weights_fixed
 from deltatune.state_dict import IncompatibleKeys, get_peft_model_state_dict, load_adapter_tensors
 from deltatune.targeting import replace_module
@@ -90,14 +90,19 @@ class TunerModel(nn.Module):
                 if name not in self.targeted_module_names:
                     self.targeted_module_names.append(name)
 
-    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        """Activate these adapters (several LoRA adapters add up); they train unless `inference_mode`."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    def known_names(self, adapter_names: str | Sequence[str]) -> list[str]:
+        """The adapter name(s) as a list, each one this model has (else peft's "not found" error)."""
+        names = as_names(adapter_names)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(
                 f"Adapter {unknown[0]} not found: this model has {', '.join(self.peft_config) or 'no adapters'}"
             )
+        return names
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Activate these adapters (several LoRA adapters add up); they train unless `inference_mode`."""
+        names = self.known_names(adapter_names)
         merged = [m for m in self.adapter_modules() if isinstance(m, AdapterLayer) and m.merged_adapters]
         if merged:  # as peft: a merged update would stay in the base weight under the new adapter
             logger.warning("set_adapter(%r): unmerging the merged adapters first", adapter_names)
@@ -128,10 +133,7 @@ class TunerModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the named adapters' parameters only (as peft)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Adapter {unknown[0]} not found: this model has {', '.join(self.peft_config)}")
+        names = self.known_names(adapter_names)
         for name, param in self.model.named_parameters():
             if any(belongs_to_adapter(name, adapter) for adapter in names):
                 param.requires_grad_(requires_grad)
@@ -353,10 +355,8 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make `adapter_name` the adapter used in forward and trained (unless `inference_mode`); a list of LoRA
         adapters activates them all, their updates adding up (peft does this on `base_model.set_adapter`)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if len(names) > 1 and any(
-            self.peft_config.get(n, None) and self.peft_config[n].is_prompt_learning for n in names
-        ):
+        names = as_names(adapter_name)
+        if len(names) > 1 and any(n in self.peft_config and self.peft_config[n].is_prompt_learning for n in names):
             raise ValueError("a prompt method runs one prompt at a time: activate one adapter with set_adapter(name)")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_trainable(inference_mode)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.layers import check_finite_merge
+from deltatune.layers import WrappedLayer, check_finite_merge
 from deltatune.tuners.lora import LoraConfig, LoraLayer, new_adapter
 
 
@@ -57,25 +57,12 @@ def check_config(config: LoraConfig) -> None:
         )
 
 
-class OutProjLora(nn.Module):
+class OutProjLora(WrappedLayer):
     """The out_proj Linear of an adapted nn.MultiheadAttention, with that layer's out_proj adapters beside it.
 
     nn.MultiheadAttention reads only `out_proj.weight` and `out_proj.bias` (answered from the Linear);
     `LoraMultiheadAttention` adds the update. Calling this module runs the plain Linear.
     """
-
-    def __init__(self, base_layer: nn.Linear) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapters"):
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
