@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))  # run from a checkout, installed or not
 import deltatune as dt  # noqa: E402
-from deltatune.tuners.quantized import bitsandbytes_config  # noqa: E402
+from deltatune.quantization import bitsandbytes_config  # noqa: E402
 
 warnings.filterwarnings("ignore")
 DEVICE = "cuda"

@@ -392,8 +392,8 @@ def prompt_section(args, base, name: str) -> list[dict]:
 
     rows = []
     for method, module in (("prompt", "prompt_tuning"), ("prefix", "prefix_tuning")):
-        if importlib.util.find_spec(f"deltatune.tuners.{module}") is None:
-            print(f"[{name}] {method} tuning: deltatune.tuners.{module} does not exist yet; skipped", flush=True)
+        if importlib.util.find_spec(f"deltatune.core.registry.{module}") is None:
+            print(f"[{name}] {method} tuning: deltatune.core.registry.{module} does not exist yet; skipped", flush=True)
             continue
         ids = batch(base, 4, 128, args.device)
         models = {lib: wrap(lib, copy.deepcopy(base), method=method) for lib in ("peft", "deltatune")}

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from deltatune.tuners.quantized import bitsandbytes_config
+from deltatune.quantization import bitsandbytes_config
 
 
 def save_tiny_llama(folder) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import AdaLoraCallback, AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
-from deltatune.tuners.adalora import SVDLayer, budget_schedule
+from deltatune.methods.adalora import SVDLayer, budget_schedule
 
 warnings.filterwarnings("ignore", message=".*ranknum.*")
 IDS = torch.arange(40).reshape(4, 10) % 100

@@ -11,7 +11,7 @@ from torch import nn
 
 import deltatune
 from deltatune import LoraConfig, PeftWarning, get_peft_model
-from deltatune.layers import ModulesToSaveWrapper
+from deltatune.core.layers import ModulesToSaveWrapper
 
 
 class MLP(nn.Module):

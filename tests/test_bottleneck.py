@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from deltatune import AdapterConfig, PeftModel, get_peft_model
-from deltatune.tuners.bottleneck import BottleneckLayer
+from deltatune.methods.bottleneck import BottleneckLayer
 
 D = 32  # hidden size of the tiny models
 TINY = {

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from deltatune import PeftModel
 from deltatune.cli import chat, evaluate, main, merge, train
 from deltatune.cli.methods import METHODS
-from deltatune.tuners import method_for
+from deltatune.core.registry import method_for
 
 
 def adapter_tensors(folder) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 import deltatune.cli as cli
 from deltatune.cli import chat, cmd_train, evaluate, main, merge, train
-from deltatune.lean_loss_trainer import LeanLossTrainer
+from deltatune.training.lean_loss_trainer import LeanLossTrainer
 
 
 def adapter_tensors(folder) -> dict[str, torch.Tensor]:

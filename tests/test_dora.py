@@ -10,8 +10,8 @@ from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny
 
 import deltatune.ops.lora_dispatch as dispatch
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
-from deltatune.tuners.dora import is_dora
-from deltatune.tuners.lora import LoraLayer
+from deltatune.methods.lora.dora import is_dora
+from deltatune.methods.lora.lora import LoraLayer
 
 ATOL = 1e-5
 DORA = dict(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True)
@@ -300,7 +300,7 @@ def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     from quant_helpers import load
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deltatune.tuners.quantized import dequantize_model, dequantized_weight
+    from deltatune.quantization import dequantize_model, dequantized_weight
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -345,7 +345,7 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
     from quant_helpers import load, save_tiny_llama
 
-    from deltatune.tuners.quantized import dequantized_weight
+    from deltatune.quantization import dequantized_weight
 
     save_tiny_llama(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)

@@ -12,7 +12,7 @@ from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import deltatune
-import deltatune.files
+import deltatune.core.files
 from deltatune import (
     AutoPeftModelForCausalLM,
     AutoPeftModelForSequenceClassification,
@@ -61,7 +61,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
             handle.write(b"\x00" * 10)
         raise OSError("disk full")
 
-    monkeypatch.setattr(deltatune.files, "save_file", half_written)
+    monkeypatch.setattr(deltatune.core.files, "save_file", half_written)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
@@ -87,8 +87,8 @@ def test_a_save_cut_short_between_the_two_files_leaves_the_previous_pair(tmp_pat
         made.append(1)
         return real_mkstemp(*args, **kwargs)
 
-    real_mkstemp = deltatune.files.tempfile.mkstemp
-    monkeypatch.setattr(deltatune.files.tempfile, "mkstemp", mkstemp)
+    real_mkstemp = deltatune.core.files.tempfile.mkstemp
+    monkeypatch.setattr(deltatune.core.files.tempfile, "mkstemp", mkstemp)
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()

@@ -11,8 +11,8 @@ import yaml
 from huggingface_hub import ModelCard
 from tiny_models import tiny_model
 
-import deltatune.config
-import deltatune.hub
+import deltatune.core.config
+import deltatune.core.hub
 from deltatune import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 
@@ -49,26 +49,26 @@ def test_an_existing_card_is_updated_not_replaced(tmp_path):
 
 
 def test_config_records_the_peft_format_version(tmp_path, monkeypatch):
-    assert deltatune.config.__version__ == peft.__version__  # the release the file tests check against
-    monkeypatch.setattr(deltatune.config, "__version__", "0.17.0")
+    assert deltatune.core.config.__version__ == peft.__version__  # the release the file tests check against
+    monkeypatch.setattr(deltatune.core.config, "__version__", "0.17.0")
     config = LoraConfig(r=2)
     assert config.peft_version == "0.17.0"
     config.save_pretrained(tmp_path)
-    monkeypatch.setattr(deltatune.config, "__version__", "0.18.0")
+    monkeypatch.setattr(deltatune.core.config, "__version__", "0.18.0")
     assert PeftConfig.from_pretrained(tmp_path).peft_version == "0.17.0"  # what the file says, not the current one
     assert LoraConfig.from_json_file(tmp_path / "adapter_config.json") == config.to_dict()
     assert peft.PeftConfig.from_pretrained(tmp_path).peft_version == "0.17.0"
 
 
 def test_a_dev_version_gets_the_commit(monkeypatch):
-    monkeypatch.setattr(deltatune.config, "__version__", "0.22.0.dev0")
-    monkeypatch.setattr(deltatune.config, "_get_commit_hash", lambda name: "abc123")
+    monkeypatch.setattr(deltatune.core.config, "__version__", "0.22.0.dev0")
+    monkeypatch.setattr(deltatune.core.config, "_get_commit_hash", lambda name: "abc123")
     assert LoraConfig().peft_version == "0.22.0.dev0@abc123"
 
     def broken(name):
         raise OSError("unreadable")
 
-    monkeypatch.setattr(deltatune.config, "_get_commit_hash", broken)
+    monkeypatch.setattr(deltatune.core.config, "_get_commit_hash", broken)
     with pytest.warns(UserWarning, match="error while trying to determine the commit hash"):
         assert LoraConfig().peft_version == "0.22.0.dev0@UNKNOWN"
 
@@ -97,8 +97,8 @@ def hub_calls(monkeypatch):
             calls["config"] = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
         return "commit-info"
 
-    monkeypatch.setattr(deltatune.hub, "create_repo", create_repo)
-    monkeypatch.setattr(deltatune.hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(deltatune.core.hub, "create_repo", create_repo)
+    monkeypatch.setattr(deltatune.core.hub, "upload_folder", upload_folder)
     return calls
 
 
@@ -141,7 +141,7 @@ def test_pushed_folder_loads_in_peft(hub_calls, tmp_path, monkeypatch):
 
         shutil.copytree(kwargs["folder_path"], tmp_path / "pushed")
 
-    monkeypatch.setattr(deltatune.hub, "upload_folder", keep)
+    monkeypatch.setattr(deltatune.core.hub, "upload_folder", keep)
     get_peft_model(tiny_model("llama"), LoraConfig(task_type="CAUSAL_LM")).push_to_hub("repo")
     assert isinstance(peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "pushed"), peft.PeftModel)
     assert isinstance(PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "pushed")), PeftModel)

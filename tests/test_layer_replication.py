@@ -15,7 +15,7 @@ from tiny_models import CONFIGS, randomize_adapter, tiny_inputs
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
-from deltatune.tuners.layer_replication import find_layer_list
+from deltatune.methods.lora.replication import find_layer_list
 
 MAP = [[0, 3], [1, 4]]
 ORDER = [0, 1, 2, 1, 2, 3]  # original layer at each new position

@@ -16,8 +16,8 @@ from quant_helpers import load, save_tiny_llama
 from safetensors.torch import load_file
 
 from deltatune import LoraConfig, get_peft_model, replace_lora_weights_loftq
-from deltatune.tuners.lora import LoraLayer
-from deltatune.tuners.quantized import dequantized_weight
+from deltatune.methods.lora.lora import LoraLayer
+from deltatune.quantization import dequantized_weight
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.arange(40).reshape(4, 10) % 100

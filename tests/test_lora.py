@@ -26,9 +26,9 @@ from tiny_models import (
 
 import deltatune
 from deltatune import LoraConfig, NoMatchingPeftModuleError, PeftModel, TaskType, get_peft_model
+from deltatune.core.peft_model import TunerModel
+from deltatune.methods.lora.lora import DEFAULT_TARGET_MODULES, LoraLayer
 from deltatune.ops.lora_dispatch import use_fast_paths
-from deltatune.peft_model import TunerModel
-from deltatune.tuners.lora import DEFAULT_TARGET_MODULES, LoraLayer
 
 
 # ---- parity with peft, per architecture ------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_adapter_files_load_across_libraries(arch, tmp_path):
     we_read_peft = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft")
     assert (
         type(we_read_peft)
-        is deltatune.task_models.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
+        is deltatune.core.task_models.MODEL_TYPE_TO_PEFT_MODEL[TaskType(DEFAULT_TASK.get(arch, "CAUSAL_LM"))]
     )
     assert_same_logits(peft_reads_ours, ours, inputs)
     assert_same_logits(we_read_peft, theirs, inputs)

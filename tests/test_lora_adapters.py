@@ -11,7 +11,7 @@ from lora_helpers import ATOL, PARITY_ARCHS, assert_same_logits, parity_kwargs, 
 from tiny_models import DEFAULT_TASK, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
 from deltatune import LoraConfig, PeftModel
-from deltatune.tuners.lora import LoraLayer
+from deltatune.methods.lora.lora import LoraLayer
 
 
 # ---- mixed batches (adapter_names) -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, PeftWarning, get_peft_model
-from deltatune.tuners.lora import LoraLayer
+from deltatune.methods.lora.lora import LoraLayer
 
 ATOL = 1e-5
 # bloom and qwen2 adapt biased nn.Linear layers, gpt2 a biased Conv1D

@@ -1,4 +1,4 @@
-"""add_weighted_adapter (deltatune.tuners.lora_combine) against HF peft and against the exact formulas."""
+"""add_weighted_adapter (deltatune.methods.lora.combine) against HF peft and against the exact formulas."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
-from deltatune.tuners.lora import LoraLayer
+from deltatune.methods.lora.lora import LoraLayer
 
 RULES = [
     "svd",

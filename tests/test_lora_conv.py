@@ -12,8 +12,8 @@ from torch import nn
 
 import deltatune
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel
+from deltatune.methods.lora.lora import LoraLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward
-from deltatune.tuners.lora import LoraLayer
 
 ATOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_grouped_conv_needs_rank_divisible_by_groups():
 
 
 def test_grouped_conv_warns_and_refuses_to_merge(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltatune.tuners.lora_conv"):
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.lora.conv"):
         ours, _, x = pair("conv2d_groups")
     assert "groups > 1. Merging is not supported" in caplog.text
     randomize_adapter(ours)

@@ -20,9 +20,9 @@ from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny
 
 import deltatune
 from deltatune import LoftQConfig, LoraConfig, PeftModel, get_peft_model
-from deltatune.tuners.lora import LoraLayer
-from deltatune.tuners.lora_init import quantize_roundtrip
-from deltatune.tuners.quantized import bitsandbytes_config, dequantized_weight
+from deltatune.methods.lora.initialization import quantize_roundtrip
+from deltatune.methods.lora.lora import LoraLayer
+from deltatune.quantization import bitsandbytes_config, dequantized_weight
 
 ATOL = 1e-5
 ALL = "all-linear"
@@ -287,14 +287,14 @@ def test_loftq_config_checks():
 
 
 def test_loftq_config_without_loftq_is_dropped_as_peft_does(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltatune.tuners.lora_init"):
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.lora.initialization"):
         config = LoraConfig(loftq_config=LoftQConfig())
     assert config.loftq_config == {}
     assert "loftq_config is ignored because init_lora_weights=True is not 'loftq'" in caplog.text
 
 
 def test_loftq_with_a_scale_other_than_one_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltatune.tuners.lora_init"):
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.lora.initialization"):
         get_peft_model(
             tiny_model("llama"),
             LoraConfig(

@@ -14,8 +14,8 @@ from torch import nn
 
 import deltatune
 from deltatune import LoraConfig, PeftModel
+from deltatune.methods.lora.lora import LoraLayer
 from deltatune.ops.lora_dispatch import fast_lora_forward
-from deltatune.tuners.lora import LoraLayer
 
 ATOL = 1e-5
 KEYS = {  # peft's file keys for the attention layer's adapter
@@ -153,7 +153,7 @@ def test_unload_gives_the_base_back():
     base, _ = base_and_input()
     randomize_adapter(ours)
     plain = ours.unload()
-    assert type(plain.mha.out_proj) is not deltatune.tuners.lora_mha.OutProjLora
+    assert type(plain.mha.out_proj) is not deltatune.methods.lora.mha.OutProjLora
     assert not any(".adapters." in n for n, _ in plain.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(plain(x), base(x))

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, DynamicCache, LlamaForCausalLM
 
 from deltatune import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
-from deltatune.tuners.prefix_tuning import prefix_cache
+from deltatune.methods.prefix_tuning import prefix_cache
 
 CASES = [(arch, TASK_OF[arch]) for arch in TASK_OF] + [
     ("bert", t) for t in ("TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")

@@ -18,7 +18,7 @@ from deltatune import (
     prepare_model_for_int8_training,
     prepare_model_for_kbit_training,
 )
-from deltatune.tuners.quantized import bitsandbytes_config, dequantized_weight
+from deltatune.quantization import bitsandbytes_config, dequantized_weight
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 IDS = torch.arange(40).reshape(4, 10) % 100

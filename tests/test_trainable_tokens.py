@@ -17,9 +17,9 @@ from tiny_models import DEFAULT_TASK, copy_to_peft, logits, lora_pair, randomize
 
 import deltatune
 from deltatune import LoraConfig, PeftModel
-from deltatune.layers import peft_key
-from deltatune.tuners.adalora import AdaLoraConfig
-from deltatune.tuners.trainable_tokens import TrainableTokensLayer
+from deltatune.core.layers import peft_key
+from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.lora.trainable_tokens import TrainableTokensLayer
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "t5": ["q", "v"]}
 EMBEDDING = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "t5": "shared"}
@@ -397,7 +397,7 @@ def test_modules_to_save_conflict_is_refused_before_the_model_changes(indices):
     )
     with pytest.raises(ValueError, match="model.embed_tokens is in both modules_to_save .* and trainable_token_ind"):
         deltatune.get_peft_model(base, config)
-    assert not any(isinstance(m, (TrainableTokensLayer, deltatune.layers.AdapterLayer)) for m in base.modules())
+    assert not any(isinstance(m, (TrainableTokensLayer, deltatune.core.layers.AdapterLayer)) for m in base.modules())
     if isinstance(indices, dict):  # peft refuses this form too (the list form breaks later, in its forward)
         peft_config = peft.LoraConfig(
             task_type="CAUSAL_LM",

@@ -1,6 +1,6 @@
 """Training with transformers.Trainer used unchanged (the seeds' steps 4-6), and with a plain PyTorch loop.
 
-Trainer only knows peft's classes; deltatune.trainer_integration makes it treat our PeftModel the same way, so
+Trainer only knows peft's classes; deltatune.core.trainer_integration makes it treat our PeftModel the same way, so
 checkpoints are adapter files, resume_from_checkpoint works, and a quantized base with adapters is accepted.
 """
 
@@ -208,7 +208,7 @@ def test_quantized_base_with_adapter_passes_trainers_check(tmp_path):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_lean_loss_trainer_trains_as_trainer_does(tmp_path, monkeypatch, grad_accum):
     """Same losses and adapter weights as Trainer's own loss, with the lean loss run at every training step."""
-    import deltatune.lean_loss_trainer as lean_module
+    import deltatune.training.lean_loss_trainer as lean_module
 
     calls = []
     original = lean_module.lean_causal_lm_loss
@@ -238,7 +238,7 @@ def test_lean_loss_trainer_trains_as_trainer_does(tmp_path, monkeypatch, grad_ac
 
 
 def test_lean_loss_trainer_uses_trainers_loss_where_the_lean_one_would_differ(tmp_path, monkeypatch):
-    import deltatune.lean_loss_trainer as lean_module
+    import deltatune.training.lean_loss_trainer as lean_module
 
     monkeypatch.setattr(lean_module, "lean_causal_lm_loss", lambda *a, **k: pytest.fail("lean loss used"))
     adalora = get_peft_model(tiny_model("llama"), deltatune.AdaLoraConfig(target_modules=["q_proj"], total_step=STEPS))

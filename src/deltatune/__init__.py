@@ -4,7 +4,8 @@ The public names match peft's, so `from deltatune import LoraConfig, get_peft_mo
 seeds' code unchanged.
 """
 
-from deltatune.auto import (
+from deltatune import methods  # noqa: F401  (registers every method)
+from deltatune.core.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
     AutoPeftModelForFeatureExtraction,
@@ -13,7 +14,7 @@ from deltatune.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from deltatune.config import (
+from deltatune.core.config import (
     NoMatchingPeftModuleError,
     PeftConfig,
     PeftError,
@@ -22,15 +23,15 @@ from deltatune.config import (
     TaskType,
     get_peft_config,
 )
-from deltatune.peft_model import PeftModel
-from deltatune.state_dict import (
+from deltatune.core.peft_model import PeftModel
+from deltatune.core.state_dict import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
     inject_adapter_in_model,
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
-from deltatune.task_models import (
+from deltatune.core.task_models import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
@@ -39,28 +40,30 @@ from deltatune.task_models import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from deltatune.tuners.adalora import AdaLoraConfig
-from deltatune.tuners.bitfit import BitFitConfig
-from deltatune.tuners.bottleneck import AdapterConfig
-from deltatune.tuners.loftq_replace import replace_lora_weights_loftq
-from deltatune.tuners.lora import LoraConfig
-from deltatune.tuners.lora_init import LoftQConfig
-from deltatune.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from deltatune.tuners.prefix_tuning import PrefixTuningConfig
-from deltatune.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
-from deltatune.tuners.quantized import prepare_model_for_int8_training, prepare_model_for_kbit_training
+from deltatune.methods.adalora import AdaLoraConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.bottleneck import AdapterConfig
+from deltatune.methods.lora.initialization import LoftQConfig
+from deltatune.methods.lora.loftq import replace_lora_weights_loftq
+from deltatune.methods.lora.lora import LoraConfig
+from deltatune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from deltatune.methods.prefix_tuning import PrefixTuningConfig
+from deltatune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from deltatune.moved_modules import install as _install_moved_modules
+from deltatune.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
+_install_moved_modules()
 
 
 def __getattr__(name: str):
     # These need transformers' Trainer: imported on first use, not with the package.
     if name == "AdaLoraCallback":
-        from deltatune.tuners.adalora_callback import AdaLoraCallback
+        from deltatune.training.adalora_callback import AdaLoraCallback
 
         return AdaLoraCallback
     if name == "LeanLossTrainer":
-        from deltatune.lean_loss_trainer import LeanLossTrainer
+        from deltatune.training.lean_loss_trainer import LeanLossTrainer
 
         return LeanLossTrainer
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

@@ -21,7 +21,7 @@ from typing import Any
 from deltatune.cli.methods import METHODS
 from deltatune.cli.options import TrainOptions, make_options
 from deltatune.cli.runs import is_run_folder
-from deltatune.files import atomic_write_text
+from deltatune.core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

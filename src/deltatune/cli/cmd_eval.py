@@ -15,7 +15,7 @@ from typing import Any
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, exact_match, generate, perplexity
 from deltatune.cli.models import load_adapter_model, load_model
-from deltatune.files import atomic_write_text
+from deltatune.core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 
 from deltatune.cli.models import adapter_folder, load_model, read_run, resolve_model
-from deltatune.files import give_default_mode
+from deltatune.core.files import give_default_mode
 
 logger = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ from deltatune.cli.runs import (
     remove_run,
     tidy_run_folder,
 )
-from deltatune.files import atomic_write_text
-from deltatune.lean_loss_trainer import LeanLossTrainer
+from deltatune.core.files import atomic_write_text
+from deltatune.training.lean_loss_trainer import LeanLossTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ CAUSAL_LM = TaskType.CAUSAL_LM
 
 
 def _adalora_callback() -> Any:
-    from deltatune.tuners.adalora_callback import AdaLoraCallback  # imports the Trainer's utilities: only when used
+    from deltatune.training.adalora_callback import AdaLoraCallback  # imports the Trainer's utilities: only when used
 
     return AdaLoraCallback()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from deltatune.files import give_default_mode
+from deltatune.core.files import give_default_mode
 
 logger = logging.getLogger(__name__)
 

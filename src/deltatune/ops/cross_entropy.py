@@ -109,7 +109,7 @@ def linear_cross_entropy(
 
 def lean_loss_refusal(model: nn.Module) -> str | None:
     """Why `lean_causal_lm_loss` would not equal the loss of `model(..., labels=...)`, or None when it would."""
-    from deltatune.tuners import method_for
+    from deltatune.core.registry import method_for
 
     if _is_peft_wrapper(model):
         method, name = method_for(model.active_peft_config), model.active_peft_config.peft_type.value
