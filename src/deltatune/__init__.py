@@ -51,8 +51,8 @@ from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.moved_modules import install as _install_moved_modules
 from deltatune.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
+from deltatune.version import __version__ as __version__
 
-__version__ = "0.1.0"
 _install_moved_modules()
 
 

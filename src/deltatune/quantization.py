@@ -28,8 +28,6 @@ import warnings
 import torch
 from torch import nn
 
-from deltatune.core.targeting import replace_module
-
 logger = logging.getLogger(__name__)
 
 QUANTIZED_LINEAR = ("Linear4bit", "Linear8bitLt")
@@ -219,7 +217,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         dtype = config_dtype if isinstance(config_dtype, torch.dtype) else None
     found = [(name, module) for name, module in model.named_modules() if is_quantized_linear(module)]
     for name, module in found:
-        replace_module(model, name, dequantized_linear(module, dtype))
+        model.set_submodule(name, dequantized_linear(module, dtype))
     _clear_quantization_flags(model)
     logger.info("dequantised %d bitsandbytes layers%s", len(found), f" to {dtype}" if dtype else "")
     return model

@@ -13,11 +13,13 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import packaging.version
 
-CONFIG_NAME = "adapter_config.json"
+from deltatune.core.files import CONFIG_NAME, atomic_write_text  # CONFIG_NAME is still importable from here
+from deltatune.core.registry import config_class_for
+
 # Keys peft writes that describe the file rather than the method; dropped without a warning.
 INFORMATIONAL_KEYS = {"qalora_group_size"}
 
@@ -81,7 +83,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
 
 
-def _enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any:
+def enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any:
     """Turn a string into the enum member, with an error that lists the allowed values."""
     if value is None or isinstance(value, enum_class):
         return value
@@ -127,15 +129,14 @@ class PeftConfig:
     peft_version: str | None = None  # the adapter format's peft release; None fills in `__version__` (as peft)
 
     def __post_init__(self) -> None:
-        self.task_type = _enum_value(TaskType, self.task_type, "task_type")
-        self.peft_type = _enum_value(PeftType, self.peft_type, "peft_type")
+        self.task_type = enum_value(TaskType, self.task_type, "task_type")
+        self.peft_type = enum_value(PeftType, self.peft_type, "peft_type")
         if self.peft_version is None:
             self.peft_version = current_peft_version()
 
-    @property
-    def is_prompt_learning(self) -> bool:
-        """True for methods that add virtual tokens instead of changing layers."""
-        return self.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING, PeftType.PREFIX_TUNING)
+    # True for methods that add virtual tokens instead of changing layers (peft's attribute); the prompt
+    # methods' config base sets it.
+    is_prompt_learning: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict with peft's field names (enums as strings, sets as sorted lists)."""
@@ -165,8 +166,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` atomically into `save_directory`."""
-        from deltatune.core.files import atomic_write_text
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
@@ -180,8 +179,6 @@ class PeftConfig:
             )
         config_class = cls
         if cls is PeftConfig:
-            from deltatune.core.registry import config_class_for
-
             config_class = config_class_for(data.get("peft_type"), source)
         known = {f.name for f in dataclasses.fields(config_class) if f.init}
         # peft writes many fields for features we lack; only ones set to a non-default value matter.

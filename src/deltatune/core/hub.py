@@ -16,20 +16,21 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from torch import nn
 
 from deltatune.core import config as config_module
-from deltatune.core.config import PeftType, TaskType
+from deltatune.core.config import TaskType
 from deltatune.core.files import atomic_write_text
+from deltatune.core.registry import method_for
+from deltatune.version import __version__ as deltatune_version
 
 CARD_NAME = "README.md"
 FRAMEWORK_HEADING = "### Framework versions"
 
 
 def _card_tags(model: nn.Module, base: nn.Module) -> set[str]:
-    """peft's tags: the base model's own, `transformers`, `lora`, and `base_model:adapter:<base>`."""
+    """peft's tags: the base model's own, `transformers`, the method's (`lora`), and `base_model:adapter:<base>`."""
     tags = set(getattr(base, "model_tags", None) or [])
     if type(base).__module__.startswith("transformers."):
         tags.add("transformers")
-    if model.active_peft_config.peft_type == PeftType.LORA:
-        tags.add("lora")
+    tags.update(method_for(model.active_peft_config).card_tags)
     if getattr(base, "name_or_path", None):
         tags.add(f"base_model:adapter:{base.name_or_path}")
     return tags
@@ -37,9 +38,7 @@ def _card_tags(model: nn.Module, base: nn.Module) -> set[str]:
 
 def _framework_lines(lines: list[str]) -> list[str]:
     """The card's lines with the versions block: the peft format written (as peft's card) and deltatune's release."""
-    import deltatune  # at call time: the package imports this module while it loads
-
-    wanted = [f"- PEFT {config_module.__version__}", f"- deltatune {deltatune.__version__}"]
+    wanted = [f"- PEFT {config_module.__version__}", f"- deltatune {deltatune_version}"]
     missing = [line for line in wanted if line not in lines]
     if not missing:
         return lines

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from deltatune.quantization import is_quantized_linear, merge_into_quantized
+
 BASE_ADAPTER_NAME = "__base__"  # a row of a mixed batch that should see no adapter
 
 
@@ -188,8 +190,6 @@ class MergeableLayer(AdapterLayer):
     def _shift_weight(self, delta: torch.Tensor) -> None:
         """Add `delta` to the base weight: into the codes of a 4/8-bit base, else in place, summed in the delta's
         precision and rounded once to the weight's (as peft's `weight.data += delta`)."""
-        from deltatune.quantization import is_quantized_linear, merge_into_quantized
-
         if is_quantized_linear(self.base_layer):
             merge_into_quantized(self.base_layer, delta)
         else:

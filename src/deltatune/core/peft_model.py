@@ -19,17 +19,15 @@ import torch
 from torch import nn
 
 from deltatune.core import trainer_integration
-from deltatune.core.config import PeftConfig, PeftType, PeftWarning, TaskType
+from deltatune.core.config import PeftConfig, PeftWarning, TaskType
 from deltatune.core.files import adapter_folder, check_save_arguments, load_weights, save_adapter_files
 from deltatune.core.hub import create_or_update_model_card, push_to_hub
 from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper, as_names, belongs_to_adapter
-from deltatune.core.registry import method_for
+from deltatune.core.registry import Method, method_for
 from deltatune.core.state_dict import IncompatibleKeys, get_peft_model_state_dict, load_adapter_tensors
 from deltatune.core.targeting import replace_module
-from deltatune.methods.lora.initialization import convert_to_plain_lora
-from deltatune.methods.lora.replication import refuse_merge_if_replicated
-from deltatune.methods.prompt_tuning import random_start_while_loading
 from deltatune.ops.lora_dispatch import weights_fixed
+from deltatune.quantization import dequantize_model, is_quantized_linear
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +44,9 @@ class TunerModel(nn.Module):
         self.adapters_disabled = False  # True while adapters are switched off; read by methods with their own forward
         self.targeted_module_names: list[str] = []  # every module an adapter wraps, in the order first wrapped
         self.loaded_trainable: set[str] = set()  # adapters loaded with is_trainable=True: they train while inactive
+        # The method of the adapters (one per model). Kept after the last adapter is deleted: what a method changed
+        # in place (BitFit's biases) is still there for `unload`.
+        self.method: Method | None = None
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -147,14 +148,11 @@ class TunerModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """Switch every adapter off in place: the model computes the base output (merged ones are unmerged)."""
         for name in self.active_names:
-            bias = getattr(self.peft_config[name], "bias", "none")
-            if bias != "none":  # the trained biases are the base model's own: they stay
-                warnings.warn(
-                    f"disabling adapter layers with bias={bias!r} does not give the base model's output: the "
-                    "biases trained in place stay",
-                    PeftWarning,
-                    stacklevel=2,
-                )
+            config = self.peft_config[name]
+            hook = method_for(config).disable_warning
+            message = hook(config) if hook else None
+            if message:  # something the method trained in place stays
+                warnings.warn(message, PeftWarning, stacklevel=2)
         for module in self.adapter_modules():
             if isinstance(module, AdapterLayer) and module.merged_adapters:
                 module.unmerge()
@@ -178,10 +176,20 @@ class TunerModel(nn.Module):
             self.set_adapter(remaining)
 
     def update_and_allocate(self, global_step: int) -> int:
-        """AdaLoRA's rank budget step under peft's name: `peft_model.base_model.update_and_allocate(step)`."""
-        from deltatune.methods.adalora import update_and_allocate
+        """The method's step outside the optimizer, under peft's name: AdaLoRA's rank budget
+        (`peft_model.base_model.update_and_allocate(step)`, after `loss.backward()`).
 
-        return update_and_allocate(self.model, global_step)
+        Returns:
+            The method's budget at this step (AdaLoRA: the total rank).
+        """
+        hook = self.method.update_and_allocate if self.method else None
+        if hook is None:
+            kind = self.method.peft_type.value if self.method else "no"
+            raise ValueError(
+                f"update_and_allocate is AdaLoRA's rank budget step, but this model holds no AdaLoRA adapter ({kind} "
+                "adapters have no step outside the optimizer)"
+            )
+        return hook(self.model, global_step)
 
 
 # The heads peft trains in full next to any adapter of a classifier / QA model (added to `modules_to_save`).
@@ -197,6 +205,18 @@ def _add_task_heads(config: PeftConfig) -> None:
     heads = TASK_HEADS.get(config.task_type, ())
     if heads and hasattr(config, "modules_to_save"):
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
+
+
+# {task type: the PeftModel subclass for it}, filled by `deltatune.core.task_models` (the task classes subclass
+# PeftModel, so they are defined after it); `PeftModel.from_pretrained` picks the class here.
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {}
+
+
+def _while_loading(config: PeftConfig) -> contextlib.AbstractContextManager[None]:
+    """The method's context for creating an adapter whose values a file is about to give (prompt tuning starts
+    from random values instead of reading a tokenizer)."""
+    hook = method_for(config).while_loading
+    return hook(config) if hook else contextlib.nullcontext()
 
 
 def count_parameters(params: Iterator[tuple[str, nn.Parameter]]) -> tuple[int, int]:
@@ -309,8 +329,9 @@ class PeftModel(nn.Module):
         return next(iter(self.active_adapters), next(iter(self.peft_config), "default"))
 
     @property
-    def _adapters_disabled(self) -> bool:
-        return self.base_model.adapters_disabled
+    def method(self) -> Method | None:
+        """The registered method of this model's adapters (`deltatune.core.registry.Method`)."""
+        return self.base_model.method
 
     def _adapter_modules(self) -> Iterator[nn.Module]:
         return self.base_model.adapter_modules()
@@ -351,6 +372,7 @@ class PeftModel(nn.Module):
                 module.delete_adapter(adapter_name)
             del self.peft_config[adapter_name]
             raise
+        self.base_model.method = method
         cast_adapter_dtype(model, adapter_name, autocast_adapter_dtype)
         self.base_model.record_targets(adapter_name)
         self._set_trainable()
@@ -359,7 +381,8 @@ class PeftModel(nn.Module):
         """Make `adapter_name` the adapter used in forward and trained (unless `inference_mode`); a list of LoRA
         adapters activates them all, their updates adding up (peft does this on `base_model.set_adapter`)."""
         names = as_names(adapter_name)
-        if len(names) > 1 and any(n in self.peft_config and self.peft_config[n].is_prompt_learning for n in names):
+        known = [self.peft_config[n] for n in names if n in self.peft_config]
+        if len(names) > 1 and any(method_for(config).one_adapter_at_a_time for config in known):
             raise ValueError("a prompt method runs one prompt at a time: activate one adapter with set_adapter(name)")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_trainable(inference_mode)
@@ -389,11 +412,13 @@ class PeftModel(nn.Module):
         combination_type: str = "svd",
         **options: Any,
     ) -> None:
-        """LoRA only: add `adapter_name`, the `adapters` combined with `weights` ("svd", "cat", "linear", TIES,
-        DARE...; peft's arguments). See `deltatune.methods.lora.combine`."""
-        from deltatune.methods.lora.combine import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
+        """Add `adapter_name`, the `adapters` combined with `weights`, for methods that can (LoRA: "svd", "cat",
+        "linear", TIES, DARE...; peft's arguments; see `deltatune.methods.lora.combine`)."""
+        hook = self.method.add_weighted_adapter if self.method else None
+        if hook is None:
+            name, kind = self.active_peft_name(), self.active_peft_config.peft_type.value
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is {kind}")
+        hook(self, adapters, weights, adapter_name, combination_type, **options)
 
     def _set_trainable(self, inference_mode: bool = False) -> None:
         """Freeze everything but the active adapters (nothing trains in inference mode)."""
@@ -404,7 +429,7 @@ class PeftModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the named adapters only (peft's method; layer adapters only)."""
-        if self.peft_config and self.active_peft_config.is_prompt_learning:
+        if self.peft_config and method_for(self.active_peft_config).one_adapter_at_a_time:
             raise TypeError(
                 "Setting `requires_grad` is not supported for prompt learning methods like "
                 f"{self.active_peft_config.peft_type.value}."
@@ -424,20 +449,13 @@ class PeftModel(nn.Module):
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
                 f"{', '.join(self.peft_config)} (and '__base__' for no adapter)"
             )
-        if self.active_peft_config.is_prompt_learning:
-            raise ValueError(
-                "adapter_names (one adapter per row) is for layer adapters such as LoRA; a prompt method puts one "
-                "prompt before the whole batch: call set_adapter(name) and run each adapter's rows separately"
-            )
+        refuse_rows = method_for(self.active_peft_config).refuse_rows
+        if refuse_rows is not None:  # rows the method cannot serve (one prompt per batch, biases changed in place)
+            refuse_rows(self.active_peft_config, adapter_names)
         if any(isinstance(m, AdapterLayer) and m.merged_adapters for m in self._adapter_modules()):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
                 "(a merged update is in the base weight, so every row would see it)"
-            )
-        if self.active_peft_config.peft_type == PeftType.BITFIT and "__base__" in adapter_names:
-            raise ValueError(
-                "BitFit trains the base biases in place, so one batch cannot mix BitFit rows with '__base__' rows; "
-                "run the base rows in a separate pass inside `with model.disable_adapter():`"
             )
         modules = list(self._adapter_modules())
         for module in modules:
@@ -480,9 +498,8 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block; on leaving, every layer is as it was before."""
-        from deltatune.methods.bitfit import swap_bitfit_biases
-
-        bitfit = bool(self.peft_config) and self.active_peft_config.peft_type == PeftType.BITFIT  # biases in place
+        hook = method_for(self.active_peft_config).while_disabled if self.peft_config else None
+        in_place = hook(self.get_base_model()) if hook else contextlib.nullcontext()  # BitFit's trained biases
         modules = list(self._adapter_modules())
         # A merged update lives in the base weight: take it out for the block, fold it back in after.
         merged = {m: list(m.merged_adapters) for m in modules if isinstance(m, AdapterLayer) and m.merged_adapters}
@@ -501,13 +518,10 @@ class PeftModel(nn.Module):
         for module in modules:
             module.disabled = True
         self.base_model.adapters_disabled = True
-        if bitfit:
-            swap_bitfit_biases(self.get_base_model())
         try:
-            yield
+            with in_place:
+                yield
         finally:
-            if bitfit:
-                swap_bitfit_biases(self.get_base_model())
             for module, names in merged.items():
                 module.merge(names)
             self.base_model.adapters_disabled = was_disabled
@@ -521,7 +535,9 @@ class PeftModel(nn.Module):
                 f"{self.active_peft_config.peft_type.value} adds no weight that can be folded into the base; "
                 "merging is only for LoRA-family adapters (keep the PeftModel for inference)"
             )
-        refuse_merge_if_replicated(self.get_base_model())
+        refuse_merge = method_for(self.active_peft_config).refuse_merge
+        if refuse_merge is not None:  # LoRA's replicated layers share one base weight
+            refuse_merge(self.get_base_model())
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active (or named) adapters into the base weights; `unmerge_adapter` undoes it.
@@ -559,8 +575,6 @@ class PeftModel(nn.Module):
         the result is a plain full-precision model (folding into 4-bit codes would round the update away).
         """
         self._check_mergeable()
-        from deltatune.quantization import dequantize_model, is_quantized_linear
-
         if any(is_quantized_linear(m) for m in self.get_base_model().modules()):
             dequantize_model(self.get_base_model())
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
@@ -568,17 +582,16 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Return the transformers model without any adapter (base weights as before)."""
-        from deltatune.methods.bitfit import remove_bitfit
-
         self.unmerge_adapter()
-        remove_bitfit(self.get_base_model(), keep_trained=False)
-        return self._unwrap_all()
+        return self._unwrap_all(keep_trained=False)
 
-    def _unwrap_all(self) -> nn.Module:
-        from deltatune.methods.bitfit import remove_bitfit
-
+    def _unwrap_all(self, keep_trained: bool = True) -> nn.Module:
+        """Replace every adapter layer by the layer it wraps; `keep_trained`: what a method changed in place
+        (BitFit's biases) keeps its trained values (merge_and_unload) or gets the originals back (unload)."""
         model = self.get_base_model()
-        remove_bitfit(model, keep_trained=True)  # after merge_and_unload the trained biases are the model's
+        method = self.base_model.method
+        if method is not None and method.before_unload is not None:
+            method.before_unload(model, keep_trained)
         for name, module in list(model.named_modules()):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 replace_module(model, name, module.unwrap())
@@ -624,7 +637,8 @@ class PeftModel(nn.Module):
 
         `path_initial_model_for_weight_conversion=folder` (peft's option): `folder` holds the PiSSA / OLoRA
         adapter as saved right after initialisation; the adapter is written as a plain LoRA of rank 2r that
-        applies to the ORIGINAL base weights (`deltatune.methods.lora.initialization.convert_to_plain_lora`).
+        applies to the ORIGINAL base weights (the method's `convert_on_save` hook; LoRA's is
+        `deltatune.methods.lora.initialization.convert_to_plain_lora`).
         """
         check_save_arguments(list(self.peft_config), save_directory, selected_adapters, safe_serialization)
         if not is_main_process:
@@ -635,9 +649,18 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             state = get_peft_model_state_dict(self, kwargs.get("state_dict"), name, False, save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA -> plain LoRA
-                state, config = convert_to_plain_lora(state, config, path_initial_model_for_weight_conversion)
+                state, config = self._converted(state, config, path_initial_model_for_weight_conversion)
             save_adapter_files(folder, state, config.saved_json_string())  # both files or neither
         self.create_or_update_model_card(save_directory)  # after the adapters: a failed save writes no card
+
+    @staticmethod
+    def _converted(state: dict[str, torch.Tensor], config: PeftConfig, initial_folder: str):
+        """`save_pretrained(path_initial_model_for_weight_conversion=...)`: the method's conversion of the tensors
+        and config, if it has one."""
+        convert = method_for(config).convert_on_save
+        if convert is None:
+            raise ValueError("path_initial_model_for_weight_conversion only applies to LoRA adapters (PiSSA / OLoRA)")
+        return convert(state, config, initial_folder)
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Write peft's model card `README.md` into `output_dir`, or update the one there (see `deltatune.core.hub`)."""
@@ -676,7 +699,7 @@ class PeftModel(nn.Module):
         if created:
             config = config or PeftConfig.from_pretrained(folder)
             config.inference_mode = not is_trainable
-            with random_start_while_loading(config):
+            with _while_loading(config):
                 self.add_adapter(
                     adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
                 )
@@ -723,10 +746,8 @@ class PeftModel(nn.Module):
         config = config or PeftConfig.from_pretrained(folder)
         weights = load_weights(folder)  # file errors first, before the model is wrapped
         config.inference_mode = not is_trainable
-        from deltatune.core.task_models import MODEL_TYPE_TO_PEFT_MODEL  # the task classes subclass this one
-
         model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        with random_start_while_loading(config):
+        with _while_loading(config):
             peft_model = model_class(
                 model, config, adapter_name, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True)
             )

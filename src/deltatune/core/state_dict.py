@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from deltatune.core.config import PeftConfig, PeftType, PeftWarning
+from deltatune.core.config import PeftConfig
 from deltatune.core.files import Placement, match_tensors, place_tensors
 from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper, belongs_to_adapter, peft_key
 from deltatune.core.registry import method_for
@@ -137,8 +137,8 @@ def get_peft_model_state_dict(
         tensors = method.to_file(_hook_model(inner), adapter_name, tensors)
     if _wants_embeddings(inner, config, save_embedding_layers):
         tensors.update(_embedding_tensors(inner, config, everything))
-    if inferred and config.peft_type in (PeftType.LORA, PeftType.ADALORA):
-        _warn_unsharded(tensors, adapter_name)
+    if inferred and method.check_saved:  # the model's own values: LoRA warns about ungathered shards
+        method.check_saved(tensors, adapter_name)
     prefix = _prefix(inner)
     return {k.removeprefix(prefix) if prefix else k: v for k, v in tensors.items()}
 
@@ -211,21 +211,6 @@ def _embedding_tensors(model: nn.Module, config: PeftConfig, everything: dict[st
         if name is not None:
             found.update({k: v for k, v in everything.items() if k.startswith(f"{PREFIX}{name}.")})
     return found
-
-
-def _warn_unsharded(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """As peft: a 1-D or empty lora_A / lora_B is a ZeRO-3 / FSDP shard saved without gathering first."""
-    lora = {k: v for k, v in tensors.items() if ".lora_A" in k or ".lora_B" in k}
-    bad = [(k, tuple(v.shape)) for k, v in lora.items() if v.ndim < 2 or v.numel() == 0]
-    if bad:
-        warnings.warn(
-            f"Adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) have invalid shape: {bad[:3]}. A 1-D or zero-sized "
-            "lora_A / lora_B tensor indicates that DeepSpeed ZeRO-3 / FSDP shards were not gathered before "
-            "save_pretrained() and are therefore incomplete; gather them first (deepspeed.zero.GatheredParameters "
-            "or FSDP's summon_full_params)",
-            PeftWarning,
-            stacklevel=3,
-        )
 
 
 # ---- set_peft_model_state_dict ------------------------------------------------------------------------------------
@@ -367,7 +352,7 @@ def inject_adapter_in_model(
         state_dict: adapt exactly the modules this (LoRA / AdaLoRA) state dict has tensors for, instead of the
             config's `target_modules`; only its keys are read.
     """
-    if peft_config.is_prompt_learning:
+    if method_for(peft_config).forward is not None:  # a method with its own forward needs the PeftModel around
         raise ValueError(
             f"inject_adapter_in_model does not support {peft_config.peft_type.value}: a prompt method runs in "
             "PeftModel's forward; use get_peft_model(model, config)"
@@ -383,16 +368,19 @@ def inject_adapter_in_model(
 
 
 def _config_targeting(config: PeftConfig, state_dict: dict[str, torch.Tensor]) -> PeftConfig:
-    """A copy of `config` whose targets are the modules `state_dict` holds LoRA tensors for."""
-    if config.peft_type not in (PeftType.LORA, PeftType.ADALORA):
+    """A copy of `config` whose targets are the modules `state_dict` holds adapter tensors for (the keys of a
+    method whose parameter names carry its `param_prefix`: LoRA, AdaLoRA)."""
+    prefix = method_for(config).param_prefix
+    if prefix is None:
         raise ValueError(
             f"inject_adapter_in_model(state_dict=...) reads the modules from LoRA / AdaLoRA keys; for "
             f"{config.peft_type.value} leave state_dict out and set target_modules in the config"
         )
-    names = {k.removeprefix(PREFIX).split(".lora_")[0] for k in state_dict if ".lora_" in k}
+    marker = f".{prefix}"
+    names = {k.removeprefix(PREFIX).split(marker)[0] for k in state_dict if marker in k}
     if not names:
         raise ValueError(
-            "inject_adapter_in_model: state_dict has no LoRA tensors (keys with '.lora_'); nothing to adapt"
+            f"inject_adapter_in_model: state_dict has no LoRA tensors (keys with '{marker}'); nothing to adapt"
         )
     config = copy.copy(config)
     config.target_modules = set(names)  # a set, as every config keeps it

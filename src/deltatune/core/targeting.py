@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from deltatune.core.config import NoMatchingPeftModuleError
+from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -78,8 +79,6 @@ def output_layer_names(model: nn.Module) -> set[str]:
 
 def adapter_internal_names(model: nn.Module) -> set[str]:
     """Names of modules that live inside adapter layers or trainable copies (never targets themselves)."""
-    from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper
-
     inside = set()
     for prefix, module in model.named_modules():
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
@@ -89,8 +88,6 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
 
 def _is_linear_target(module: nn.Module) -> bool:
     """A linear-like layer, or an adapter layer already wrapped around one (a second adapter on the model)."""
-    from deltatune.core.layers import AdapterLayer
-
     if isinstance(module, AdapterLayer):
         module = module.base_layer
     return is_linear_like(module)
@@ -204,8 +201,6 @@ def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str] | Non
 
 def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
     """Give each module named in `modules_to_save` a trainable copy for `adapter_name`."""
-    from deltatune.core.layers import ModulesToSaveWrapper
-
     for name in modules_to_save_names(model, modules_to_save):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):

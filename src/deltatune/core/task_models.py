@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from deltatune.core.config import PeftConfig, TaskType
-from deltatune.core.peft_model import PeftModel
+from deltatune.core.peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel
 
 
 def _check_can_generate(model: nn.Module, task_type: str) -> None:
@@ -55,14 +55,16 @@ class PeftModelForFeatureExtraction(PeftModel):
     """For encoders used for their hidden states (task_type FEATURE_EXTRACTION)."""
 
 
-MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType, type[PeftModel]] = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-}
+MODEL_TYPE_TO_PEFT_MODEL.update(  # the table lives in peft_model.py, where from_pretrained reads it
+    {
+        TaskType.CAUSAL_LM: PeftModelForCausalLM,
+        TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+        TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+        TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+        TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+        TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    }
+)
 
 
 def get_peft_model(

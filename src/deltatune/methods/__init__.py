@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from deltatune.core.config import PeftType
 from deltatune.core.registry import Method, register
-from deltatune.methods.adalora import (
-    AdaLoraConfig,
-    add_adalora,
-    add_orthogonal_regularizer,
-    load_rank_pattern,
-    pruned_tensors,
-)
-from deltatune.methods.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
+from deltatune.methods.adalora import ADALORA_HOOKS, AdaLoraConfig, add_adalora
+from deltatune.methods.bitfit import BITFIT_HOOKS, BitFitConfig, add_bitfit
 from deltatune.methods.bottleneck import AdapterConfig, add_bottleneck
-from deltatune.methods.lora.lora import LoraConfig, add_lora, lora_bias_is_trainable, refuse_second_bias
+from deltatune.methods.lora.combine import add_weighted_adapter
+from deltatune.methods.lora.hooks import LORA_FAMILY_HOOKS
+from deltatune.methods.lora.initialization import convert_to_plain_lora
+from deltatune.methods.lora.lora import LoraConfig, add_lora
 from deltatune.methods.p_tuning import PromptEncoderConfig, add_p_tuning
 from deltatune.methods.prefix_tuning import PREFIX_HOOKS, PrefixTuningConfig, add_prefix_tuning
-from deltatune.methods.prompt_tuning import PromptTuningConfig, add_prompt_tuning
+from deltatune.methods.prompt_tuning import PromptTuningConfig, add_prompt_tuning, random_start_while_loading
 from deltatune.methods.virtual_tokens import EMBEDDING_HOOKS
 
 register(
@@ -27,28 +24,23 @@ register(
         PeftType.LORA,
         LoraConfig,
         add_lora,
-        lora_bias_is_trainable,
-        can_merge=True,
-        param_prefix="lora_",
-        refuse_second_adapter=refuse_second_bias,
+        **LORA_FAMILY_HOOKS,
+        convert_on_save=convert_to_plain_lora,  # PiSSA / OLoRA saved as a plain LoRA of the original base
+        add_weighted_adapter=add_weighted_adapter,
+        card_tags=("lora",),
     )
 )
-register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, bitfit_is_trainable, can_merge=True))  # trained in place
+register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, **BITFIT_HOOKS))  # trained in place
 register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
+register(Method(PeftType.ADALORA, AdaLoraConfig, add_adalora, **LORA_FAMILY_HOOKS, **ADALORA_HOOKS))
 register(
     Method(
-        PeftType.ADALORA,
-        AdaLoraConfig,
-        add_adalora,
-        lora_bias_is_trainable,
-        can_merge=True,
-        after_forward=add_orthogonal_regularizer,
-        to_file=pruned_tensors,
-        from_file=load_rank_pattern,
-        param_prefix="lora_",
-        refuse_second_adapter=refuse_second_bias,
+        PeftType.PROMPT_TUNING,
+        PromptTuningConfig,
+        add_prompt_tuning,
+        **EMBEDDING_HOOKS,
+        while_loading=random_start_while_loading,  # a TEXT start would read a tokenizer the file makes moot
     )
 )
-register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.P_TUNING, PromptEncoderConfig, add_p_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.PREFIX_TUNING, PrefixTuningConfig, add_prefix_tuning, **PREFIX_HOOKS))

@@ -36,6 +36,7 @@ from torch import nn
 
 from deltatune.core.config import PeftType, check_range
 from deltatune.core.layers import AdapterLayer, MergeableLayer
+from deltatune.core.peft_model import PeftModel, TunerModel
 from deltatune.core.targeting import find_targets, replace_module, wrap_modules_to_save
 from deltatune.methods.lora.initialization import reads_base_weight
 from deltatune.methods.lora.lora import LoraConfig
@@ -348,16 +349,14 @@ def mask_by_pattern(adapters: list[tuple[str, SVDAdapter]], pattern: dict[str, l
             adapter.lora_E.masked_fill_(~keep, 0.0)
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
+def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a `PeftModel` or its `base_model`, else `model` itself."""
-    from deltatune.core.peft_model import PeftModel, TunerModel
-
     if isinstance(model, PeftModel):
         return model.get_base_model()
     return model.model if isinstance(model, TunerModel) else model
 
 
-def _trainable_adapter(model: nn.Module) -> tuple[str, AdaLoraConfig, list[tuple[str, SVDAdapter]]]:
+def trainable_adapter(model: nn.Module) -> tuple[str, AdaLoraConfig, list[tuple[str, SVDAdapter]]]:
     """The AdaLoRA adapter being trained (the active one) in a transformers model."""
     layers = [m for m in model.modules() if isinstance(m, SVDLayer)]
     if not layers:
@@ -387,7 +386,7 @@ def update_and_allocate(model: nn.Module, global_step: int) -> int:
     Returns:
         The total rank budget at this step.
     """
-    name, config, adapters = _trainable_adapter(_transformers_model(model))
+    name, config, adapters = trainable_adapter(transformers_model(model))
     init_budget = config.init_r * len(adapters)
     target_budget = config.target_r * len(adapters)
     last = config.total_step - config.tfinal
@@ -463,3 +462,12 @@ def load_rank_pattern(peft_model: nn.Module, weights: dict, adapter_name: str, s
             ) from None
         layer.resize(adapter_name, int(sum(bool(k) for k in keep)))
     return weights
+
+
+# The Method fields AdaLoRA registers beside the LoRA family's (see deltatune.core.registry.Method).
+ADALORA_HOOKS = dict(
+    after_forward=add_orthogonal_regularizer,
+    to_file=pruned_tensors,
+    from_file=load_rank_pattern,
+    update_and_allocate=update_and_allocate,
+)

@@ -9,7 +9,9 @@ and `unload()` can give the base model back.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,25 @@ def swap_bitfit_biases(model: nn.Module) -> None:
             original[name] = trained
 
 
+@contextlib.contextmanager
+def original_biases(model: nn.Module) -> Iterator[None]:
+    """Within the block the model has its original biases (`disable_adapter`); the trained ones come back after."""
+    swap_bitfit_biases(model)
+    try:
+        yield
+    finally:
+        swap_bitfit_biases(model)
+
+
+def refuse_base_rows(config: BitFitConfig, adapter_names: Sequence[str]) -> None:
+    """The trained biases are the model's own, so no row of the batch can see the original ones."""
+    if "__base__" in adapter_names:
+        raise ValueError(
+            "BitFit trains the base biases in place, so one batch cannot mix BitFit rows with '__base__' rows; "
+            "run the base rows in a separate pass inside `with model.disable_adapter():`"
+        )
+
+
 def remove_bitfit(model: nn.Module, keep_trained: bool) -> None:
     """Forget the BitFit record; the biases keep their trained values (merge) or get the originals back (unload)."""
     if getattr(model, "_bitfit_original_biases", None) is None:
@@ -95,3 +116,13 @@ def remove_bitfit(model: nn.Module, keep_trained: bool) -> None:
 def bitfit_is_trainable(param_name: str, config: BitFitConfig) -> bool:
     """The base parameters BitFit trains and saves."""
     return config.selects(param_name)
+
+
+# The Method fields BitFit registers (see deltatune.core.registry.Method): the biases change in place.
+BITFIT_HOOKS = dict(
+    base_param_trains=bitfit_is_trainable,
+    can_merge=True,  # nothing to fold: merge_and_unload keeps the trained biases
+    while_disabled=original_biases,
+    before_unload=remove_bitfit,
+    refuse_rows=refuse_base_rows,
+)

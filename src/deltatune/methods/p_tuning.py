@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.core.config import PeftType, _enum_value, check_range
+from deltatune.core.config import PeftType, check_range, enum_value
 from deltatune.methods.virtual_tokens import PromptLearningConfig, VirtualTokenEncoder, build_on_device, prepare_model
 
 
@@ -53,7 +53,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.P_TUNING
         super().__post_init__()
-        self.encoder_reparameterization_type = _enum_value(
+        self.encoder_reparameterization_type = enum_value(
             PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type"
         )
         if self.encoder_hidden_size is not None:

@@ -34,6 +34,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 from deltatune.core.config import PeftType
 from deltatune.kv_cache import CACHE_ARGUMENTS, cache_length, describe_model, passed_cache, require_cache_argument
 from deltatune.methods.virtual_tokens import (
+    PROMPT_HOOKS,
     PromptLearningConfig,
     VirtualTokenEncoder,
     adjust_ids,
@@ -142,7 +143,7 @@ def with_prefix(peft_model: nn.Module, inputs: dict[str, Any], fresh: bool = Fal
 def prefix_forward(peft_model: nn.Module, **inputs: Any) -> Any:
     """Forward with the prefixes in every attention layer; fails loudly if the model never read them."""
     model = peft_model.get_base_model()
-    if peft_model._adapters_disabled:
+    if peft_model.base_model.adapters_disabled:
         return model(**inputs)
     inputs = with_prefix(peft_model, inputs)
     key, cache = passed_cache(inputs)
@@ -161,7 +162,7 @@ def prefix_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
     """`generate` with the prefixes: the first step starts from the prefix cache, later steps extend it."""
     model = peft_model.get_base_model()
     kwargs = generate_inputs(args, kwargs)
-    if peft_model._adapters_disabled:
+    if peft_model.base_model.adapters_disabled:
         return model.generate(**kwargs)
     # Without a cache, models such as Llama and T5 still hand back the cache they were given, and generate would
     # feed it in again with the whole sequence: start from the bare prefix at every step instead.
@@ -196,4 +197,6 @@ def add_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name
 
 
 # Hooks prefix tuning registers (see deltatune.core.registry.Method).
-PREFIX_HOOKS = dict(forward=prefix_forward, generate=prefix_generate, to_file=file_tensors, from_file=load_file_tensors)
+PREFIX_HOOKS = dict(
+    **PROMPT_HOOKS, forward=prefix_forward, generate=prefix_generate, to_file=file_tensors, from_file=load_file_tensors
+)

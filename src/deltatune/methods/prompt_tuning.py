@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core.config import PeftType, _enum_value
+from deltatune.core.config import PeftType, enum_value
 from deltatune.methods.virtual_tokens import (
     PromptLearningConfig,
     VirtualTokenEncoder,
@@ -66,7 +66,7 @@ class PromptTuningConfig(PromptLearningConfig):
     def __post_init__(self) -> None:
         self.peft_type = PeftType.PROMPT_TUNING
         super().__post_init__()
-        self.prompt_tuning_init = _enum_value(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
+        self.prompt_tuning_init = enum_value(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
         text_init = self.prompt_tuning_init == PromptTuningInit.TEXT
         # The first words of both errors are peft's, which its tests match.
         if text_init and self.tokenizer_name_or_path in (None, ""):

@@ -31,9 +31,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -64,6 +64,8 @@ class PromptLearningConfig(PeftConfig):
         modules_to_save: modules trained in full beside the prompt; `PeftModel` adds the classifier heads
             for SEQ_CLS / TOKEN_CLS / QUESTION_ANS, as peft does.
     """
+
+    is_prompt_learning: ClassVar[bool] = True
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -327,7 +329,7 @@ def with_prompt_embeddings(peft_model: nn.Module, inputs: dict[str, Any], warn: 
 def prompt_forward(peft_model: nn.Module, **inputs: Any) -> Any:
     """Forward of prompt tuning / P-tuning: the base model on [prompt ; tokens]."""
     model = peft_model.get_base_model()
-    if peft_model._adapters_disabled:
+    if peft_model.base_model.adapters_disabled:
         return model(**inputs)
     return model(**with_prompt_embeddings(peft_model, inputs))
 
@@ -367,7 +369,7 @@ def prompt_generate(peft_model: nn.Module, *args: Any, **kwargs: Any) -> torch.T
     models rewrite every step (the prompt goes into the KV cache at the first step, then only masks grow)."""
     model = peft_model.get_base_model()
     kwargs = generate_inputs(args, kwargs)
-    if peft_model._adapters_disabled:
+    if peft_model.base_model.adapters_disabled:
         return model.generate(**kwargs)
     if getattr(model.config, "is_encoder_decoder", False):
         return model.generate(**with_prompt_embeddings(peft_model, kwargs))
@@ -405,7 +407,17 @@ def load_file_tensors(
     return {"base_model.model." + k.removeprefix("base_model."): v for k, v in weights.items()}
 
 
-# Hooks the embedding methods register (see deltatune.core.registry.Method).
+def refuse_mixed_batch(config: PromptLearningConfig, adapter_names: Sequence[str]) -> None:
+    """A prompt goes before the whole batch, so rows cannot each pick their adapter."""
+    raise ValueError(
+        "adapter_names (one adapter per row) is for layer adapters such as LoRA; a prompt method puts one "
+        "prompt before the whole batch: call set_adapter(name) and run each adapter's rows separately"
+    )
+
+
+# Hooks every prompt method registers (see deltatune.core.registry.Method).
+PROMPT_HOOKS = dict(one_adapter_at_a_time=True, refuse_rows=refuse_mixed_batch)
+# ... and those of the methods that put their prompt among the input embeddings (prompt tuning, P-tuning).
 EMBEDDING_HOOKS = dict(
-    forward=prompt_forward, generate=prompt_generate, to_file=file_tensors, from_file=load_file_tensors
+    **PROMPT_HOOKS, forward=prompt_forward, generate=prompt_generate, to_file=file_tensors, from_file=load_file_tensors
 )

@@ -109,10 +109,9 @@ def linear_cross_entropy(
 
 def lean_loss_refusal(model: nn.Module) -> str | None:
     """Why `lean_causal_lm_loss` would not equal the loss of `model(..., labels=...)`, or None when it would."""
-    from deltatune.core.registry import method_for
-
     if _is_peft_wrapper(model):
-        method, name = method_for(model.active_peft_config), model.active_peft_config.peft_type.value
+        name = model.active_peft_config.peft_type.value
+        method = model.method  # the registry's description of the adapters' method
         if method.forward is not None:
             return f"lean_causal_lm_loss works for layer methods such as LoRA; {name} changes the inputs"
         if method.after_forward is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from deltatune.methods.adalora import _trainable_adapter, _transformers_model, logger, update_and_allocate
+from deltatune.methods.adalora import logger, trainable_adapter, transformers_model, update_and_allocate
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -21,7 +21,7 @@ class AdaLoraCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _, config, _ = _trainable_adapter(_transformers_model(model))
+        _, config, _ = trainable_adapter(transformers_model(model))
         if state.max_steps and state.max_steps != config.total_step:
             logger.warning(
                 "AdaLoRA total_step=%d but the Trainer runs %d optimizer steps; the rank budget schedule assumes "

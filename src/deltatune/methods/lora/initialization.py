@@ -30,6 +30,7 @@ with s = lora_alpha / r (or / sqrt(r) with rslora):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.core.config import PeftType
+from deltatune.core.files import CONFIG_NAME, atomic_write_text, load_weights
 from deltatune.quantization import is_quantized_linear, readable_weight, requantize, require_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -243,13 +246,7 @@ def convert_to_plain_lora(state: dict[str, torch.Tensor], config, initial_folder
         ValueError: not a LoRA config, or rslora with rank_pattern / alpha_pattern (the scale cannot be kept).
         FileNotFoundError: `initial_folder` holds no adapter weights.
     """
-    import copy
-
-    from deltatune.core.config import CONFIG_NAME
-    from deltatune.core.files import atomic_write_text, load_weights
-    from deltatune.methods.lora.lora import LoraConfig
-
-    if not isinstance(config, LoraConfig):
+    if config.peft_type is not PeftType.LORA:
         raise ValueError("path_initial_model_for_weight_conversion only applies to LoRA adapters (PiSSA / OLoRA)")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(

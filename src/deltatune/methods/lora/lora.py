@@ -430,12 +430,16 @@ def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> Non
         )
 
 
-def _new_layer(base: nn.Module) -> LoraLayer:
-    """The LoRA layer to wrap `base` in: nn.MultiheadAttention has its own (methods/lora/mha.py)."""
-    if isinstance(base, nn.MultiheadAttention):
-        from deltatune.methods.lora.mha import LoraMultiheadAttention  # that module builds on this one
+# {base type: its LoRA layer class} for bases a plain LoraLayer cannot wrap. The modules holding those classes build
+# on this one, so they add themselves when the `lora` package loads (mha.py: nn.MultiheadAttention).
+SPECIAL_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {}
 
-        return LoraMultiheadAttention(base)
+
+def _new_layer(base: nn.Module) -> LoraLayer:
+    """The LoRA layer to wrap `base` in: a `SPECIAL_LAYERS` class for its type, else `LoraLayer`."""
+    for base_type, layer_class in SPECIAL_LAYERS.items():
+        if isinstance(base, base_type):
+            return layer_class(base)
     return LoraLayer(base)
 
 

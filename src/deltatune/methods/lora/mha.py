@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.layers import WrappedLayer, check_finite_merge
-from deltatune.methods.lora.lora import LoraConfig, LoraLayer, new_adapter
+from deltatune.methods.lora.lora import SPECIAL_LAYERS, LoraConfig, LoraLayer, new_adapter
 
 
 def check_mha(base: nn.MultiheadAttention) -> None:
@@ -226,3 +226,6 @@ def _time_first(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
             value = key
         return query, key, value
     return tuple(t.transpose(1, 0) for t in (query, key, value))
+
+
+SPECIAL_LAYERS[nn.MultiheadAttention] = LoraMultiheadAttention  # what add_lora wraps such a module in
