@@ -158,7 +158,7 @@ class MergeableLayer(AdapterLayer):
         """What to add to the base weight to merge adapter `name` (its update; a method may rescale W too)."""
         return self.get_delta_weight(name)
 
-    def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
+    def unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
         """What to add to the base weight (`current`: default the layer's own) to take merged adapter `name` out."""
         return -self._base_weight_delta(name)
 
@@ -210,7 +210,7 @@ class MergeableLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         for name in reversed(self.merged_adapters):
-            self._shift_weight(self._unmerge_delta(name))
+            self._shift_weight(self.unmerge_delta(name))
             bias_delta = self._bias_delta(name)
             self._shift_bias(-bias_delta if bias_delta is not None else None)
         self.merged_adapters = []

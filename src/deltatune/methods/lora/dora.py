@@ -155,7 +155,7 @@ def unmerged_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight (stored layout, adapter dtype) with every merged adapter taken out, on a copy."""
     weight = base_weight(layer).detach().clone()
     for name in reversed(layer.merged_adapters):
-        weight = weight + layer._unmerge_delta(name, weight)
+        weight = weight + layer.unmerge_delta(name, weight)
     return weight
 
 

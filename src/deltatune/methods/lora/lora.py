@@ -406,10 +406,10 @@ class LoraLayer(MergeableLayer):
             )
         return bias * self.adapters[name].scaling
 
-    def _unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
+    def unmerge_delta(self, name: str, current: torch.Tensor | None = None) -> torch.Tensor:
         if dora.is_dora(self.adapters[name]):  # the inverse of the rescaling, read from the current weight
             return dora.unmerge_delta(self, name, dora.base_weight(self) if current is None else current)
-        return super()._unmerge_delta(name, current)
+        return super().unmerge_delta(name, current)
 
 
 def check_lora_bias(layer: LoraLayer, adapter_name: str, lora_bias: bool) -> None:
