@@ -135,3 +135,15 @@ def test_core_imports_no_method():
 def test_module_level_imports_have_no_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_core_tests_no_peft_type():
+    """The core asks the registry's hooks, never `config.peft_type == PeftType.X`."""
+    named = [
+        f"{name}:{node.lineno} PeftType.{node.attr}"
+        for name, path in FILES.items()
+        if name.startswith("deltatune.core")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "PeftType"
+    ]
+    assert named == []
