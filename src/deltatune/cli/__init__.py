@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from deltatune.cli.methods import METHOD_OPTIONS, METHODS, OPTION_TYPES
+from deltatune.cli.options import RUN_FILE, load_options
 
 __all__ = ["main", "train", "chat", "evaluate", "merge", "compare", "setup_logging"]
 
@@ -168,12 +169,10 @@ def _report_train(result: Any) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command; returns its exit code."""
-    import deltatune.cli as cli
+    import deltatune.cli as cli  # the subcommands through this package's lazy __getattr__ (see its docstring)
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods", "in_process")}
     if args.command == "train":
-        from deltatune.cli.options import RUN_FILE, load_options
-
         config = args.config
         saved = os.path.join(flags.get("output", "deltatune-run"), RUN_FILE)
         if config is None and flags.get("resume") and os.path.isfile(saved):
@@ -182,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "chat":
         cli.chat(**flags)
     elif args.command == "eval":
-        from deltatune.cli.cmd_eval import report, save_scores
+        from deltatune.cli.cmd_eval import report, save_scores  # on first use, as the subcommands (see __getattr__)
 
         result = cli.evaluate(**flags, write=False)
         print(report(result), flush=True)  # the scores first: a folder that cannot take eval.json loses nothing
@@ -191,8 +190,6 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         print(f"merged model in {cli.merge(**flags)}")
     elif args.command == "compare":
-        from deltatune.cli.options import load_options
-
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         options = load_options(args.config, flags)
         cli.compare(options, methods, isolate=not args.in_process)

@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from deltatune.cli import setup_logging
 from deltatune.cli.methods import METHODS
 from deltatune.cli.options import TrainOptions, make_options
 from deltatune.cli.runs import is_run_folder
@@ -53,6 +54,7 @@ class Row:
 
 def run_one(values: dict[str, Any]) -> Row:
     """Train one method with these options, then score exact-match on the held-out split."""
+    # Imported when a run starts: these load the command line's extras (datasets) and transformers' Trainer.
     from deltatune.cli.cmd_eval import evaluate
     from deltatune.cli.cmd_train import train
 
@@ -82,7 +84,7 @@ def run_one(values: dict[str, Any]) -> Row:
 
 def _run_isolated(values: dict[str, Any]) -> Row:
     """run_one in a fresh Python process (its peak memory is then this method's alone)."""
-    code = "import json,sys; from deltatune.cli.cmd_compare import _worker; _worker(json.loads(sys.argv[1]))"
+    code = "import json,sys; from deltatune.cli.cmd_compare import worker; worker(json.loads(sys.argv[1]))"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(values)], stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("DELTATUNE_ROW ")]
     if done.returncode != 0 or not lines:
@@ -92,9 +94,8 @@ def _run_isolated(values: dict[str, Any]) -> Row:
     return Row(**row)
 
 
-def _worker(values: dict[str, Any]) -> None:
-    from deltatune.cli import setup_logging
-
+def worker(values: dict[str, Any]) -> None:
+    """The isolated process of `_run_isolated`: run one method and print its row for the parent to read."""
     setup_logging()
     print("DELTATUNE_ROW " + json.dumps(asdict(run_one(values))), flush=True)
 

@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Callable
 
 from deltatune.cli.models import adapter_folder, load_model, read_run, resolve_model
+from deltatune.core.config import PeftConfig
 from deltatune.core.files import give_default_mode
+from deltatune.core.peft_model import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ def merge(
         TypeError: the method adds nothing that can be folded into the weights (prompt methods, BitFit's
             trained biases are kept in a PeftModel instead).
     """
-    from deltatune import PeftConfig, PeftModel
-
     if os.path.exists(output) and not os.path.isdir(output):
         raise FileExistsError(f"--output {output} is a file; give a folder for the merged model")
     if os.path.isdir(output) and os.listdir(output):

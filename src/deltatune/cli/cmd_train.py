@@ -23,7 +23,7 @@ import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import deltatune
-from deltatune import get_peft_model
+from deltatune import PeftConfig, get_peft_model
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import (
@@ -182,8 +182,6 @@ class WriteRunFiles(TrainerCallback):
 def check_resume(options: TrainOptions, peft_config: Any, checkpoint: str) -> None:
     """Refuse a --resume that cannot continue: a checkpoint of another method, a new --lr (Trainer would keep the
     checkpoint's), or a finished run already at --max-steps (an unfinished one is finished from the checkpoint)."""
-    from deltatune import PeftConfig
-
     saved = PeftConfig.from_pretrained(checkpoint).peft_type
     if saved != peft_config.peft_type:
         raise ValueError(

@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
+from deltatune.cli.runs import checkpoints
+from deltatune.core.config import PeftConfig
 from deltatune.core.files import give_default_mode
+from deltatune.core.peft_model import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +364,6 @@ def adapter_folder(path: str) -> str:
     """The folder holding adapter_config.json: `path` itself, else its last checkpoint (a run cut short)."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return path
-    from deltatune.cli.runs import checkpoints
-
     found = [c for c in checkpoints(path) if os.path.isfile(os.path.join(c, "adapter_config.json"))]
     if found:
         logger.warning("%s holds no final adapter; using its last checkpoint %s", path, found[-1])
@@ -385,8 +386,6 @@ def load_adapter_model(
     `base_model_name_or_path`; a run trained on a 4-/8-bit base is loaded the same way. The base's own code
     runs only with `trust_remote_code` given here (the run's run.yaml is not enough).
     """
-    from deltatune import PeftConfig, PeftModel
-
     folder = adapter_folder(adapter)
     run = read_run(adapter) or read_run(os.path.dirname(folder))
     if model is None:
