@@ -1,7 +1,9 @@
 """The method registry: what `PeftModel`, the adapter files and targeting know of a method.
 
 Each method describes itself as a `Method` (its config class and hooks) and is registered by one line in
-`deltatune/methods/__init__.py`; nothing in `deltatune.core` names a method.
+`deltatune/methods/__init__.py`; nothing in `deltatune.core` names a method. A hook left at its default (None,
+False, empty) means the generic behaviour: nothing extra happens, or the core refuses with a message that says
+the method lacks it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the configs' module reads the registry (from_dict), so the registry must not import it
-    import torch
-    from torch import nn
+import torch
+from torch import nn
 
+if TYPE_CHECKING:  # for annotations only: the configs' module reads the registry (from_dict), not the reverse
     from deltatune.core.config import PeftConfig, PeftType
 
 
