@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_chat_model import make_tokenizer
+from helpers.chat_model import make_tokenizer
 
 from deltatune.cli import data as D
 

@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from quant_helpers import load, save_tiny_llama
+from helpers.quant import load, save_tiny_llama
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import (

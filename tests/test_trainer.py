@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
+from helpers.models import VOCAB, tiny_model
 from safetensors.torch import load_file
-from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import validate_quantization_for_training
 
