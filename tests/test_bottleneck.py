@@ -78,7 +78,7 @@ def test_paper_size_llama_7b_on_meta():
 @pytest.mark.parametrize("preset", ["houlsby", "pfeiffer"])
 def test_short_run_lowers_loss(preset):
     # initializer_range 0.1: activations of a realistic size (at 0.02 a tiny random model barely reacts to adapters)
-    base = tiny_model("llama", initializer_range=0.1, pad_token_id=None)
+    base = tiny_model("llama", initializer_range=0.1, pad_token_id=None)  # no pad row: loss ratio 0.74, not 0.81
     peft_model = get_peft_model(base, AdapterConfig(preset=preset, reduction_factor=2))
     peft_model.train()
     ids = torch.arange(40).reshape(4, 10) % 100  # counting sequences
