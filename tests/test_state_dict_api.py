@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from helpers.models import tiny_inputs, tiny_model_wide_weights
+from helpers.models import tiny_inputs, tiny_model
 from helpers.peft_pairs import copy_to_peft, lora_pair, randomize_adapter
 from helpers.prompts import make_pair
 from torch import nn
@@ -146,9 +146,7 @@ def test_load_adapter_returns_peft_load_result(tmp_path):
     model.save_pretrained(tmp_path)
     result = model.load_adapter(tmp_path, adapter_name="other")
     assert result.missing_keys == [] and result.unexpected_keys == []
-    reference = peft.PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path).load_adapter(
-        tmp_path, "other"
-    )
+    reference = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).load_adapter(tmp_path, "other")
     assert reference.missing_keys == []
 
 
@@ -207,9 +205,7 @@ def test_inject_targets_the_modules_a_state_dict_names():
 
 def test_inject_refuses_prompt_methods():
     with pytest.raises(ValueError, match="does not support PROMPT_TUNING.*use get_peft_model"):
-        inject_adapter_in_model(
-            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), tiny_model_wide_weights("llama")
-        )
+        inject_adapter_in_model(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), tiny_model("llama"))
 
 
 def test_a_wrapper_is_looked_through():
@@ -227,7 +223,7 @@ def test_a_wrapper_is_looked_through():
 
 
 def test_base_model_state_dict_has_the_original_keys_as_peft():
-    base = tiny_model_wide_weights("llama")
+    base = tiny_model("llama")
     original = {k: v.clone() for k, v in base.state_dict().items()}
     ours, theirs = lora_pair("llama", r=4, modules_to_save=["lm_head"])
     mine = get_base_model_state_dict(ours)
@@ -256,7 +252,7 @@ def test_loading_skips_mismatched_sizes_only_when_asked(tmp_path):
     # peft's case: an adapter on an embedding that was resized since (100 -> 105 rows)
     model, _ = lora_pair("llama", r=4, init_lora_weights=False, target_modules=["q_proj", "embed_tokens"])
     model.save_pretrained(tmp_path, save_embedding_layers=False)
-    resized = tiny_model_wide_weights("llama")
+    resized = tiny_model("llama")
     resized.resize_token_embeddings(105)
     with pytest.raises(RuntimeError, match=r"size mismatch.*ignore_mismatched_sizes=True") as error:
         PeftModel.from_pretrained(copy.deepcopy(resized), tmp_path)
@@ -278,13 +274,13 @@ def test_save_pretrained_saves_the_values_of_a_given_state_dict(tmp_path):
     model, _ = lora_pair("llama", r=4)
     state = {k: torch.ones_like(v) if ".lora_B." in k else v for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path, state_dict=state)
-    saved = PeftModel.from_pretrained(tiny_model_wide_weights("llama"), str(tmp_path))
+    saved = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
     assert all(torch.all(v == 1) for k, v in get_peft_model_state_dict(saved).items() if "lora_B" in k)
     assert not any(torch.all(v == 1) for k, v in get_peft_model_state_dict(model).items() if "lora_B" in k)
 
 
 def test_auto_saves_the_embeddings_of_a_resized_vocabulary_as_peft(tmp_path):
-    tiny_model_wide_weights("llama").save_pretrained(tmp_path / "base")  # the base model's config.json: vocab_size=100
+    tiny_model("llama").save_pretrained(tmp_path / "base")  # the base model's config.json: vocab_size=100
     models = []
     for library in (deltatune, peft):
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # its name_or_path is recorded in the config
