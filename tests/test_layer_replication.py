@@ -25,7 +25,7 @@ CASES = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS", "bloom": "FEATURE_EXTRACTION"}
 
 
 def base(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    return tiny_model(arch, CASES[arch], seed, num_hidden_layers=layers)
+    return tiny_model(arch, CASES.get(arch), seed, num_hidden_layers=layers)
 
 
 def lora_kwargs(arch: str, **extra) -> dict:
