@@ -58,7 +58,7 @@ def test_counts_follow_formula_and_start_equal_to_base(kind, preset):
     [("houlsby", None, 25_270_272), ("pfeiffer", None, 12_635_136), ("houlsby", 64, 12_684_288)],
 )
 def test_paper_size_bloom_on_meta(preset, bottleneck_size, expected):
-    # bloom-1b4-zh, the seeds' model: d = 2048, 24 layers; reduction 16 -> m = 128.
+    # bloom-1b4-zh, the tutorials' model: d = 2048, 24 layers; reduction 16 -> m = 128.
     model = full_size_on_meta("bloom-1b4-zh")
     base_total = sum(p.numel() for p in model.parameters())
     peft_model = get_peft_model(model, AdapterConfig(preset=preset, bottleneck_size=bottleneck_size))

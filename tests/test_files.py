@@ -315,7 +315,7 @@ def test_unknown_peft_type_in_file(tmp_path):
 @pytest.mark.parametrize(
     "config_dict",
     [
-        # The seeds' LoRA settings (seed 001 imports get_peft_config next to LoraConfig), as a dict.
+        # The tutorials' LoRA settings as a dict (*用 hugging face 做参数微调* imports get_peft_config too).
         {
             "peft_type": "LORA",
             "task_type": "SEQ_2_SEQ_LM",

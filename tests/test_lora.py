@@ -121,7 +121,7 @@ def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
     [
         ("llama", ["q_proj", "down_proj"]),  # names
         ("llama", ["self_attn.v_proj", "model.layers.1.mlp.up_proj"]),  # dotted suffix, full name
-        ("bloom", r".*\.1.*query_key_value"),  # the seeds' regex (full match)
+        ("bloom", r".*\.1.*query_key_value"),  # the tutorials' regex (full match)
         ("llama", r".*layers\.0\.(self_attn|mlp)\.(q|up)_proj"),
         ("llama", "all-linear"),
         ("gpt2", "all-linear"),

@@ -1,4 +1,4 @@
-"""P-Tuning (prompt encoder, MLP or LSTM): the seeds' numbers, parity with peft 0.21.2, files both ways, generation
+"""P-Tuning (prompt encoder, MLP or LSTM): the tutorials' numbers, parity with peft 0.21.2, files both ways, generation
 with the cache, training and bad input."""
 
 import warnings
@@ -42,7 +42,7 @@ def configs(task, kind="MLP", n=4, **extra):
         (LSTM, "trainable params: 193,030,144 || all params: 1,496,141,824 || trainable%: 12.9019"),
     ],
 )
-def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
+def test_tutorial_table_on_bloom_1b4_zh(kind, line, capsys):
     config = PromptEncoderConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, encoder_reparameterization_type=kind
     )
@@ -52,8 +52,8 @@ def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
     assert config.encoder_hidden_size == 2048  # the default: the model's hidden size
 
 
-def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers():
-    # The seeds' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
+def test_tutorial_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers():
+    # The tutorials' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
     fields = dict(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=10,

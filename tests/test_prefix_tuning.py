@@ -1,4 +1,4 @@
-"""Prefix Tuning (keys/values in every attention layer through the transformers Cache): the seeds' numbers,
+"""Prefix Tuning (keys/values in every attention layer through the transformers Cache): the tutorials' numbers,
 grouped-query attention, parity with peft 0.21.2, files both ways, generation with the cache, training and bad
 input."""
 
@@ -41,7 +41,7 @@ def configs(task, projection=False, n=4):
         (True, "trainable params: 205,641,728 || all params: 1,508,753,408 || trainable%: 13.6299"),
     ],
 )
-def test_seeds_table_on_bloom_1b4_zh(projection, line, capsys):
+def test_tutorial_table_on_bloom_1b4_zh(projection, line, capsys):
     config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, prefix_projection=projection)
     model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()

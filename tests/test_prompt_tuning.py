@@ -1,4 +1,4 @@
-"""Prompt Tuning: the seeds' numbers, parity with peft 0.21.2, files both ways, generation with the cache,
+"""Prompt Tuning: the tutorials' numbers, parity with peft 0.21.2, files both ways, generation with the cache,
 training, TEXT init and bad input."""
 
 import importlib.util
@@ -10,8 +10,8 @@ import torch
 from helpers.models import full_size_on_meta, tiny_model
 from helpers.prompts import (
     DECODERS,
-    SEEDS_TEXT,
     TASK_OF,
+    TUTORIAL_PROMPT_TEXT,
     batch,
     check_files_both_ways,
     check_generate_matches_no_cache,
@@ -20,8 +20,8 @@ from helpers.prompts import (
     check_training_lowers_loss,
     make_pair,
     model_inputs,
-    seeds_tokenizer,
     tiny_model_wide_weights,
+    tutorial_tokenizer,
     word_tokenizer,
 )
 from transformers import LlamaForCausalLM
@@ -50,14 +50,14 @@ def configs(task, n=4):
     )
 
 
-def test_seeds_table_text_init_on_bloom_1b4_zh(capsys):
-    # The seeds' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
-    tokenizer = seeds_tokenizer()
+def test_tutorial_table_text_init_on_bloom_1b4_zh(capsys):
+    # The tutorials' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
+    tokenizer = tutorial_tokenizer()
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text=SEEDS_TEXT,
-        num_virtual_tokens=len(tokenizer(SEEDS_TEXT)["input_ids"]),
+        prompt_tuning_init_text=TUTORIAL_PROMPT_TEXT,
+        num_virtual_tokens=len(tokenizer(TUTORIAL_PROMPT_TEXT)["input_ids"]),
         tokenizer_name_or_path=tokenizer,
     )
     model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
@@ -264,7 +264,7 @@ def test_disable_unload_merge_and_a_second_adapter():
 
 def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
     """The file's weights replace the start values, so loading with is_trainable=True reads no tokenizer (the
-    config's name here is no folder and no reachable hub id, like the seeds' "Langboat/bloom-389m-zh" offline)."""
+    config's name here is no folder and no reachable hub id, like the tutorials' "Langboat/bloom-389m-zh" offline)."""
     tokenizer = word_tokenizer("classify the sentiment".split())
     config = PromptTuningConfig(
         task_type="CAUSAL_LM",
@@ -357,7 +357,7 @@ def test_a_task_type_is_required():
 @pytest.mark.parametrize(
     "method, fields",
     [
-        ("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # seed 002's two snippets put
+        ("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # *ch6 高效调参*'s two snippets put
         ("PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),  # these
         ("LoraConfig", dict(task_type="CAUSAL_LM")),  # on AutoModelForSequenceClassification
         ("LoraConfig", dict(task_type="SEQ_2_SEQ_LM")),

@@ -1,4 +1,4 @@
-"""Training with transformers.Trainer used unchanged (the seeds' steps 4-6), and with a plain PyTorch loop.
+"""Training with transformers.Trainer used unchanged (the tutorials' steps 4-6), and with a plain PyTorch loop.
 
 Trainer only knows peft's classes; deltatune.core.trainer_integration makes it treat our PeftModel the same way, so
 checkpoints are adapter files, resume_from_checkpoint works, and a quantized base with adapters is accepted.

@@ -304,10 +304,10 @@ def word_tokenizer(words: list[str], name: str = "tiny-word-tokenizer"):
     return tokenizer
 
 
-SEEDS_TEXT = "下面是一段人与机器人的对话。"
+TUTORIAL_PROMPT_TEXT = "下面是一段人与机器人的对话。"
 
 
-def seeds_tokenizer():
-    """Stands in for bloom-389m-zh's tokenizer, which splits the seeds' text into 7 tokens (the seeds' table:
+def tutorial_tokenizer():
+    """Stands in for bloom-389m-zh's tokenizer, which splits the tutorial's text into 7 tokens (the tutorials' table:
     7 x 2048 = 14,336 trainable); this one splits it into the same number of words."""
     return word_tokenizer(["下面", "是", "一段", "人与", "机器人", "的对话", "。"], name="tiny-zh-word-tokenizer")

@@ -1,4 +1,4 @@
-"""The seeds' table (seed 003) on the bloom-1b4-zh architecture, built on the meta device."""
+"""The tutorials' table of trainable parameters on the bloom-1b4-zh architecture, built on the meta device."""
 
 import pytest
 from helpers.models import full_size_on_meta
@@ -27,20 +27,20 @@ from deltatune import BitFitConfig, LoraConfig, PeftType, TaskType, get_peft_mod
         ),
     ],
 )
-def test_lora_rows_of_the_seeds_table(config, line, capsys):
+def test_lora_rows_of_the_tutorial_table(config, line, capsys):
     model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == line
 
 
-def test_bitfit_fraction_of_the_seeds_table():
+def test_bitfit_fraction_of_the_tutorial_table():
     model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), BitFitConfig(task_type=TaskType.CAUSAL_LM))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable / total == 0.000418051659240749
 
 
 def test_the_config_seed_003_prints_types_back_in(capsys):
-    # Seed 003 prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
+    # The table's tutorial prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
     config = LoraConfig(
         peft_type=PeftType.LORA,
         auto_mapping=None,
