@@ -9,7 +9,8 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import randomize_adapter, tiny_inputs, tiny_model
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import randomize_adapter
 
 from deltatune import LoraConfig, PeftModel, PeftType, PeftWarning, get_peft_model
 from deltatune.core.layers import AdapterLayer
