@@ -50,6 +50,7 @@ from deltatune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparam
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.moved_modules import install as _install_moved_modules
+from deltatune.ops import fast_paths_enabled, set_fast_paths, use_fast_paths
 from deltatune.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
@@ -102,6 +103,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "fast_paths_enabled",
     "get_base_model_state_dict",
     "get_peft_config",
     "get_peft_model",
@@ -111,5 +113,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "replace_lora_weights_loftq",
     "set_base_model_state_dict",
+    "set_fast_paths",
     "set_peft_model_state_dict",
+    "use_fast_paths",
 ]

@@ -351,13 +351,20 @@ class LoraLayer(MergeableLayer):
     scaling = _per_adapter("scaling")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # Fused, memory-lean path for a plain frozen nn.Linear (deltatune.ops); adapter_forward is the reference.
+        """Base output plus the active adapters' updates: the fast path where it applies, else the reference.
+
+        The fast path (`deltatune.ops.lora_dispatch.fast_lora_forward`, a fused autograd node in
+        `deltatune.ops.lora_ops`) serves a plain frozen nn.Linear with one active adapter and gives the numbers of
+        `adapter_forward`, the reference below, faster and keeping less for backward. `DELTATUNE_FAST_PATHS=0` in
+        the environment or `deltatune.set_fast_paths(False)` makes every layer run the reference.
+        """
         fast = fast_lora_forward(self, x, args, kwargs)
         return fast if fast is not None else super().forward(x, *args, **kwargs)
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         dora.refuse_mixed_batch(self, self.row_adapters)
-        # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference.
+        # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference and runs
+        # when the fast paths are off (deltatune.set_fast_paths)
         fast = fast_mixed_forward(self, x, result)
         return fast if fast is not None else super().mixed_forward(x, result)
 
