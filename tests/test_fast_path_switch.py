@@ -163,6 +163,7 @@ def gone(*args, **kwargs):
         ("cast_output", broken, "recorded graph"),
         ("saved_tensor_hooks_active", broken, "recorded graph"),
         ("has_forward_hooks", broken, "nn.Module state"),
+        ("unhooked_parameters", broken, "nn.Module state"),
         ("children", gone, "nn.Module state"),
         ("any_autocast_enabled", broken, "autocast state"),
         ("versioned_note", broken, "tensor notes"),

@@ -6,10 +6,11 @@ attribute fallback costs about a microsecond a lookup (so module state is read f
 `_parameters`), and the fused LoRA node saves no layer input that autograd can remake from factors it keeps
 anyway, which means reading what a recorded node saved (`_saved_self`, `_saved_other`, `_input_metadata`).
 
-Checked on torch 2.13 (what scripts/setup.sh installs); scripts/compat.sh runs the test suite on the lowest
-and newest torch releases. When a torch release changes one of these, `check_internals` (run once at import)
-logs one warning naming the torch version and the failed check, `internals_usable()` turns False, and
-`LoraLayer` runs its reference path (`adapter_forward`, `mixed_forward`): slower, never wrong.
+Checked on torch 2.13.0, the CPU build that scripts/setup.sh installs (scripts/compat.sh varies the other
+dependencies and keeps that torch), so on any other release the probe below is the check. When a release
+changes one of these, `check_internals` (run once at import) logs one warning naming the torch version and the
+failed check, `internals_usable()` turns False, and `LoraLayer` runs its reference path (`adapter_forward`,
+`mixed_forward`): slower, never wrong.
 tests/test_fast_path_switch.py asserts that the probe passes on the installed torch, so an upgrade that
 breaks it fails a test instead of only slowing training down.
 """
@@ -26,10 +27,12 @@ logger = logging.getLogger(__name__)
 
 MISSING = object()  # `versioned_note` of a tensor that has none for its current version
 
+# Whether the last `check_internals` passed. A one-element list, read by every LoRA layer call: checking it
+# costs one index, and `check_internals` updates it in place for every module that imported it.
+USABLE = [False]
+
 _NOTE_KEY = "_deltatune_note"
-_IS_ANY_AUTOCAST_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
 _TOP_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-_USABLE = [False]  # set by `check_internals` below, at import
 
 
 # ---- nn.Module state, read without nn.Module.__getattr__ ----------------------------------------------------
@@ -49,10 +52,18 @@ def has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def any_autocast_enabled() -> bool:
-    """Whether autocast is on for any device (`torch._C._is_any_autocast_enabled`): one call instead of one
-    `torch.is_autocast_enabled(device)` per device type."""
-    return _IS_ANY_AUTOCAST_ENABLED()
+def unhooked_parameters(module: nn.Module) -> dict[str, nn.Parameter | None] | None:
+    """`own_parameters(module)`, or None when it has forward hooks: both checks of a base layer in one call."""
+    return None if module._forward_hooks or module._forward_pre_hooks else module._parameters
+
+
+def _autocast_unknown() -> bool:
+    raise AttributeError(f"torch {torch.__version__} has no torch._C._is_any_autocast_enabled")
+
+
+# any_autocast_enabled() -> bool: whether autocast is on for any device, in one call instead of one
+# `torch.is_autocast_enabled(device)` per device type. torch's own function, bound without a wrapper.
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", _autocast_unknown)
 
 
 # ---- the recorded autograd graph ----------------------------------------------------------------------------
@@ -110,10 +121,11 @@ def _module_state_reads() -> bool:
     linear = nn.Linear(2, 2)
     holder = nn.Sequential(linear)
     reads = children(holder)["0"] is linear and own_parameters(linear)["weight"] is linear.weight
+    unhooked = unhooked_parameters(linear) is own_parameters(linear) and not has_forward_hooks(linear)
     hook = linear.register_forward_pre_hook(lambda module, args: None)
-    hooked = has_forward_hooks(linear)
+    hooked = has_forward_hooks(linear) and unhooked_parameters(linear) is None
     hook.remove()
-    return reads and own_parameters(linear)["bias"] is linear.bias and hooked and not has_forward_hooks(linear)
+    return reads and own_parameters(linear)["bias"] is linear.bias and unhooked and hooked
 
 
 def _autocast_reads() -> bool:
@@ -185,13 +197,13 @@ def check_internals() -> bool:
             torch.__version__,
             failed,
         )
-    _USABLE[0] = failed is None
-    return _USABLE[0]
+    USABLE[0] = failed is None
+    return USABLE[0]
 
 
 def internals_usable() -> bool:
     """Whether the last `check_internals` passed: the fast paths may read torch's private state."""
-    return _USABLE[0]
+    return USABLE[0]
 
 
 check_internals()
