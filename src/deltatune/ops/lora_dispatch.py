@@ -151,15 +151,16 @@ def _pending(layer: nn.Module, present: dict[str, nn.Module]) -> list[str]:
     return [name for name in layer.active_adapters if name in present and name not in merged]
 
 
-def _plain_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A plain adapter's A (r, in) and B (out, r), or None for DoRA or lora_bias (reference path)."""
+def _plain_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """A plain adapter's A (r, in), B (out, r) and dropout probability, or None for DoRA or lora_bias (reference
+    path)."""
     if "lora_magnitude_vector" in own_parameters(adapter):  # DoRA rescales the base output
         return None
     parts = children(adapter)
     lora_b_params = own_parameters(parts["lora_B"])
     if lora_b_params["bias"] is not None:
         return None
-    return own_parameters(parts["lora_A"])["weight"], lora_b_params["weight"]
+    return own_parameters(parts["lora_A"])["weight"], lora_b_params["weight"], _dropout_p(parts["dropout"])
 
 
 def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -191,8 +192,7 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
     factors = _plain_factors(adapter) if len(pending) == 1 else None
     if factors is None:
         return None
-    lora_a, lora_b = factors
-    dropout = _dropout_p(children(adapter)["dropout"])
+    lora_a, lora_b, dropout = factors
     recording = torch.is_grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (bias is not None and bias.requires_grad)
     )
