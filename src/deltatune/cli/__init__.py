@@ -224,6 +224,22 @@ def error_line(command: str, err: BaseException) -> str:
     )
 
 
+# What the command line needs beyond the library (`pip install 'deltatune[cli]'`): module -> PyPI package.
+CLI_EXTRAS = {"datasets": "datasets", "gguf": "gguf", "matplotlib": "matplotlib", "yaml": "pyyaml"}
+
+
+def check_cli_extras() -> None:
+    """Refuse with one line when the command line's own packages are missing (a library-only install)."""
+    import importlib.util
+
+    missing = [package for module, package in CLI_EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(
+            f"the command line needs {', '.join(missing)}, which `pip install deltatune` (the library) leaves out; "
+            "install them with: pip install 'deltatune[cli]'"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `deltatune` script; returns the exit code (1: an error, 130: interrupted).
 
@@ -231,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        check_cli_extras()
         return _run(args)
     except KeyboardInterrupt:
         print(f"deltatune {args.command}: interrupted", file=sys.stderr)
