@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from ops_helpers import close, leaves, lora_model
+from helpers.ops import close, leaves, lora_model
 
 import deltatune
 from deltatune.ops import lora_dispatch, lora_linear, torch_internals
@@ -108,7 +108,7 @@ def test_the_block_form_switches_back_on_leaving(restored_switch):
 SUBPROCESS_CHECK = textwrap.dedent(
     """
     import torch
-    from ops_helpers import lora_model
+    from helpers.ops import lora_model
 
     import deltatune
     from deltatune.ops import lora_dispatch
