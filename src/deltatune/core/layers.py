@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from deltatune.core.layer_kinds import is_conv1d, is_quantized_linear
+
 BASE_ADAPTER_NAME = "__base__"  # a row of a mixed batch that should see no adapter
 
 
@@ -150,7 +152,7 @@ class MergeableLayer(AdapterLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Adapter `adapter_name`'s update in the base weight's layout (Conv1D stores W transposed), peft's name."""
         delta = self.adapters[adapter_name].delta_weight()
-        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+        return delta.T if is_conv1d(self.base_layer) else delta
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
         """What to add to the base weight to merge adapter `name` (its update; a method may rescale W too)."""
@@ -188,7 +190,7 @@ class MergeableLayer(AdapterLayer):
     def _shift_weight(self, delta: torch.Tensor) -> None:
         """Add `delta` to the base weight: into the codes of a 4/8-bit base, else in place, summed in the delta's
         precision and rounded once to the weight's (as peft's `weight.data += delta`)."""
-        from deltatune.quantization import is_quantized_linear, merge_into_quantized
+        from deltatune.quantization import merge_into_quantized  # bitsandbytes' helpers, imported when needed
 
         if is_quantized_linear(self.base_layer):
             merge_into_quantized(self.base_layer, delta)

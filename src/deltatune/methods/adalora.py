@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.config import PeftType, check_range
-from deltatune.core.layers import AdapterLayer, MergeableLayer
-from deltatune.core.targeting import find_targets, replace_module, wrap_modules_to_save
+from deltatune.core.layer_kinds import is_conv1d, layer_dims
+from deltatune.core.layers import MergeableLayer
+from deltatune.core.targeting import find_targets, wrap_modules_to_save, wrap_targets
 from deltatune.methods.lora.initialization import reads_base_weight
 from deltatune.methods.lora.lora import LoraConfig
 from deltatune.methods.lora.replication import prepare_replication
@@ -187,8 +188,6 @@ class SVDAdapter(nn.Module):
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
-    if type(base).__name__ == "Conv1D":  # GPT-2 stores W as (in, out)
-        return base.weight.shape[0], base.weight.shape[1]
     if isinstance(base, nn.Conv2d):  # the kernel as a matrix (out, in * kH * kW), as peft
         if base.groups > 1:  # a grouped kernel holds in/groups channels: the update would not fit it
             raise ValueError(
@@ -196,8 +195,8 @@ def _in_out(base: nn.Module) -> tuple[int, int]:
                 "groups=1); leave it out of target_modules or use LoraConfig"
             )
         return base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return base.in_features, base.out_features
+    if is_conv1d(base) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
+        return layer_dims(base)
     raise TypeError(
         f"AdaLoRA supports nn.Linear, Conv1D, nn.Conv2d and bitsandbytes linear layers, not {type(base).__name__}; "
         "choose other target_modules"
@@ -269,13 +268,7 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft (and LoRA)
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     tokens = plan_trainable_tokens(model, config, targets)  # checked before any layer is changed
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, SVDLayer):
-            if isinstance(module, AdapterLayer):
-                raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
-            module = SVDLayer(module)
-            replace_module(model, name, module)
+    for _, module in wrap_targets(model, targets, SVDLayer):
         module.add(adapter_name, config.init_r, config)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
     add_trainable_tokens(model, tokens, adapter_name)  # token rows train beside it, as with LoRA
