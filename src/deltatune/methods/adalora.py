@@ -178,13 +178,11 @@ class SVDAdapter(nn.Module):
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(lora_B.to(device))
         self.lora_E = nn.Parameter(lora_E.to(device))
-        # The rank the scale divides by: init_r, also after pruning (as peft), so pruning does not rescale.
-        self.register_buffer("ranknum", torch.full((1,), float(config.init_r), device=device), persistent=False)
         self.stats: dict[str, dict[str, torch.Tensor]] = {}  # importance EMAs, per parameter name
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update P diag(Λ) Q * scale, shaped (out, in)."""
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+    def delta_weight(self, ranknum: torch.Tensor) -> torch.Tensor:
+        """The update P diag(Λ) Q * scale / rank, shaped (out, in) (`ranknum`: the layer's, see `SVDLayer`)."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (ranknum + 1e-5)
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
@@ -209,10 +207,25 @@ class SVDLayer(MergeableLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = _in_out(base_layer)
+        # Per adapter, the rank the scale divides by: init_r, also after pruning (as peft), so pruning does not
+        # rescale. A frozen parameter beside the adapters, as peft keeps it: counted among all parameters,
+        # never trained (its name has no `.adapters.`) and not saved in the adapter file.
+        self.ranknum = nn.ParameterDict()
 
     def add(self, name: str, rank: int, config: AdaLoraConfig) -> None:
         device = self.base_layer.weight.device
         self.adapters[name] = SVDAdapter(self.in_features, self.out_features, rank, config, device)
+        ranknum = torch.full((1,), float(config.init_r), device=device)
+        self.ranknum[name] = nn.Parameter(ranknum, requires_grad=False)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if name in self.ranknum:
+            del self.ranknum[name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.adapters[adapter_name].delta_weight(self.ranknum[adapter_name])
+        return delta.T if is_conv1d(self.base_layer) else delta
 
     def resize(self, name: str, rank: int) -> None:
         """Rebuild adapter `name` at `rank` (the values are loaded next); ranknum stays init_r."""
@@ -234,7 +247,8 @@ class SVDLayer(MergeableLayer):
             update = F.conv2d(a.dropout(x), kernel, None, base.stride, base.padding, base.dilation, base.groups)
             return (result + update).to(result.dtype)
         # Same operations in the same order as peft, so outputs match bit for bit.
-        update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
+        ranknum = self.ranknum[name]
+        update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
 
