@@ -1,5 +1,5 @@
 """(IA)³ against peft (the oracle) on tiny random models: counts, outputs, files both ways, merging, several
-adapters, mixed batches, 4/8-bit bases and bad configs.
+adapters, mixed batches, 4/8-bit bases, convolutions and bad configs.
 
 Vectors start random (init_ia3_weights=False, drawn from the same seed in both libraries), so a forward that
 ignored a vector, or a key that loaded into the wrong place, would change the logits.
@@ -15,6 +15,7 @@ from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
+from torch import nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -278,7 +279,7 @@ def test_bad_configs_are_refused_by_type_and_message():
     get_peft_model(copy.deepcopy(gpt2), IA3Config(target_modules=["c_attn"], feedforward_modules=[]))
     with pytest.raises(NoMatchingPeftModuleError, match="Target modules .* not found in the base model"):
         get_peft_model(tiny("llama"), IA3Config(target_modules=["nope"]))
-    with pytest.raises(TypeError, match="IA3 supports nn.Linear, Conv1D and bitsandbytes linear layers, not Embedding"):
+    with pytest.raises(TypeError, match="IA3 supports nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d and .* not Embedding"):
         get_peft_model(tiny("llama"), IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
     lora = get_peft_model(tiny("llama"), LoraConfig(target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="holds LORA adapters; a IA3 adapter needs its own base model"):
@@ -296,3 +297,41 @@ def test_feedforward_names_match_as_suffix_or_regex_like_peft():
             peft_layer = theirs.get_base_model().get_submodule(name)
             assert layer.adapters["default"].feedforward == peft_layer.is_feedforward, (feedforward, name)
         assert torch.equal(logits(ours), logits(theirs))
+
+
+class ConvNet(nn.Module):
+    """Two convolutions (`first`, `second`: grouped when asked) and a linear head."""
+
+    def __init__(self, conv: type[nn.Module], groups: int) -> None:
+        super().__init__()
+        self.first = conv(4, 8, 3, padding=1)
+        self.second = conv(8, 8, 3, groups=groups)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.second(torch.relu(self.first(x)))  # (B, 8, spatial...)
+        return self.head(hidden.flatten(2).mean(-1))
+
+
+@pytest.mark.parametrize(("conv", "groups"), [(nn.Conv2d, 1), (nn.Conv2d, 4), (nn.Conv3d, 1)])
+def test_convolutions_equal_peft_unmerged_and_merged(conv, groups):
+    torch.manual_seed(0)
+    base = ConvNet(conv, groups).eval()
+    x = torch.randn((2, 4, 6, 6) if conv is nn.Conv2d else (2, 4, 5, 5, 5))
+    kwargs = dict(target_modules=["first", "second"], feedforward_modules=["second"], init_ia3_weights=False)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs))
+    torch.manual_seed(1)
+    ours = get_peft_model(copy.deepcopy(base), IA3Config(**kwargs))
+    assert ours.base_model.model.second.adapters["default"].ia3_l.shape == (1, 8) + (1,) * (x.dim() - 2)
+    assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs))
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.equal(ours(x), expected)
+        assert (ours(x) - base(x)).abs().max() > 1e-3
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        for name, param in theirs.named_parameters():
+            if "base_layer" in name:
+                assert torch.equal(dict(ours.named_parameters())[name], param), name
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=1e-5)

@@ -10,8 +10,8 @@ l starts at one, so the adapted model starts equal to the base; a layer costs ou
 than LoRA's r (in + out). Since l only rescales rows (or columns) of W, it folds into the weight: merging sets
 W <- l ⊙ W (and b <- l ⊙ b for an attention layer); unmerging divides by l again, which is exact only up to
 rounding (as in peft). Several active adapters multiply their vectors. Linear, transformers' Conv1D (which
-stores W as (in, out)) and bitsandbytes 4/8-bit linear layers are supported; same fields, files and numbers
-as peft's IA3.
+stores W as (in, out)), nn.Conv2d / Conv3d (a vector per channel) and bitsandbytes 4/8-bit linear layers are
+supported; same fields, files and numbers as peft's IA3.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from deltatune.core.config import PeftConfigWithTargets, PeftType
-from deltatune.core.layer_kinds import adapter_dtype, is_conv1d, is_linear_like, is_quantized_linear, layer_dims
+from deltatune.core.layer_kinds import (
+    adapter_dtype,
+    is_conv,
+    is_conv1d,
+    is_linear_like,
+    is_quantized_linear,
+    layer_dims,
+)
 from deltatune.core.layers import AdapterLayer, rows_by_adapter
 from deltatune.core.targeting import find_targets, modules_to_save_names, wrap_modules_to_save, wrap_targets
 
@@ -134,31 +141,50 @@ def is_feedforward(config: IA3Config, module_name: str) -> bool:
 
 
 class IA3Adapter(nn.Module):
-    """One adapter's scaling vector for one layer: (out, 1) over the output, or (1, in) over the input."""
+    """One adapter's scaling vector for one layer: (out, 1) over the output, or (1, in) over the input; over a
+    convolution (1, channels, 1, ...), which broadcasts over its (B, channels, spatial...) activations."""
 
     def __init__(self, in_features: int, out_features: int, feedforward: bool, init: bool, base: nn.Module) -> None:
         super().__init__()
         self.feedforward = feedforward
-        shape = (1, in_features) if feedforward else (out_features, 1)
+        if is_conv(base):
+            shape = (1, in_features if feedforward else out_features) + (1,) * (base.weight.dim() - 2)
+        else:
+            shape = (1, in_features) if feedforward else (out_features, 1)
         vector = torch.randn(shape)  # drawn on the CPU in fp32, as peft, so a seed gives both libraries one value
         if init:
             nn.init.ones_(vector)
         device = base.weight.device if base.weight.device.type != "meta" else "meta"
         self.ia3_l = nn.Parameter(vector.to(device=device, dtype=adapter_dtype(base)))
 
-    def weight_factor(self, conv1d: bool) -> torch.Tensor:
-        """The vector shaped to multiply the base weight (out, in); Conv1D's weight is (in, out)."""
-        return self.ia3_l.T if conv1d else self.ia3_l
+
+def weight_factor(vector: torch.Tensor, feedforward: bool, base: nn.Module) -> torch.Tensor:
+    """`vector` shaped to multiply the base weight: (out, in) for a Linear, (in, out) for Conv1D, the kernel
+    (out, in / groups, k...) for a convolution (an input vector repeated for each group's outputs, as peft)."""
+    if is_conv1d(base):
+        return vector.T
+    if not is_conv(base):
+        return vector
+    if not feedforward:
+        return vector.transpose(0, 1)  # (out, 1, 1, ...)
+    if base.groups == 1:
+        return vector  # (1, in, 1, ...)
+    in_per_group, out_per_group = base.in_channels // base.groups, base.out_channels // base.groups
+    kernel_ones = vector.shape[2:]
+    grouped = vector.reshape(base.groups, 1, in_per_group, *kernel_ones)
+    grouped = grouped.expand(base.groups, out_per_group, in_per_group, *kernel_ones)
+    return grouped.reshape(base.out_channels, in_per_group, *kernel_ones)
 
 
 class IA3Layer(AdapterLayer):
-    """A Linear / Conv1D / bitsandbytes 4/8-bit linear layer whose input or output (IA)³ vectors rescale."""
+    """A Linear / Conv1D / bitsandbytes 4/8-bit linear layer or an nn.Conv2d / Conv3d whose input or output
+    (IA)³ vectors rescale."""
 
     def __init__(self, base_layer: nn.Module) -> None:
-        if not is_linear_like(base_layer):
+        if not (is_linear_like(base_layer) or isinstance(base_layer, (nn.Conv2d, nn.Conv3d))):
             raise TypeError(
-                f"IA3 supports nn.Linear, Conv1D and bitsandbytes linear layers, not {type(base_layer).__name__}; "
-                "choose other target_modules"
+                "IA3 supports nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d and bitsandbytes linear layers, not "
+                f"{type(base_layer).__name__}; choose other target_modules"
             )
         super().__init__(base_layer)
         self.in_features, self.out_features = layer_dims(base_layer)
@@ -170,14 +196,14 @@ class IA3Layer(AdapterLayer):
         )
 
     def _scale(self, names: Sequence[str], feedforward: bool) -> torch.Tensor | None:
-        """The product of the named adapters' vectors of one kind, flattened, or None when there is none."""
+        """The product of the named adapters' vectors of one kind, shaped for the activations, or None."""
         vectors = [self.adapters[n].ia3_l for n in names if self.adapters[n].feedforward == feedforward]
         if not vectors:
             return None
-        scale = vectors[0].flatten()
+        scale = vectors[0]
         for vector in vectors[1:]:
-            scale = scale * vector.flatten()
-        return scale  # (in,) or (out,)
+            scale = scale * vector
+        return scale if is_conv(self.base_layer) else scale.flatten()  # (1, C, 1, ...); a linear layer: (C,)
 
     def _scaled_forward(self, x: torch.Tensor, names: Sequence[str], *args, **kwargs) -> torch.Tensor:
         """The base layer with the named adapters applied: input vectors before it, output vectors after."""
@@ -185,10 +211,10 @@ class IA3Layer(AdapterLayer):
         if is_quantized_linear(self.base_layer) and not torch.is_autocast_enabled() and names:
             x = x.float()  # bitsandbytes layers compute in the fp32 of the adapter here, as in peft
         if scale_in is not None:
-            x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)  # (B, T, in)
+            x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)  # (B, T, in) or (B, in, spatial...)
         result = self.base_layer(x, *args, **kwargs)
         if scale_out is not None:
-            result = (result * scale_out).to(result.dtype)  # (B, T, out)
+            result = (result * scale_out).to(result.dtype)  # (B, T, out) or (B, out, spatial...)
         return result
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -232,7 +258,7 @@ class IA3Layer(AdapterLayer):
     def _scaled_weights(self, name: str, divide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight and bias with adapter `name`'s vector multiplied in (or divided out: + 1e-8, as peft)."""
         adapter, base = self.adapters[name], self.base_layer
-        factor = adapter.weight_factor(is_conv1d(base)).detach()
+        factor = weight_factor(adapter.ia3_l.detach(), adapter.feedforward, base)
         factor = factor + 1e-8 if divide else factor
         op = torch.div if divide else torch.mul
         weight = op(base.weight.data, factor)
@@ -278,6 +304,7 @@ def add_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     _resolve_feedforward(model, config)
     modules_to_save_names(model, config.modules_to_save)  # checked before any layer is changed
     for name, layer in wrap_targets(model, targets, IA3Layer):
-        config.fan_in_fan_out = is_conv1d(layer.base_layer)  # the layout is read from the layer, recorded (as peft)
+        if not is_conv(layer.base_layer):  # the layout is read from the layer, recorded (as peft)
+            config.fan_in_fan_out = is_conv1d(layer.base_layer)
         layer.add(adapter_name, config, is_feedforward(config, name))
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
