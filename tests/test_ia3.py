@@ -152,6 +152,9 @@ def test_merge_equals_peft_and_unmerge_restores_the_base(arch):
             assert torch.equal(param, peft_params[name]), name  # same products, same rounding
     assert any(not torch.equal(p, base_weights[n]) for n, p in ours.named_parameters() if n in base_weights)
     torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):  # peft's warning
+        ours.merge_adapter()  # and nothing is merged twice
+    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
     with pytest.warns(UserWarning, match=r"Unmerge result can be inaccurate for \(IA\)\^3"):
         ours.unmerge_adapter()
     for name, param in ours.named_parameters():

@@ -109,6 +109,21 @@ class AdapterLayer(WrappedLayer):
             del self.adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def adapters_to_merge(self, names: Sequence[str] | None) -> list[str]:
+        """The named (default: active) adapters of this layer not merged yet, with peft's warnings when some are."""
+        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
+        names = [n for n in wanted if n not in self.merged_adapters]
+        if self.merged_adapters and wanted:  # peft's warnings, same words
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}.",
+                    stacklevel=4,
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=4)
+        return names
+
     def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the named (default: active) adapters into the base weight; `safe_merge` checks for NaN first."""
         raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
@@ -168,17 +183,7 @@ class MergeableLayer(AdapterLayer):
 
     def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
         """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
-        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
-        names = [n for n in wanted if n not in self.merged_adapters]
-        if self.merged_adapters and wanted:  # peft's warnings, same words
-            if names:
-                warnings.warn(
-                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                    f"You are now additionally merging {','.join(names)}.",
-                    stacklevel=3,
-                )
-            else:
-                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        names = self.adapters_to_merge(names)
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
             biases = {name: self._bias_delta(name) for name in names}

@@ -240,8 +240,7 @@ class IA3Layer(AdapterLayer):
                 "Cannot merge ia3 layers when the model is loaded in 4-bit or 8-bit mode: scaling the quantised "
                 "codes would round the vector away; use merge_and_unload(), which dequantises the base first"
             )
-        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
-        for name in [n for n in wanted if n not in self.merged_adapters]:
+        for name in self.adapters_to_merge(names):
             weight, bias = self._scaled_weights(name, divide=False)
             if safe_merge:
                 check_finite(name, weight, bias)
