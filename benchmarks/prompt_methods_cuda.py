@@ -30,7 +30,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 warnings.simplefilter("ignore")
 
 import peft  # noqa: E402
-from prompt_helpers import TASK_OF, batch, main_output, model_inputs, peft_twin, positions, tiny_model  # noqa: E402
+from helpers.prompts import (  # noqa: E402
+    TASK_OF,
+    batch,
+    main_output,
+    model_inputs,
+    peft_twin,
+    positions,
+    tiny_model_wide_weights,
+)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import deltatune as dt  # noqa: E402
@@ -51,7 +59,7 @@ def on(inputs: dict, device) -> dict:
 def pair(method: str, arch: str, dtype=torch.float32, n: int = 4):
     task = TASK_OF[arch]
     ours_class, peft_class, extra = METHODS[method](task)
-    base = tiny_model(arch, task).to(DEVICE, dtype)
+    base = tiny_model_wide_weights(arch, task).to(DEVICE, dtype)
     ours = dt.get_peft_model(copy.deepcopy(base), ours_class(task_type=task, num_virtual_tokens=n, **extra)).eval()
     theirs = peft_twin(ours, peft_class(task_type=task, num_virtual_tokens=n, **extra), base)
     return ours, theirs, task
@@ -95,7 +103,7 @@ def check(method: str, arch: str) -> dict:
         row["cache==no-cache"] = torch.equal(out, no_cache_decoding(ours, ids, mask, 6, arch == "t5"))
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder)
-        cpu = dt.PeftModel.from_pretrained(tiny_model(arch, task), folder)
+        cpu = dt.PeftModel.from_pretrained(tiny_model_wide_weights(arch, task), folder)
         row["gpu file->cpu |diff|"] = max_diff(ours, cpu, arch, task, theirs_device=torch.device("cpu"))
     ours, theirs, task = pair(method, arch, torch.bfloat16)
     row["bf16 |diff|"] = max_diff(ours, theirs, arch, task)

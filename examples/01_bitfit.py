@@ -1,6 +1,6 @@
-"""BitFit on a tiny random Llama with transformers.Trainer: train only the bias terms (the seeds' 01).
+"""BitFit on a tiny random Llama with transformers.Trainer: train only the bias terms (the tutorials' first method).
 
-The seeds freeze every parameter whose name has no "bias" by hand; `BitFitConfig` does the same through the
+The tutorials freeze every parameter whose name has no "bias" by hand; `BitFitConfig` does the same through the
 PeftModel wrapper, so the trained biases are saved and loaded like any other adapter.
 
 Run: .venv/bin/python examples/01_bitfit.py

@@ -1,4 +1,4 @@
-"""Prompt Tuning on a tiny random Llama, the seeds' steps 1-7: a hard prompt (TEXT init) trained with
+"""Prompt Tuning on a tiny random Llama, the tutorials' steps 1-7: a hard prompt (TEXT init) trained with
 transformers.Trainer to make the model answer every question with "w42 w43 w44 w45", saved, loaded onto the
 base model again and used for batched generation (left padding, KV cache).
 

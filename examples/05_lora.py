@@ -1,4 +1,4 @@
-"""LoRA on a tiny random Llama with transformers.Trainer: the seeds' steps 1-7 in one script.
+"""LoRA on a tiny random Llama with transformers.Trainer: the tutorials' steps 1-7 in one script.
 
 Run: .venv/bin/python examples/05_lora.py
 """

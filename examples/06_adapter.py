@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al., 2019) on a tiny random Llama with transformers.Trainer (the seeds' 004).
+"""Bottleneck adapters (Houlsby et al., 2019) on a tiny random Llama with transformers.Trainer (as in *大模型高效微调*).
 
 Small down-project / non-linearity / up-project networks go after the attention block and after the
 feed-forward block of every layer ("houlsby"), or after the feed-forward block only ("pfeiffer"). The

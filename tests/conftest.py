@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported,
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from tiny_chat_model import make_tiny_model  # noqa: E402
+from helpers.chat_model import make_tiny_model  # noqa: E402
 
 from deltatune.cli.data import BUNDLED_EVAL, bundled_path  # noqa: E402
 

@@ -1,47 +1,7 @@
-"""Shared by the fast-path test files: tolerances, tiny llama builders, leaf tensors."""
+"""Old name of helpers.ops, kept until every branch imports it; delete then."""
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from deltatune import LoraConfig, get_peft_model
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def close(a, b, tol=1e-5):
-    return torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max().item()
-
-
-def relative_error(a, b):
-    return (torch.linalg.norm((a - b).float()) / torch.linalg.norm(b.float())).item()
+from helpers.ops import *  # noqa: F401,F403
 
 
 def tiny_llama(seed=0, device="cpu"):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).to(device)
-
-
-def leaves(*shapes, device="cpu", dtype=torch.float32):
-    return [torch.randn(*s, device=device, dtype=dtype).requires_grad_() for s in shapes]
-
-
-def lora_model(device="cpu", dropout=0.0, names=("default",), bias="none"):
-    model = get_peft_model(
-        tiny_llama(5, device),
-        LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN, lora_dropout=dropout, init_lora_weights=False, bias=bias),
-        names[0],
-    )
-    for i, name in enumerate(names[1:]):
-        model.add_adapter(
-            name, LoraConfig(r=2 + 2 * i, lora_alpha=4 + i, target_modules=SEVEN, init_lora_weights=False)
-        )
-    return model
+    return tiny_llama_on(device, seed)  # noqa: F405

@@ -1,36 +1,3 @@
-"""A tiny random Llama on disk and its 4-bit / 8-bit loads, for the QLoRA and LoftQ tests."""
+"""Old name of helpers.quant, kept until every branch imports it; delete then."""
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from deltatune.quantization import bitsandbytes_config
-
-
-def save_tiny_llama(folder) -> None:
-    """A tiny random Llama saved as safetensors in `folder` (the quantised loads read it)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        initializer_range=0.05,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-
-
-def load(folder, bits: int | None = None, train: bool = False) -> LlamaForCausalLM:
-    """The Llama in `folder`: full precision when `bits` is None, else a 4-bit (NF4) or 8-bit load on the CPU.
-
-    `train=True` returns it in train mode: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit codes for
-    inference on the first eval forward, which peft's dequantisation then misreads (deltatune unpacks them
-    first); comparisons with peft that dequantise stay in train mode.
-    """
-    if bits is None:
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    else:
-        quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
-        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": "cpu"})
-    return model.train(train)
+from helpers.quant import *  # noqa: F401,F403

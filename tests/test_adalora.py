@@ -8,8 +8,9 @@ import warnings
 import peft
 import pytest
 import torch
+from helpers.models import tiny_model
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from deltatune import AdaLoraCallback, AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.adalora import SVDLayer, budget_schedule
@@ -17,19 +18,6 @@ from deltatune.methods.adalora import SVDLayer, budget_schedule
 warnings.filterwarnings("ignore", message=".*ranknum.*")
 IDS = torch.arange(40).reshape(4, 10) % 100
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 3 modules x 2 layers
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config)
 
 
 def both(base, **kwargs):
@@ -66,13 +54,9 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_init_counts_logits_and_loss_equal_peft(arch):
     if arch == "llama":
-        base, targets = tiny_llama(), TARGETS
+        base, targets = tiny_model("llama"), TARGETS
     else:
-        torch.manual_seed(0)
-        base, targets = (
-            GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)),
-            ["c_attn", "c_fc"],
-        )
+        base, targets = tiny_model("gpt2", n_positions=32), ["c_attn", "c_fc"]
     base.eval()  # no dropout: both libraries see the same computation
     # init_lora_weights=False: Λ random too, so the update is non-zero and the comparison means something.
     theirs, ours = both(
@@ -118,7 +102,7 @@ def test_printed_counts_equal_peft_s_line(capsys):
 def test_bf16_base_rounds_once_like_peft():
     """An fp32 update on a bf16 base is added before rounding (peft's in-place `+=`), not rounded twice."""
     theirs, ours = both(
-        tiny_llama().to(torch.bfloat16).eval(),
+        tiny_model("llama").to(torch.bfloat16).eval(),
         init_r=6,
         target_r=2,
         total_step=10,
@@ -141,7 +125,7 @@ def test_bf16_base_rounds_once_like_peft():
 
 
 def test_default_init_starts_equal_to_base():
-    base = tiny_llama()
+    base = tiny_model("llama")
     expected = logits(base)
     ours = get_peft_model(base, AdaLoraConfig(total_step=10, target_modules=TARGETS))
     assert torch.equal(logits(ours), expected)  # Λ = 0
@@ -150,7 +134,7 @@ def test_default_init_starts_equal_to_base():
 def test_budget_schedule_equals_peft():
     kwargs = dict(init_r=6, target_r=2, tinit=3, tfinal=4, deltaT=2, total_step=20, target_modules=TARGETS)
     allocator = peft.tuners.adalora.layer.RankAllocator(
-        peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**kwargs)).base_model.model,
+        peft.get_peft_model(tiny_model("llama"), peft.AdaLoraConfig(**kwargs)).base_model.model,
         peft.AdaLoraConfig(**kwargs),
         "default",
     )
@@ -163,7 +147,7 @@ def test_budget_schedule_equals_peft():
 
 
 def test_training_run_equals_peft_and_prunes_to_budget(tmp_path):
-    base = tiny_llama()
+    base = tiny_model("llama")
     kwargs = dict(init_r=6, target_r=2, total_step=10, tinit=2, tfinal=3, lora_alpha=16, target_modules=TARGETS)
     theirs, ours = both(base, **kwargs)
     losses = train(ours, 10)
@@ -202,7 +186,7 @@ def test_training_run_equals_peft_and_prunes_to_budget(tmp_path):
 
 def test_trainer_callback_reaches_budget(tmp_path):
     model = get_peft_model(
-        tiny_llama(),
+        tiny_model("llama"),
         AdaLoraConfig(init_r=4, target_r=1, total_step=6, tinit=1, target_modules=TARGETS, task_type="CAUSAL_LM"),
     )
     rows = [{"input_ids": list(range(i, i + 10)), "labels": list(range(i, i + 10))} for i in range(16)]
@@ -220,14 +204,16 @@ def test_trainer_callback_reaches_budget(tmp_path):
     pattern = model.peft_config["default"].rank_pattern
     assert pattern is not None and sum(sum(keep) for keep in pattern.values()) == 1 * 6
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
     assert torch.allclose(logits(reloaded), logits(model), atol=1e-5)
     ranks = [m.adapters["default"].lora_A.shape[0] for m in reloaded.modules() if isinstance(m, SVDLayer)]
     assert sum(ranks) == 6 and ranks == [sum(pattern[k]) for k in pattern]
 
 
 def test_merge_and_unload_matches_adapter():
-    ours = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False))
+    ours = get_peft_model(
+        tiny_model("llama"), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False)
+    )
     ours.eval()
     adapted = logits(ours)
     merged = ours.merge_and_unload(safe_merge=True)
@@ -236,7 +222,9 @@ def test_merge_and_unload_matches_adapter():
 
 
 def test_safe_merge_refuses_an_update_with_nan_and_merges_nothing_there():
-    ours = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False))
+    ours = get_peft_model(
+        tiny_model("llama"), AdaLoraConfig(total_step=10, target_modules=TARGETS, init_lora_weights=False)
+    )
     layer = ours.get_base_model().model.layers[1].self_attn.v_proj
     before = layer.base_layer.weight.clone()
     with torch.no_grad():
@@ -251,14 +239,14 @@ def test_safe_merge_refuses_an_update_with_nan_and_merges_nothing_there():
 
 
 def test_update_and_allocate_entry_points_and_errors():
-    model = get_peft_model(tiny_llama(), AdaLoraConfig(total_step=10, target_modules=TARGETS))
+    model = get_peft_model(tiny_model("llama"), AdaLoraConfig(total_step=10, target_modules=TARGETS))
     with pytest.raises(
         RuntimeError, match=r"q_proj\.lora_A has no gradient: call update_and_allocate\(step\) after loss\.backward\(\)"
     ):
         model.base_model.update_and_allocate(0)
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert model.update_and_allocate(0) == 12 * 6  # PeftModel passes the call to base_model, as peft users expect
-    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=TARGETS))
     with pytest.raises(
         ValueError, match="update_and_allocate is AdaLoRA's rank budget step, but this model holds no AdaLoRA"
     ):
@@ -299,7 +287,7 @@ def test_bad_input():
 def test_one_trainable_adapter_like_peft(tmp_path):
     # The rank allocator budgets one adapter; peft refuses a second trainable one with the same words.
     config = AdaLoraConfig(target_modules=TARGETS, total_step=10)
-    model = get_peft_model(tiny_llama(), config)
+    model = get_peft_model(tiny_model("llama"), config)
     with pytest.raises(ValueError, match=r"^AdaLoraModel supports only 1 trainable adapter\. .*'default' trains"):
         model.add_adapter("second", AdaLoraConfig(target_modules=TARGETS, total_step=10))
     assert list(model.peft_config) == ["default"]
@@ -310,7 +298,7 @@ def test_one_trainable_adapter_like_peft(tmp_path):
         model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
     model.load_adapter(tmp_path, adapter_name="other", is_trainable=False)
     assert set(model.peft_config) == {"default", "frozen", "other"}
-    theirs = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
     with pytest.raises(ValueError, match="AdaLoraModel supports only 1 trainable adapter"):
         theirs.add_adapter("second", peft.AdaLoraConfig(target_modules=TARGETS, total_step=10))
 
@@ -324,7 +312,7 @@ def test_module_lists_are_sets_and_files_list_them_like_peft(tmp_path):
     )
     assert config.target_modules == theirs.target_modules == {"q_proj", "v_proj"}
     assert config.exclude_modules == theirs.exclude_modules
-    model = get_peft_model(tiny_llama(), config)
+    model = get_peft_model(tiny_model("llama"), config)
     wrapped = sorted(name for name, m in model.get_base_model().named_modules() if isinstance(m, SVDLayer))
     assert wrapped == [
         "model.layers.0.self_attn.v_proj",

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import logits, randomize_adapter
 from safetensors.torch import load_file
-from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
 
 from deltatune import BitFitConfig, LoraConfig, PeftModel, TaskType, get_peft_model
 

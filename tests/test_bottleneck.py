@@ -5,75 +5,21 @@ import os
 
 import pytest
 import torch
+from helpers.models import full_size_on_meta, tiny_model
 from safetensors.torch import load_file
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    BertConfig,
-    BloomConfig,
-    GPT2Config,
-    LlamaConfig,
-    OPTConfig,
-    RobertaConfig,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
 from deltatune import AdapterConfig, PeftModel, get_peft_model
 from deltatune.methods.bottleneck import BottleneckLayer
 
 D = 32  # hidden size of the tiny models
-TINY = {
-    "llama": LlamaConfig(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    ),
-    "bloom": BloomConfig(hidden_size=D, n_layer=2, n_head=4, vocab_size=100),
-    "gpt2": GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=100, n_positions=64),
-    "opt": OPTConfig(
-        hidden_size=D,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-        word_embed_proj_dim=D,
-    ),
-    "bert": BertConfig(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-    ),
-    "roberta": RobertaConfig(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=70,
-        pad_token_id=1,
-    ),
-    "t5": T5Config(d_model=D, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=100),
-}
+ARCHS = ["llama", "bloom", "gpt2", "opt", "bert", "roberta", "t5"]
 N_LAYERS = {"t5": 4}  # T5: 2 encoder + 2 decoder blocks, each with self-attention and a feed-forward block
 SITES = {"houlsby": 2, "pfeiffer": 1}
 
 
 def build(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    config = TINY[kind]
-    if kind == "t5":
-        return T5ForConditionalGeneration(config).eval()
-    if kind in ("bert", "roberta"):
-        return AutoModel.from_config(config).eval()
-    return AutoModelForCausalLM.from_config(config).eval()
+    """The tiny `kind` model; bert and roberta without a head (their hidden states are compared)."""
+    return tiny_model(kind, "FEATURE_EXTRACTION" if kind in ("bert", "roberta") else None, seed)
 
 
 def inputs(kind: str) -> dict:
@@ -92,7 +38,7 @@ def per_site(d: int, m: int) -> int:
     return 2 * d * m + m + d
 
 
-@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("kind", ARCHS)
 @pytest.mark.parametrize("preset", ["houlsby", "pfeiffer"])
 def test_counts_follow_formula_and_start_equal_to_base(kind, preset):
     model = build(kind)
@@ -112,10 +58,8 @@ def test_counts_follow_formula_and_start_equal_to_base(kind, preset):
     [("houlsby", None, 25_270_272), ("pfeiffer", None, 12_635_136), ("houlsby", 64, 12_684_288)],
 )
 def test_paper_size_bloom_on_meta(preset, bottleneck_size, expected):
-    # bloom-1b4-zh, the seeds' model: d = 2048, 24 layers; reduction 16 -> m = 128.
-    config = BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    # bloom-1b4-zh, the tutorials' model: d = 2048, 24 layers; reduction 16 -> m = 128.
+    model = full_size_on_meta("bloom-1b4-zh")
     base_total = sum(p.numel() for p in model.parameters())
     peft_model = get_peft_model(model, AdapterConfig(preset=preset, bottleneck_size=bottleneck_size))
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -126,11 +70,7 @@ def test_paper_size_bloom_on_meta(preset, bottleneck_size, expected):
 
 
 def test_paper_size_llama_7b_on_meta():
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
-    )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = full_size_on_meta("llama-7b")
     trainable, _ = get_peft_model(model, AdapterConfig(preset="pfeiffer")).get_nb_trainable_parameters()
     assert trainable == 32 * (2 * 4096 * 256 + 256 + 4096) == 67_248_128
 
@@ -138,19 +78,8 @@ def test_paper_size_llama_7b_on_meta():
 @pytest.mark.parametrize("preset", ["houlsby", "pfeiffer"])
 def test_short_run_lowers_loss(preset):
     # initializer_range 0.1: activations of a realistic size (at 0.02 a tiny random model barely reacts to adapters)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        initializer_range=0.1,
-    )
-    peft_model = get_peft_model(
-        AutoModelForCausalLM.from_config(config), AdapterConfig(preset=preset, reduction_factor=2)
-    )
+    base = tiny_model("llama", initializer_range=0.1, pad_token_id=None)  # no pad row: loss ratio 0.74, not 0.81
+    peft_model = get_peft_model(base, AdapterConfig(preset=preset, reduction_factor=2))
     peft_model.train()
     ids = torch.arange(40).reshape(4, 10) % 100  # counting sequences
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
@@ -241,9 +170,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="reduction_factor=0 must be > 0"):
         AdapterConfig(reduction_factor=0)
     with pytest.raises(ValueError, match="not model_type='gpt_neox'; pass target_modules"):
-        from transformers import GPTNeoXConfig
-
-        config = GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
-        )
-        get_peft_model(AutoModelForCausalLM.from_config(config), AdapterConfig())
+        get_peft_model(tiny_model("gpt_neox", num_hidden_layers=1), AdapterConfig())

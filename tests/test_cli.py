@@ -11,8 +11,8 @@ import signal
 
 import pytest
 import torch
+from helpers.chat_model import make_tiny_model
 from safetensors.torch import load_file
-from tiny_chat_model import make_tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from deltatune import PeftModel

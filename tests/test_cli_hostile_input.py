@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_chat_model import CHATML, make_tiny_model, make_tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel
+from helpers.chat_model import CHATML, make_tiny_model, make_tokenizer
+from helpers.models import tiny_model
 
 from deltatune.cli import chat, main
 from deltatune.cli.data import DataError, load_rows
@@ -291,8 +291,8 @@ def tiny_gpt2(tmp_path_factory) -> str:
     """A tiny GPT-2 (learned absolute positions: no token past n_positions=48 can be read) with a chat template."""
     folder = str(tmp_path_factory.mktemp("gpt2") / "model")
     tokenizer = make_tokenizer(chat_template=True)
-    torch.manual_seed(0)
-    config = GPT2Config(
+    model = tiny_model(
+        "gpt2",
         n_positions=48,
         n_embd=16,
         n_layer=1,
@@ -302,7 +302,7 @@ def tiny_gpt2(tmp_path_factory) -> str:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

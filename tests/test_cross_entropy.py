@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import DEVICES, close, leaves, lora_model, tiny_llama
+from helpers.ops import DEVICES, close, leaves, lora_model, tiny_llama_on
 
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.ops import lean_causal_lm_loss, linear_cross_entropy
@@ -57,13 +57,13 @@ def test_lean_causal_lm_loss_equals_model_loss():
 
 
 def test_lean_causal_lm_loss_refuses_a_wrapped_head():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    model = get_peft_model(tiny_llama_on(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="output head is a plain nn.Linear; LlamaForCausalLM has LoraLayer"):
         lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_lean_causal_lm_loss_refuses_adalora_whose_loss_has_a_regulariser():
-    model = get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["q_proj"], total_step=10))
+    model = get_peft_model(tiny_llama_on(), AdaLoraConfig(target_modules=["q_proj"], total_step=10))
     with pytest.raises(ValueError, match="ADALORA adds a term to the model's loss: use model"):
         lean_causal_lm_loss(model, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_chat_model import make_tokenizer
+from helpers.chat_model import make_tokenizer
 
 from deltatune.cli import data as D
 
@@ -110,7 +110,7 @@ def test_a_folder_that_is_not_a_saved_dataset_is_named_with_its_option(tmp_path)
 
 
 # ---- templates and labels -------------------------------------------------------------------------------------
-def test_human_assistant_template_is_the_seeds_one(plain_tok):
+def test_human_assistant_template_is_the_tutorials_one(plain_tok):
     assert D.resolve_template("auto", plain_tok) == "human-assistant"
     (prompt, prompt_is_response), (answer, answer_is_response) = D.segments(
         D.to_messages(ROW), "human-assistant", plain_tok
@@ -118,7 +118,7 @@ def test_human_assistant_template_is_the_seeds_one(plain_tok):
     assert prompt + answer == "Human: Normalize the date to YYYY-MM-DD.\n5 March 2024\n\nAssistant: 2024-03-05</s>"
     assert (prompt_is_response, answer_is_response) == (False, True)
     no_input = D.segments(D.to_messages({**ROW, "input": ""}), "human-assistant", plain_tok)
-    assert no_input[0][0] == "Human: Normalize the date to YYYY-MM-DD.\n\nAssistant: "  # the seeds' .strip()
+    assert no_input[0][0] == "Human: Normalize the date to YYYY-MM-DD.\n\nAssistant: "  # the tutorials' .strip()
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(chat_tok, plain_tok):

@@ -5,8 +5,9 @@ import copy
 import peft
 import pytest
 import torch
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import copy_to_peft, logits, lora_pair, randomize_adapter
 from safetensors.torch import load_file
-from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
 import deltatune.ops.lora_dispatch as dispatch
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
@@ -297,23 +298,14 @@ def test_adalora_refuses_dora_like_peft():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qdora_on_a_bitsandbytes_base_matches_peft(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from quant_helpers import load
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers.quant import load
 
     from deltatune.quantization import dequantize_model, dequantized_weight
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    base = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, pad_token_id=None)
+    base.save_pretrained(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
-    # train mode: peft's DoRA norm dequantises, and would misread codes an eval forward repacked (quant_helpers)
+    # train mode: peft's DoRA norm dequantises, and would misread codes an eval forward repacked (helpers.quant.load)
     ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs, init_lora_weights=False))
     theirs = peft.get_peft_model(load(tmp_path, bits, train=True), peft.LoraConfig(**kwargs))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
@@ -343,7 +335,7 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
     """merge_adapter on a 4-/8-bit base (no dequantize_model first): the DoRA-scaled weight is quantised again,
     lossy, to the codes peft gives; unmerging quantises once more, again as peft."""
     pytest.importorskip("bitsandbytes")
-    from quant_helpers import load, save_tiny_llama
+    from helpers.quant import load, save_tiny_llama
 
     from deltatune.quantization import dequantized_weight
 
@@ -380,7 +372,7 @@ def test_qdora_merge_into_the_quantised_codes_equals_peft(bits, tmp_path):
 
 # ---- command line ---------------------------------------------------------------------------------------
 def test_cli_train_with_dora_writes_a_peft_dora_adapter(tmp_path, capsys):
-    from tiny_chat_model import make_tiny_model
+    from helpers.chat_model import make_tiny_model
     from transformers import AutoModelForCausalLM
 
     from deltatune.cli import main, train

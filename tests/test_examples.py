@@ -11,7 +11,7 @@ import pytest
 EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.py")))
 
 
-def test_there_is_an_example_per_seeds_method():
+def test_there_is_an_example_per_tutorial_method():
     names = {os.path.basename(path)[:2] for path in EXAMPLES}
     assert {"01", "05"} <= names
 

@@ -7,9 +7,10 @@ import os
 import peft
 import pytest
 import torch
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import logits, randomize_adapter
 from safetensors.torch import load_file, save_file
-from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import deltatune
 import deltatune.core.files
@@ -194,16 +195,7 @@ def test_pickled_adapter_is_refused_without_unpickling(tmp_path):
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     saved_lora(tmp_path)
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-        )
-    )
+    wider = tiny_model("llama", hidden_size=48)
     with pytest.raises(ValueError) as error:
         PeftModel.from_pretrained(wider, tmp_path)
     assert str(error.value) == (
@@ -323,7 +315,7 @@ def test_unknown_peft_type_in_file(tmp_path):
 @pytest.mark.parametrize(
     "config_dict",
     [
-        # The seeds' LoRA settings (seed 001 imports get_peft_config next to LoraConfig), as a dict.
+        # The tutorials' LoRA settings as a dict (*用 hugging face 做参数微调* imports get_peft_config too).
         {
             "peft_type": "LORA",
             "task_type": "SEQ_2_SEQ_LM",

@@ -8,8 +8,8 @@ import types
 import peft
 import pytest
 import yaml
+from helpers.models import tiny_model
 from huggingface_hub import ModelCard
-from tiny_models import tiny_model
 
 import deltatune.core.config
 import deltatune.core.hub

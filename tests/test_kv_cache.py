@@ -5,6 +5,7 @@ import re
 
 import pytest
 import transformers
+from helpers.models import tiny_model
 from torch import nn
 from transformers import DynamicCache
 
@@ -50,11 +51,7 @@ def test_the_cache_keyword_is_read_from_the_model(model, name):
 
 
 def test_the_installed_release_names_a_keyword_deltatune_knows():
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10
-        )
-    )
+    model = tiny_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     assert cache_argument(model) in ("cache", "past_key_values")
 
 

@@ -11,8 +11,8 @@ import json
 import peft
 import pytest
 import torch
-from tiny_models import CONFIGS, randomize_adapter, tiny_inputs
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import randomize_adapter
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.methods.lora.replication import find_layer_list
@@ -20,24 +20,16 @@ from deltatune.methods.lora.replication import find_layer_list
 MAP = [[0, 3], [1, 4]]
 ORDER = [0, 1, 2, 1, 2, 3]  # original layer at each new position
 ATOL = 1e-5
-# (arch, task, model class): the three layouts peft finds: .model.layers, .bert.encoder.layer, .h (bare Bloom)
-CASES = {
-    "llama": ("CAUSAL_LM", AutoModelForCausalLM),
-    "bert": ("SEQ_CLS", AutoModelForSequenceClassification),
-    "bloom": ("FEATURE_EXTRACTION", AutoModel),
-}
+# (arch, task): the three layouts peft finds: .model.layers, .bert.encoder.layer, .h (bare Bloom)
+CASES = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS", "bloom": "FEATURE_EXTRACTION"}
 
 
 def base(arch: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    config = CONFIGS[arch]()
-    config.num_hidden_layers = layers
-    config.pad_token_id = getattr(config, "pad_token_id", None) or 0
-    torch.manual_seed(seed)
-    return CASES.get(arch, (None, AutoModelForCausalLM))[1].from_config(config).eval()
+    return tiny_model(arch, CASES.get(arch), seed, num_hidden_layers=layers)
 
 
 def lora_kwargs(arch: str, **extra) -> dict:
-    return dict(task_type=CASES[arch][0], r=4, lora_alpha=8, init_lora_weights=False, layer_replication=MAP, **extra)
+    return dict(task_type=CASES[arch], r=4, lora_alpha=8, init_lora_weights=False, layer_replication=MAP, **extra)
 
 
 def pair(arch: str):

@@ -11,8 +11,8 @@ import peft
 import peft.utils.loftq_utils as peft_loftq
 import pytest
 import torch
-from peft_on_cpu import loftq_function_on_cpu
-from quant_helpers import load, save_tiny_llama
+from helpers.peft_on_cpu import loftq_function_on_cpu
+from helpers.quant import load, save_tiny_llama
 from safetensors.torch import load_file
 
 from deltatune import LoraConfig, get_peft_model, replace_lora_weights_loftq

@@ -10,19 +10,19 @@ import math
 import peft
 import pytest
 import torch
-from lora_helpers import ATOL, PARITY_ARCHS, assert_same_logits, trained_pair
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from tiny_models import (
-    CONFIGS,
-    DEFAULT_TASK,
+from helpers.models import COMMON_ARCHS, DEFAULT_TASK, tiny_config, tiny_inputs, tiny_model
+from helpers.peft_pairs import (
+    ATOL,
+    PARITY_ARCHS,
+    assert_same_logits,
     copy_to_peft,
     logits,
     lora_pair,
     randomize_adapter,
-    tiny_inputs,
-    tiny_model,
+    trained_pair,
     wrapped_names,
 )
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 import deltatune
 from deltatune import LoraConfig, NoMatchingPeftModuleError, PeftModel, TaskType, get_peft_model
@@ -121,7 +121,7 @@ def test_bf16_base_reference_path_rounds_once_like_peft(arch, target_modules):
     [
         ("llama", ["q_proj", "down_proj"]),  # names
         ("llama", ["self_attn.v_proj", "model.layers.1.mlp.up_proj"]),  # dotted suffix, full name
-        ("bloom", r".*\.1.*query_key_value"),  # the seeds' regex (full match)
+        ("bloom", r".*\.1.*query_key_value"),  # the tutorials' regex (full match)
         ("llama", r".*layers\.0\.(self_attn|mlp)\.(q|up)_proj"),
         ("llama", "all-linear"),
         ("gpt2", "all-linear"),
@@ -146,9 +146,9 @@ def test_all_linear_leaves_the_lm_head_and_adds_a_second_adapter_to_the_same_lay
     assert all("second" in model.get_submodule(f"base_model.model.{n}").adapters for n in first)
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", COMMON_ARCHS)
 def test_default_targets_per_architecture_equal_peft(arch):
-    model_type = CONFIGS[arch]().model_type
+    model_type = tiny_config(arch).model_type
     assert DEFAULT_TARGET_MODULES[model_type] == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]
     ours, theirs = lora_pair(arch)
     expected = wrapped_names(theirs, peft.tuners.lora.LoraLayer)
@@ -314,21 +314,7 @@ def test_layers_expose_peft_attribute_layout():
 
 def test_embedding_lora_on_a_scaled_embedding_matches_peft_merged_and_unmerged():
     """Gemma 3's embedding multiplies by embed_scale in its forward; peft scales the update too."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config).eval()
+    base = tiny_model("gemma3", tie_word_embeddings=False)
     lora = dict(r=4, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"])
     ours = get_peft_model(copy.deepcopy(base), LoraConfig(**lora))
     theirs = peft.get_peft_model(base, peft.LoraConfig(**lora))

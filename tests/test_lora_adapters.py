@@ -7,8 +7,17 @@ that ignored the update, or a key that loaded into the wrong place, would change
 import peft
 import pytest
 import torch
-from lora_helpers import ATOL, PARITY_ARCHS, assert_same_logits, parity_kwargs, trained_pair
-from tiny_models import DEFAULT_TASK, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
+from helpers.models import DEFAULT_TASK, tiny_inputs, tiny_model
+from helpers.peft_pairs import (
+    ATOL,
+    PARITY_ARCHS,
+    assert_same_logits,
+    logits,
+    lora_pair,
+    parity_kwargs,
+    randomize_adapter,
+    trained_pair,
+)
 
 from deltatune import LoraConfig, PeftModel
 from deltatune.methods.lora.lora import LoraLayer

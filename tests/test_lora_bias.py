@@ -8,8 +8,9 @@ import re
 import peft
 import pytest
 import torch
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import copy_to_peft, logits, lora_pair, randomize_adapter
 from safetensors.torch import load_file
-from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, PeftWarning, get_peft_model
 from deltatune.methods.lora.lora import LoraLayer

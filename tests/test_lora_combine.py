@@ -5,7 +5,8 @@ import copy
 import peft
 import pytest
 import torch
-from tiny_models import logits, randomize_adapter, tiny_inputs, tiny_model
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import logits, randomize_adapter
 
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.methods.lora.lora import LoraLayer

@@ -7,7 +7,7 @@ import logging
 import peft
 import pytest
 import torch
-from tiny_models import copy_to_peft, randomize_adapter
+from helpers.peft_pairs import copy_to_peft, randomize_adapter
 from torch import nn
 
 import deltatune

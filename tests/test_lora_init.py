@@ -13,10 +13,11 @@ import peft
 import peft.tuners.lora.layer as peft_lora_layer
 import pytest
 import torch
-from peft_on_cpu import loftq_function_on_cpu
-from quant_helpers import load
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_on_cpu import loftq_function_on_cpu
+from helpers.peft_pairs import copy_to_peft, logits, lora_pair, randomize_adapter, twins
+from helpers.quant import load
 from safetensors.torch import load_file
-from tiny_models import copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model, twins
 
 import deltatune
 from deltatune import LoftQConfig, LoraConfig, PeftModel, get_peft_model
@@ -345,7 +346,7 @@ def test_olora_on_a_quantised_base_equals_peft(bits, tmp_path):
     the same codes here, bit for bit."""
     tiny_model("llama").save_pretrained(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="olora")
-    ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs))  # train mode: see quant_helpers
+    ours = get_peft_model(load(tmp_path, bits, train=True), LoraConfig(**kwargs))  # train mode: see helpers.quant.load
     theirs = peft.get_peft_model(load(tmp_path, bits, train=True), peft.LoraConfig(**kwargs))
     untouched = load(tmp_path, bits, train=True)
     assert_same_parameters(ours, theirs)

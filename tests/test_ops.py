@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import DEVICES, SEVEN, close, leaves, lora_model, relative_error, tiny_llama
+from helpers.ops import DEVICES, SEVEN, close, leaves, lora_model, relative_error, tiny_llama_on
 from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
@@ -183,7 +183,7 @@ def kept_bytes(output: torch.Tensor, model: nn.Module) -> int:
 
 def lora_overhead_bytes(build_lora, dropout):
     """Bytes a LoRA tiny llama keeps for backward above the frozen base (whose embeddings' output needs grad)."""
-    base = tiny_llama(4)
+    base = tiny_llama_on(seed=4)
     ids = torch.randint(0, 100, (2, 64))
 
     def kept(model):

@@ -1,4 +1,4 @@
-"""P-Tuning (prompt encoder, MLP or LSTM): the seeds' numbers, parity with peft 0.21.2, files both ways, generation
+"""P-Tuning (prompt encoder, MLP or LSTM): the tutorials' numbers, parity with peft 0.21.2, files both ways, generation
 with the cache, training and bad input."""
 
 import warnings
@@ -6,7 +6,8 @@ import warnings
 import peft
 import pytest
 import torch
-from prompt_helpers import (
+from helpers.models import full_size_on_meta
+from helpers.prompts import (
     DECODERS,
     TASK_OF,
     assert_same_outputs,
@@ -16,9 +17,8 @@ from prompt_helpers import (
     check_sampling_matches_peft,
     check_training_lowers_loss,
     make_pair,
-    tiny_model,
+    tiny_model_wide_weights,
 )
-from test_seeds_table import bloom_on_meta
 
 from deltatune import PeftModel, PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType, get_peft_model
 
@@ -42,18 +42,18 @@ def configs(task, kind="MLP", n=4, **extra):
         (LSTM, "trainable params: 193,030,144 || all params: 1,496,141,824 || trainable%: 12.9019"),
     ],
 )
-def test_seeds_table_on_bloom_1b4_zh(kind, line, capsys):
+def test_tutorial_table_on_bloom_1b4_zh(kind, line, capsys):
     config = PromptEncoderConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, encoder_reparameterization_type=kind
     )
-    model = get_peft_model(bloom_on_meta(), config)
+    model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == line
     assert config.encoder_hidden_size == 2048  # the default: the model's hidden size
 
 
-def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers():
-    # The seeds' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
+def test_tutorial_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers():
+    # The tutorials' P-tuning snippet: MLP, dropout 0.1, encoder_num_layers=5 (ignored by the MLP), hidden 1024.
     fields = dict(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=10,
@@ -64,15 +64,15 @@ def test_seeds_snippet_config_counts_as_peft_and_warns_about_encoder_num_layers(
     )
     # peft's warning, word for word (peft's tests compare it whole); none with the default encoder_num_layers.
     with pytest.warns(UserWarning) as record:
-        ours = get_peft_model(bloom_on_meta(), PromptEncoderConfig(**fields))
+        ours = get_peft_model(full_size_on_meta("bloom-1b4-zh"), PromptEncoderConfig(**fields))
     messages = [str(w.message) for w in record if "encoder_num_layers" in str(w.message)]
     assert messages == ["for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used."]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        get_peft_model(bloom_on_meta(), PromptEncoderConfig(**{**fields, "encoder_num_layers": 2}))
+        get_peft_model(full_size_on_meta("bloom-1b4-zh"), PromptEncoderConfig(**{**fields, "encoder_num_layers": 2}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(bloom_on_meta(), peft.PromptEncoderConfig(**fields))
+        theirs = peft.get_peft_model(full_size_on_meta("bloom-1b4-zh"), peft.PromptEncoderConfig(**fields))
     # 10*2048 + (2048*1024 + 1024) + (1024*1024 + 1024) + (1024*2048 + 2048)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (5_267_456, 1_308_379_136)
 
@@ -94,9 +94,11 @@ def test_files_load_both_ways(arch, kind, tmp_path):
 
 
 def test_file_holds_the_encoder_output_so_training_cannot_resume_from_it(tmp_path):
-    model = get_peft_model(tiny_model("llama"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path)
     assert [n for n, _ in loaded.named_parameters() if "prompt_encoder" in n] == [
         "prompt_encoder.default.embedding.weight"
     ]
@@ -105,7 +107,7 @@ def test_file_holds_the_encoder_output_so_training_cannot_resume_from_it(tmp_pat
             loaded.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].table()
         )
     with pytest.raises(ValueError, match="holds the prompt encoder's output .* load it with is_trainable=False"):
-        PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+        PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path, is_trainable=True)
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -128,10 +130,12 @@ def test_training_lowers_loss_and_keeps_base_weights(arch, kind):
 
 
 def test_merge_is_refused_and_disable_gives_the_base_model():
-    model = get_peft_model(tiny_model("opt"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("opt"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     ids = torch.tensor([[5, 6, 7]])
     with model.disable_adapter():
-        torch.testing.assert_close(model(input_ids=ids).logits, tiny_model("opt")(input_ids=ids).logits)
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_model_wide_weights("opt")(input_ids=ids).logits)
     with pytest.raises(TypeError, match="P_TUNING adds no weight that can be folded into the base"):
         model.merge_adapter()
 

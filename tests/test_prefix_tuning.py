@@ -1,11 +1,12 @@
-"""Prefix Tuning (keys/values in every attention layer through the transformers Cache): the seeds' numbers,
+"""Prefix Tuning (keys/values in every attention layer through the transformers Cache): the tutorials' numbers,
 grouped-query attention, parity with peft 0.21.2, files both ways, generation with the cache, training and bad
 input."""
 
 import peft
 import pytest
 import torch
-from prompt_helpers import (
+from helpers.models import full_size_on_meta, tiny_model
+from helpers.prompts import (
     DECODERS,
     TASK_OF,
     batch,
@@ -14,11 +15,10 @@ from prompt_helpers import (
     check_parity,
     check_sampling_matches_peft,
     check_training_lowers_loss,
-    tiny_model,
+    tiny_model_wide_weights,
 )
-from test_seeds_table import bloom_on_meta
 from torch import nn
-from transformers import DistilBertConfig, DistilBertForSequenceClassification, DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from deltatune import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from deltatune.methods.prefix_tuning import prefix_cache
@@ -41,9 +41,9 @@ def configs(task, projection=False, n=4):
         (True, "trainable params: 205,641,728 || all params: 1,508,753,408 || trainable%: 13.6299"),
     ],
 )
-def test_seeds_table_on_bloom_1b4_zh(projection, line, capsys):
+def test_tutorial_table_on_bloom_1b4_zh(projection, line, capsys):
     config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10, prefix_projection=projection)
-    model = get_peft_model(bloom_on_meta(), config)
+    model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == line
     # 10 x (24 layers x 2 x 2048); with projection + 10*2048 + (2048*2048 + 2048) + (2048*98304 + 98304)
@@ -51,7 +51,7 @@ def test_seeds_table_on_bloom_1b4_zh(projection, line, capsys):
 
 def test_grouped_query_attention_gets_key_value_sized_prefixes():
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    model = get_peft_model(tiny_model("llama"), config)  # 4 query heads, 2 key/value heads of size 8
+    model = get_peft_model(tiny_model_wide_weights("llama"), config)  # 4 query heads, 2 key/value heads of size 8
     assert (config.token_dim, config.num_attention_heads, config.num_layers) == (16, 2, 2)
     assert model.prompt_encoder["default"].embedding.weight.shape == (4, 2 * 2 * 16)
     cache = prefix_cache(model, 3)
@@ -65,7 +65,9 @@ def test_same_weights_same_outputs_and_counts_as_peft(arch, task, projection):
 
 
 def test_position_ids_move_past_the_prefix():
-    model = get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         implicit = model(input_ids=ids).logits
@@ -85,11 +87,11 @@ def test_files_load_both_ways(arch, projection, tmp_path):
 def test_training_resumes_from_a_file_only_without_projection(tmp_path):
     for projection in (False, True):
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection)
-        get_peft_model(tiny_model("gpt2"), config).save_pretrained(tmp_path / str(projection))
-    resumed = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "False", is_trainable=True)
+        get_peft_model(tiny_model_wide_weights("gpt2"), config).save_pretrained(tmp_path / str(projection))
+    resumed = PeftModel.from_pretrained(tiny_model_wide_weights("gpt2"), tmp_path / "False", is_trainable=True)
     assert resumed.get_nb_trainable_parameters()[0] == 4 * 2 * 2 * 32
     with pytest.raises(ValueError, match="holds the prompt encoder's output .* PrefixEncoder weights"):
-        PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "True", is_trainable=True)
+        PeftModel.from_pretrained(tiny_model_wide_weights("gpt2"), tmp_path / "True", is_trainable=True)
 
 
 @pytest.mark.parametrize("arch", DECODERS)
@@ -111,21 +113,21 @@ def test_training_lowers_loss_and_keeps_base_weights(arch, projection):
 
 
 def test_merge_is_refused_and_disable_gives_the_base_model():
-    model = get_peft_model(tiny_model("bloom"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("bloom"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     ids, mask = batch("bloom")
     with model.disable_adapter():
         torch.testing.assert_close(
             model(input_ids=ids, attention_mask=mask).logits,
-            tiny_model("bloom")(input_ids=ids, attention_mask=mask).logits,
+            tiny_model_wide_weights("bloom")(input_ids=ids, attention_mask=mask).logits,
         )
     with pytest.raises(TypeError, match="PREFIX_TUNING adds no weight that can be folded into the base"):
         model.merge_and_unload()
 
 
 def test_an_architecture_without_past_key_values_is_refused_by_name():
-    model = DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
-    )
+    model = tiny_model("distilbert", n_layers=1)
     with pytest.raises(
         ValueError,
         match=r"prefix tuning puts learned keys/values .* but under transformers \d+\.\d+\S* "
@@ -183,7 +185,7 @@ class LlamaThatDropsThePast(LlamaForCausalLM):
 
 
 def test_a_model_that_silently_ignores_the_prefix_is_caught_at_the_first_forward():
-    model = LlamaThatDropsThePast(tiny_model("llama").config)
+    model = LlamaThatDropsThePast(tiny_model_wide_weights("llama").config)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(
         ValueError,
@@ -194,7 +196,7 @@ def test_a_model_that_silently_ignores_the_prefix_is_caught_at_the_first_forward
 
 
 def test_gradient_checkpointing_is_refused():
-    model = tiny_model("llama")
+    model = tiny_model_wide_weights("llama")
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="prefix tuning does not work with gradient checkpointing"):
         get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

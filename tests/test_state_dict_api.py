@@ -7,8 +7,9 @@ import warnings
 import peft
 import pytest
 import torch
-from prompt_helpers import make_pair
-from tiny_models import copy_to_peft, lora_pair, randomize_adapter, tiny_inputs, tiny_model
+from helpers.models import tiny_inputs, tiny_model
+from helpers.peft_pairs import copy_to_peft, lora_pair, randomize_adapter
+from helpers.prompts import make_pair
 from torch import nn
 from transformers import AutoModelForCausalLM
 

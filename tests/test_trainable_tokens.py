@@ -10,10 +10,10 @@ import copy
 import peft
 import pytest
 import torch
-from lora_helpers import ATOL, assert_same_logits
+from helpers.models import DEFAULT_TASK, tiny_inputs, tiny_model
+from helpers.peft_pairs import ATOL, assert_same_logits, copy_to_peft, logits, lora_pair, randomize_adapter
 from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import load_file
-from tiny_models import DEFAULT_TASK, copy_to_peft, logits, lora_pair, randomize_adapter, tiny_inputs, tiny_model
 
 import deltatune
 from deltatune import LoraConfig, PeftModel

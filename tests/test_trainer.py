@@ -1,4 +1,4 @@
-"""Training with transformers.Trainer used unchanged (the seeds' steps 4-6), and with a plain PyTorch loop.
+"""Training with transformers.Trainer used unchanged (the tutorials' steps 4-6), and with a plain PyTorch loop.
 
 Trainer only knows peft's classes; deltatune.core.trainer_integration makes it treat our PeftModel the same way, so
 checkpoints are adapter files, resume_from_checkpoint works, and a quantized base with adapters is accepted.
@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
+from helpers.models import VOCAB, tiny_model
 from safetensors.torch import load_file
-from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import validate_quantization_for_training
 

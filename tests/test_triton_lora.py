@@ -19,6 +19,8 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated, so before the import below
 
+from helpers.ops import SEVEN, relative_error, tiny_llama_on  # noqa: E402
+
 from deltatune import LoraConfig, get_peft_model  # noqa: E402
 from deltatune.ops import triton_lora  # noqa: E402
 from deltatune.ops.lora_dispatch import use_fast_paths  # noqa: E402
@@ -29,7 +31,6 @@ from deltatune.ops.lora_ops import (  # noqa: E402
     triton_kernels_for,
     use_triton_kernels,
 )
-from tests.test_ops import SEVEN, relative_error, tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -89,7 +90,7 @@ def test_kernels_are_opt_in_and_need_a_row_major_weight():
 
 def test_generate_with_the_kernel_gives_the_reference_tokens(monkeypatch):
     """Opted in, every adapted layer of a tiny llama decodes through the kernel, and the tokens are the same."""
-    model = get_peft_model(tiny_llama(device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN)).eval()
+    model = get_peft_model(tiny_llama_on(DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN)).eval()
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: make the adapter change the output
             torch.nn.init.normal_(param, std=0.5)
@@ -150,7 +151,7 @@ def test_training_kernels_bf16_base_fp32_adapter():
 
 def test_a_tiny_llama_trains_through_the_kernels(monkeypatch):
     """Loss and every LoRA gradient of a training step equal the PyTorch path; every layer used both kernels."""
-    model = get_peft_model(tiny_llama(device=DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN))
+    model = get_peft_model(tiny_llama_on(DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)

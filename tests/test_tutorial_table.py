@@ -1,17 +1,9 @@
-"""The seeds' table (seed 003) on the bloom-1b4-zh architecture, built on the meta device."""
+"""The tutorials' table of trainable parameters on the bloom-1b4-zh architecture, built on the meta device."""
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, BloomConfig
+from helpers.models import full_size_on_meta
 
 from deltatune import BitFitConfig, LoraConfig, PeftType, TaskType, get_peft_model
-
-BLOOM_1B4_ZH = BloomConfig(vocab_size=46145, hidden_size=2048, n_layer=24, n_head=16)
-
-
-def bloom_on_meta():
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(BLOOM_1B4_ZH)
 
 
 @pytest.mark.parametrize(
@@ -35,20 +27,20 @@ def bloom_on_meta():
         ),
     ],
 )
-def test_lora_rows_of_the_seeds_table(config, line, capsys):
-    model = get_peft_model(bloom_on_meta(), config)
+def test_lora_rows_of_the_tutorial_table(config, line, capsys):
+    model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), config)
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == line
 
 
-def test_bitfit_fraction_of_the_seeds_table():
-    model = get_peft_model(bloom_on_meta(), BitFitConfig(task_type=TaskType.CAUSAL_LM))
+def test_bitfit_fraction_of_the_tutorial_table():
+    model = get_peft_model(full_size_on_meta("bloom-1b4-zh"), BitFitConfig(task_type=TaskType.CAUSAL_LM))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable / total == 0.000418051659240749
 
 
 def test_the_config_seed_003_prints_types_back_in(capsys):
-    # Seed 003 prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
+    # The table's tutorial prints peft 0.11's LoraConfig with every field; a reader may type it back in as it stands.
     config = LoraConfig(
         peft_type=PeftType.LORA,
         auto_mapping=None,
@@ -75,7 +67,7 @@ def test_the_config_seed_003_prints_types_back_in(capsys):
         use_dora=False,
         layer_replication=None,
     )
-    get_peft_model(bloom_on_meta(), config).print_trainable_parameters()
+    get_peft_model(full_size_on_meta("bloom-1b4-zh"), config).print_trainable_parameters()
     assert (
         capsys.readouterr().out.strip()
         == "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"
