@@ -86,7 +86,7 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
 def test_printed_counts_equal_peft_s_line(capsys):
     """`ranknum` is a frozen parameter in both libraries: "all params" counts it, "trainable params" does not."""
     theirs, ours = both(
-        tiny_llama(), init_r=6, target_r=2, total_step=10, target_modules=["q_proj", "v_proj", "up_proj"]
+        tiny_model("llama"), init_r=6, target_r=2, total_step=10, target_modules=["q_proj", "v_proj", "up_proj"]
     )
     theirs.print_trainable_parameters()
     ours.print_trainable_parameters()

@@ -11,19 +11,13 @@ import warnings
 import peft
 import pytest
 import torch
+from helpers.models import COMMON_ARCHS, DEFAULT_TASK, tiny_inputs, tiny_model
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-)
+from transformers import LlamaForCausalLM
 
 from deltatune import IA3Config, LoraConfig, NoMatchingPeftModuleError, PeftModel, get_peft_model
 from deltatune.methods.ia3 import DEFAULT_TARGET_MODULES, FEEDFORWARD_MODULES, IA3Layer
@@ -33,33 +27,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False"),  # peft's note on GPT-2's Conv1D
     pytest.mark.filterwarnings("ignore:Unmerge result can be inaccurate"),
 ]
-IDS = torch.arange(40).reshape(4, 10) % 100
-ARCHS = ["llama", "gpt2", "opt"]  # no bias / Conv1D with bias / Linear with bias
-
-
-def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-        )
-        return LlamaForCausalLM(config).eval()
-    if arch == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
-    config = OPTConfig(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, word_embed_proj_dim=32
-    )
-    return OPTForCausalLM(config).eval()
+# Every architecture of the tiny-model helpers has peft defaults for (IA)^3: bias-free Linear (llama), Linear
+# with biases (opt, bloom), Conv1D (gpt2), encoders with a classifier head (bert, roberta), t5's encoder-decoder.
+ARCHS = COMMON_ARCHS
 
 
 def both(base, **kwargs):
     """(peft model, deltatune model) on copies of `base`, each vector drawn from the same seed."""
-    kwargs.setdefault("task_type", "CAUSAL_LM")
+    kwargs.setdefault("task_type", DEFAULT_TASK.get(base.config.model_type, "CAUSAL_LM"))
     kwargs.setdefault("init_ia3_weights", False)
     torch.manual_seed(1)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**kwargs))
@@ -68,9 +43,11 @@ def both(base, **kwargs):
     return theirs, ours
 
 
-def logits(model) -> torch.Tensor:
+def logits(model, **inputs) -> torch.Tensor:
+    """The logits for the tiny inputs of the model's architecture (or for `inputs`)."""
+    inputs = inputs or tiny_inputs(model.config.model_type)
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(**inputs).logits
 
 
 def layers(model) -> dict[str, IA3Layer]:
@@ -79,9 +56,10 @@ def layers(model) -> dict[str, IA3Layer]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_targets_counts_and_logits_equal_peft(arch, capsys):
-    base = tiny(arch)
+    base = tiny_model(arch)
     theirs, ours = both(base)
-    assert len(layers(ours)) == 2 * len(DEFAULT_TARGET_MODULES[base.config.model_type])
+    peft_layers = {n for n, m in theirs.get_base_model().named_modules() if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    assert set(layers(ours)) == peft_layers and len(peft_layers) >= 4  # the default targets, as peft chooses them
     theirs.print_trainable_parameters()
     ours.print_trainable_parameters()
     peft_line, our_line = capsys.readouterr().out.strip().splitlines()
@@ -90,12 +68,13 @@ def test_default_targets_counts_and_logits_equal_peft(arch, capsys):
     assert ours.peft_config["default"].feedforward_modules == theirs.peft_config["default"].feedforward_modules
     assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs))
     assert torch.equal(logits(ours), logits(theirs))
-    assert (logits(ours) - logits(base)).abs().max() > 1e-3  # the vectors really change the output
+    change = (logits(ours) - logits(base)).abs().max()
+    assert change > 1e-2 * logits(base).abs().max()  # the vectors really change the output
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vector_shapes_follow_feedforward_modules(arch):
-    _, ours = both(tiny(arch))
+    _, ours = both(tiny_model(arch))
     for name, layer in layers(ours).items():
         vector = layer.adapters["default"].ia3_l
         feedforward = name.endswith(tuple(FEEDFORWARD_MODULES[ours.config.model_type]))
@@ -103,7 +82,7 @@ def test_vector_shapes_follow_feedforward_modules(arch):
 
 
 def test_default_init_is_ones_and_starts_equal_to_base():
-    base = tiny("llama")
+    base = tiny_model("llama")
     ours = get_peft_model(copy.deepcopy(base), IA3Config(task_type="CAUSAL_LM"))
     assert all(torch.equal(p, torch.ones_like(p)) for n, p in ours.named_parameters() if "ia3_l" in n)
     assert torch.equal(logits(ours), logits(base))
@@ -111,7 +90,7 @@ def test_default_init_is_ones_and_starts_equal_to_base():
 
 def test_feedforward_scales_the_input_and_attention_the_output():
     """The formulas: down_proj(x) = W (l ⊙ x), k_proj(x) = l ⊙ (W x)."""
-    _, ours = both(tiny("llama"))
+    _, ours = both(tiny_model("llama"))
     x = torch.randn(2, 3, 64)
     down = ours.get_base_model().model.layers[0].mlp.down_proj
     expected = torch.nn.functional.linear(x * down.adapters["default"].ia3_l, down.base_layer.weight)
@@ -124,7 +103,7 @@ def test_feedforward_scales_the_input_and_attention_the_output():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapter_files_load_across_libraries(arch, tmp_path):
-    base = tiny(arch)
+    base = tiny_model(arch)
     theirs, ours = both(base)
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "peft")
@@ -141,7 +120,7 @@ def test_adapter_files_load_across_libraries(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merge_equals_peft_and_unmerge_restores_the_base(arch):
-    theirs, ours = both(tiny(arch))
+    theirs, ours = both(tiny_model(arch))
     base_weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
     expected = logits(ours)
     ours.merge_adapter()
@@ -151,23 +130,23 @@ def test_merge_equals_peft_and_unmerge_restores_the_base(arch):
         if name in base_weights:
             assert torch.equal(param, peft_params[name]), name  # same products, same rounding
     assert any(not torch.equal(p, base_weights[n]) for n, p in ours.named_parameters() if n in base_weights)
-    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-4, atol=1e-5)
     with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):  # peft's warning
         ours.merge_adapter()  # and nothing is merged twice
-    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-4, atol=1e-5)
     with pytest.warns(UserWarning, match=r"Unmerge result can be inaccurate for \(IA\)\^3"):
         ours.unmerge_adapter()
     for name, param in ours.named_parameters():
-        if name in base_weights:  # divided by l + 1e-8 again: exact up to rounding
-            torch.testing.assert_close(param, base_weights[name], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+        if name in base_weights:  # divided by l + 1e-8 again: exact up to rounding (and 1e-8 / l)
+            torch.testing.assert_close(param, base_weights[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-4, atol=1e-5)
     merged = ours.merge_and_unload()
     assert not any(isinstance(m, IA3Layer) for m in merged.modules())
-    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_disable_adapter_gives_the_base_also_when_merged():
-    base = tiny("opt")
+    base = tiny_model("opt")
     _, ours = both(base)
     adapted = logits(ours)
     with ours.disable_adapter():
@@ -175,12 +154,12 @@ def test_disable_adapter_gives_the_base_also_when_merged():
     ours.merge_adapter()
     with ours.disable_adapter(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(logits(ours), logits(base), rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits(ours), adapted, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(ours), logits(base), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(ours), adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_safe_merge_refuses_a_vector_with_nan_and_merges_nothing_there():
-    _, ours = both(tiny("llama"))
+    _, ours = both(tiny_model("llama"))
     layer = ours.get_base_model().model.layers[1].self_attn.v_proj
     before = layer.base_layer.weight.detach().clone()
     with torch.no_grad():
@@ -191,7 +170,7 @@ def test_safe_merge_refuses_a_vector_with_nan_and_merges_nothing_there():
 
 
 def test_two_adapters_switch_and_multiply_like_peft():
-    base = tiny("gpt2")
+    base = tiny_model("gpt2")
     theirs, ours = both(base)
     for model, config_class in ((theirs, peft.IA3Config), (ours, IA3Config)):
         torch.manual_seed(2)
@@ -207,7 +186,7 @@ def test_two_adapters_switch_and_multiply_like_peft():
 
 
 def test_mixed_batch_rows_equal_each_adapter_alone():
-    base = tiny("llama")
+    base = tiny_model("llama")
     _, ours = both(base)
     torch.manual_seed(2)
     ours.add_adapter("other", IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
@@ -216,15 +195,15 @@ def test_mixed_batch_rows_equal_each_adapter_alone():
         ours.set_adapter(name)
         alone[name] = logits(ours)
     alone["__base__"] = logits(base)
-    rows = ["other", "__base__", "default", "other"]
+    rows = ["other", "__base__", "default"]  # one per row of the tiny inputs
     with torch.no_grad():
-        mixed = ours(input_ids=IDS, adapter_names=rows).logits
+        mixed = ours(**tiny_inputs("llama"), adapter_names=rows).logits
     for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-4, atol=1e-5)
 
 
 def test_half_precision_base_keeps_fp32_vectors_and_peft_outputs():
-    theirs, ours = both(tiny("llama").to(torch.bfloat16), init_ia3_weights=True)
+    theirs, ours = both(tiny_model("llama").to(torch.bfloat16), init_ia3_weights=True)
     assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "ia3_l" in n)
     with torch.no_grad():  # non-trivial values, the same in both
         for name, layer in layers(ours).items():
@@ -239,7 +218,7 @@ def test_quantized_base_equals_peft_and_merge_and_unload_dequantizes(bits, tmp_p
     pytest.importorskip("bitsandbytes")
     from deltatune.quantization import bitsandbytes_config
 
-    tiny("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path)
     quant = bitsandbytes_config(load_in_4bit=bits == 4, load_in_8bit=bits == 8, compute_dtype=torch.float32)
     base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"}).train()
     theirs, ours = both(base)
@@ -273,7 +252,7 @@ def test_feedforward_modules_must_be_a_subset_of_target_modules():
 
 
 def test_bad_configs_are_refused_by_type_and_message():
-    gpt2 = tiny("gpt2")
+    gpt2 = tiny_model("gpt2")
     gpt2.config.model_type = "unknown-arch"
     with pytest.raises(ValueError, match="Please specify `target_modules` in `peft_config`"):
         get_peft_model(copy.deepcopy(gpt2), IA3Config())
@@ -281,16 +260,16 @@ def test_bad_configs_are_refused_by_type_and_message():
         get_peft_model(copy.deepcopy(gpt2), IA3Config(target_modules=["c_attn"]))
     get_peft_model(copy.deepcopy(gpt2), IA3Config(target_modules=["c_attn"], feedforward_modules=[]))
     with pytest.raises(NoMatchingPeftModuleError, match="Target modules .* not found in the base model"):
-        get_peft_model(tiny("llama"), IA3Config(target_modules=["nope"]))
+        get_peft_model(tiny_model("llama"), IA3Config(target_modules=["nope"]))
     with pytest.raises(TypeError, match="IA3 supports nn.Linear, Conv1D, nn.Conv2d, nn.Conv3d and .* not Embedding"):
-        get_peft_model(tiny("llama"), IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
-    lora = get_peft_model(tiny("llama"), LoraConfig(target_modules=["k_proj"]))
+        get_peft_model(tiny_model("llama"), IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="holds LORA adapters; a IA3 adapter needs its own base model"):
         lora.add_adapter("ia3", IA3Config())
 
 
 def test_feedforward_names_match_as_suffix_or_regex_like_peft():
-    base = tiny("llama")
+    base = tiny_model("llama")
     for targets, feedforward in (
         (["k_proj", "down_proj", "proj"], ["proj"]),  # "proj" ends every name: all scale their input
         (["k_proj", "down_proj"], "model\\.layers\\.1\\.self_attn\\.k_proj"),
@@ -337,4 +316,4 @@ def test_convolutions_equal_peft_unmerged_and_merged(conv, groups):
         for name, param in theirs.named_parameters():
             if "base_layer" in name:
                 assert torch.equal(dict(ours.named_parameters())[name], param), name
-        torch.testing.assert_close(ours(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
