@@ -43,6 +43,7 @@ from deltatune.core.task_models import (
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.bottleneck import AdapterConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora.initialization import LoftQConfig
 from deltatune.methods.lora.loftq import replace_lora_weights_loftq
 from deltatune.methods.lora.lora import LoraConfig
@@ -82,6 +83,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "BitFitConfig",
+    "IA3Config",
     "LeanLossTrainer",
     "LoftQConfig",
     "LoraConfig",

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from deltatune.core.config import NoMatchingPeftModuleError
+from deltatune.core.layer_kinds import is_linear_like
+from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear, GPT-2's Conv1D, and bitsandbytes' 4/8-bit linear layers."""
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
 
 def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -78,8 +75,6 @@ def output_layer_names(model: nn.Module) -> set[str]:
 
 def adapter_internal_names(model: nn.Module) -> set[str]:
     """Names of modules that live inside adapter layers or trainable copies (never targets themselves)."""
-    from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper
-
     inside = set()
     for prefix, module in model.named_modules():
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
@@ -89,8 +84,6 @@ def adapter_internal_names(model: nn.Module) -> set[str]:
 
 def _is_linear_target(module: nn.Module) -> bool:
     """A linear-like layer, or an adapter layer already wrapped around one (a second adapter on the model)."""
-    from deltatune.core.layers import AdapterLayer
-
     if isinstance(module, AdapterLayer):
         module = module.base_layer
     return is_linear_like(module)
@@ -178,6 +171,42 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(parent, child, new_module)
 
 
+def wrap_targets(
+    model: nn.Module,
+    names: Iterable[str],
+    layer_class: type[AdapterLayer],
+    make_layer: Callable[[nn.Module], AdapterLayer] | None = None,
+) -> list[tuple[str, AdapterLayer]]:
+    """Wrap each named module in a `layer_class` layer, or reuse the one already there (a second adapter).
+
+    Every module is checked before any is changed: one already held by another method's layer is refused.
+
+    Args:
+        model: the transformers model, changed in place.
+        names: the modules to wrap (from `find_targets`, or a method's own choice of places).
+        layer_class: the method's adapter layer; a module that already is one is returned as it is.
+        make_layer: builds the layer around a plain module (default: `layer_class(module)`), for a method
+            whose layer class depends on the module's kind.
+
+    Returns:
+        (name, layer) for each module, in the order given; the caller adds its adapter to each layer.
+    """
+    names = list(names)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer) and not isinstance(module, layer_class):
+            raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
+    make_layer = make_layer or layer_class
+    wrapped = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, layer_class):
+            module = make_layer(module)
+            replace_module(model, name, module)
+        wrapped.append((name, module))
+    return wrapped
+
+
 # Task heads that `PeftModel` adds to `modules_to_save` for classifiers / QA (as peft); a model has one or none.
 OPTIONAL_MODULES_TO_SAVE = {"classifier", "score", "qa_outputs"}
 
@@ -204,8 +233,6 @@ def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str] | Non
 
 def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None, adapter_name: str) -> None:
     """Give each module named in `modules_to_save` a trainable copy for `adapter_name`."""
-    from deltatune.core.layers import ModulesToSaveWrapper
-
     for name in modules_to_save_names(model, modules_to_save):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):

@@ -16,6 +16,7 @@ from deltatune.methods.adalora import (
 )
 from deltatune.methods.bitfit import BitFitConfig, add_bitfit, bitfit_is_trainable
 from deltatune.methods.bottleneck import AdapterConfig, add_bottleneck
+from deltatune.methods.ia3 import IA3Config, add_ia3
 from deltatune.methods.lora.lora import LoraConfig, add_lora, lora_bias_is_trainable, refuse_second_bias
 from deltatune.methods.p_tuning import PromptEncoderConfig, add_p_tuning
 from deltatune.methods.prefix_tuning import PREFIX_HOOKS, PrefixTuningConfig, add_prefix_tuning
@@ -49,6 +50,7 @@ register(
         refuse_second_adapter=refuse_second_bias,
     )
 )
+register(Method(PeftType.IA3, IA3Config, add_ia3, can_merge=True, param_prefix="ia3_"))
 register(Method(PeftType.PROMPT_TUNING, PromptTuningConfig, add_prompt_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.P_TUNING, PromptEncoderConfig, add_p_tuning, **EMBEDDING_HOOKS))
 register(Method(PeftType.PREFIX_TUNING, PrefixTuningConfig, add_prefix_tuning, **PREFIX_HOOKS))
