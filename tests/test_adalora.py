@@ -67,7 +67,7 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
     trainable, total = ours.get_nb_trainable_parameters()
     peft_trainable, peft_total = theirs.get_nb_trainable_parameters()
     assert trainable == peft_trainable
-    assert total == peft_total - n_modules  # peft counts its frozen 1-element `ranknum` parameters; ours is a buffer
+    assert total == peft_total  # both count each layer's frozen 1-element `ranknum` parameter
     out_theirs = theirs(input_ids=IDS, labels=IDS)
     out_ours = ours(input_ids=IDS, labels=IDS)
     assert torch.equal(out_ours.logits, out_theirs.logits)
@@ -81,6 +81,22 @@ def test_init_counts_logits_and_loss_equal_peft(arch):
     ]
     penalty = 0.5 * sum(norms) / len(norms)  # orth_reg_weight x mean Frobenius distance from orthogonal
     assert penalty > 1 and torch.allclose(out_ours.loss - plain, penalty, atol=1e-4)
+
+
+def test_printed_counts_equal_peft_s_line(capsys):
+    """`ranknum` is a frozen parameter in both libraries: "all params" counts it, "trainable params" does not."""
+    theirs, ours = both(
+        tiny_model("llama"), init_r=6, target_r=2, total_step=10, target_modules=["q_proj", "v_proj", "up_proj"]
+    )
+    theirs.print_trainable_parameters()
+    ours.print_trainable_parameters()
+    peft_line, our_line = capsys.readouterr().out.strip().splitlines()
+    assert our_line == peft_line
+    ranknums = {n: p for n, p in ours.named_parameters() if "ranknum" in n}
+    assert len(ranknums) == 6 and not any(p.requires_grad for p in ranknums.values())
+    assert all(torch.equal(p, torch.tensor([6.0])) for p in ranknums.values())
+    assert set(ranknums) == {n for n, _ in theirs.named_parameters() if "ranknum" in n}
+    assert not any("ranknum" in key for key in ours.get_adapter_state_dict())  # not in the file, as peft
 
 
 def test_bf16_base_rounds_once_like_peft():

@@ -304,10 +304,10 @@ def test_peft_default_keys_do_not_warn(tmp_path, caplog, recwarn):
 def test_unknown_peft_type_in_file(tmp_path):
     saved_lora(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["peft_type"] = "IA3"
+    config["peft_type"] = "VERA"
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ValueError, match=r"adapter_config.json: peft_type='IA3' is not a method deltatune has; known: LORA"
+        ValueError, match=r"adapter_config.json: peft_type='VERA' is not a method deltatune has; known: LORA"
     ):
         PeftConfig.from_pretrained(tmp_path)
 

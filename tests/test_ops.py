@@ -14,7 +14,7 @@ from torch import nn
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.ops import lora_linear
-from deltatune.ops.lora_dispatch import use_fast_paths, weights_fixed
+from deltatune.ops.lora_dispatch import stored_plan, use_fast_paths, weights_fixed
 from deltatune.ops.lora_ops import dropout_mask, lora_linear_inference
 
 
@@ -406,7 +406,7 @@ def test_mixed_batch_fast_equals_reference_loop(device):
     with torch.no_grad(), weights_fixed():  # the cached, in-place inference path (as inside generate)
         assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]
         assert close(model(input_ids=ids, adapter_names=names).logits, logits[1])[0]  # the second call: the plan
-        assert model.get_base_model().model.layers[1].self_attn.v_proj.__dict__["_mixed_plan"] is not None
+        assert stored_plan(model.get_base_model().model.layers[1].self_attn.v_proj, mixed=True).made_for.batch == 5
         model.set_adapter("b")
         alone = model(input_ids=ids[:1]).logits
         assert close(model(input_ids=ids, adapter_names=names).logits[:1], alone)[0]
@@ -465,8 +465,8 @@ def test_generate_keeps_a_plan_only_for_its_own_call():
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     ids = torch.randint(0, 100, (1, 4))
     out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    first_epoch = layer.__dict__["_plan"][0]
+    first_epoch = stored_plan(layer).epoch
     with use_fast_paths(False):
         assert torch.equal(out, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert layer.__dict__["_plan"][0] != first_epoch  # a new call rebuilt it
+    assert stored_plan(layer).epoch != first_epoch  # a new call rebuilt it

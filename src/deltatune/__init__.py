@@ -43,6 +43,7 @@ from deltatune.core.task_models import (
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.bottleneck import AdapterConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.lora.initialization import LoftQConfig
 from deltatune.methods.lora.loftq import replace_lora_weights_loftq
 from deltatune.methods.lora.lora import LoraConfig
@@ -50,6 +51,7 @@ from deltatune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparam
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.moved_modules import install as _install_moved_modules
+from deltatune.ops import fast_paths_enabled, set_fast_paths, use_fast_paths
 from deltatune.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 from deltatune.version import __version__ as __version__
 
@@ -81,6 +83,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "BitFitConfig",
+    "IA3Config",
     "LeanLossTrainer",
     "LoftQConfig",
     "LoraConfig",
@@ -102,6 +105,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "fast_paths_enabled",
     "get_base_model_state_dict",
     "get_peft_config",
     "get_peft_model",
@@ -111,5 +115,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "replace_lora_weights_loftq",
     "set_base_model_state_dict",
+    "set_fast_paths",
     "set_peft_model_state_dict",
+    "use_fast_paths",
 ]

@@ -28,15 +28,11 @@ import warnings
 import torch
 from torch import nn
 
+from deltatune.core.layer_kinds import QUANTIZED_LINEAR, is_quantized_linear  # noqa: F401  (public here too)
+
 logger = logging.getLogger(__name__)
 
-QUANTIZED_LINEAR = ("Linear4bit", "Linear8bitLt")
 INSTALL_HINT = "pip install bitsandbytes  (or: pip install 'deltatune[quant]')"
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """True for bitsandbytes' 4-bit and 8-bit linear layers."""
-    return type(module).__name__ in QUANTIZED_LINEAR
 
 
 def require_bitsandbytes(what: str):

@@ -16,6 +16,7 @@ from deltatune import (
     AdaLoraConfig,
     AdapterConfig,
     BitFitConfig,
+    IA3Config,
     LoraConfig,
     PeftConfig,
     PrefixTuningConfig,
@@ -134,6 +135,12 @@ METHODS: dict[str, MethodEntry] = {
         ),
         lr=2e-3,
         callbacks=(_adalora_callback,),
+    ),
+    # (IA)^3 vectors start at one and rescale activations: the paper's learning rate (Liu et al., 2022).
+    "ia3": MethodEntry(
+        ("target_modules",),
+        lambda o: IA3Config(task_type=CAUSAL_LM, target_modules=o("target_modules")),
+        lr=3e-3,
     ),
 }
 

@@ -81,6 +81,7 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
     BITFIT = "BITFIT"
     BOTTLENECK = "BOTTLENECK"
+    IA3 = "IA3"
 
 
 def enum_value(enum_class: type[enum.Enum], value: Any, field_name: str) -> Any:

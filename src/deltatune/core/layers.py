@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from deltatune.quantization import is_quantized_linear, merge_into_quantized
+from deltatune.core.layer_kinds import is_conv1d, is_quantized_linear
+from deltatune.quantization import merge_into_quantized  # bitsandbytes itself loads only inside the call
 
 BASE_ADAPTER_NAME = "__base__"  # a row of a mixed batch that should see no adapter
 
@@ -109,6 +110,21 @@ class AdapterLayer(WrappedLayer):
             del self.adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def adapters_to_merge(self, names: Sequence[str] | None) -> list[str]:
+        """The named (default: active) adapters of this layer not merged yet, with peft's warnings when some are."""
+        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
+        names = [n for n in wanted if n not in self.merged_adapters]
+        if self.merged_adapters and wanted:  # peft's warnings, same words
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}.",
+                    stacklevel=4,
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=4)
+        return names
+
     def merge(self, names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the named (default: active) adapters into the base weight; `safe_merge` checks for NaN first."""
         raise TypeError(f"{type(self).__name__} adapters cannot be merged into the base layer")
@@ -152,7 +168,7 @@ class MergeableLayer(AdapterLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Adapter `adapter_name`'s update in the base weight's layout (Conv1D stores W transposed), peft's name."""
         delta = self.adapters[adapter_name].delta_weight()
-        return delta.T if type(self.base_layer).__name__ == "Conv1D" else delta
+        return delta.T if is_conv1d(self.base_layer) else delta
 
     def _base_weight_delta(self, name: str) -> torch.Tensor:
         """What to add to the base weight to merge adapter `name` (its update; a method may rescale W too)."""
@@ -168,17 +184,7 @@ class MergeableLayer(AdapterLayer):
 
     def _names_to_merge(self, names: Sequence[str] | None, safe_merge: bool) -> list[str]:
         """The named (default: active) adapters of this layer not merged yet; with `safe_merge`, checked first."""
-        wanted = [n for n in (names or self.active_adapters) if n in self.adapters]
-        names = [n for n in wanted if n not in self.merged_adapters]
-        if self.merged_adapters and wanted:  # peft's warnings, same words
-            if names:
-                warnings.warn(
-                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
-                    f"You are now additionally merging {','.join(names)}.",
-                    stacklevel=3,
-                )
-            else:
-                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        names = self.adapters_to_merge(names)
         if safe_merge:
             check_finite_merge(self.base_layer.weight, {name: self._base_weight_delta(name) for name in names})
             biases = {name: self._bias_delta(name) for name in names}

@@ -22,6 +22,7 @@ from deltatune.core import trainer_integration
 from deltatune.core.config import PeftConfig, PeftWarning, TaskType
 from deltatune.core.files import adapter_folder, check_save_arguments, load_weights, save_adapter_files
 from deltatune.core.hub import create_or_update_model_card, push_to_hub
+from deltatune.core.layer_kinds import adapter_dtype
 from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper, as_names, belongs_to_adapter
 from deltatune.core.registry import Method, method_for
 from deltatune.core.state_dict import IncompatibleKeys, get_peft_model_state_dict, load_adapter_tensors
@@ -244,8 +245,8 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast: bool) -> N
         for part in module.adapter_parts(adapter_name):
             if autocast:
                 for param in part.parameters():
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+                    if param.is_floating_point():  # half precision -> fp32 (the rule adapters are made by)
+                        param.data = param.data.to(adapter_dtype(param))
             else:
                 part.to(weight.dtype)
 

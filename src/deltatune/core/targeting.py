@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from deltatune.core.config import NoMatchingPeftModuleError
+from deltatune.core.layer_kinds import is_linear_like
 from deltatune.core.layers import AdapterLayer, ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear, GPT-2's Conv1D, and bitsandbytes' 4/8-bit linear layers."""
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
 
 def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -173,6 +169,42 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new_module)
+
+
+def wrap_targets(
+    model: nn.Module,
+    names: Iterable[str],
+    layer_class: type[AdapterLayer],
+    make_layer: Callable[[nn.Module], AdapterLayer] | None = None,
+) -> list[tuple[str, AdapterLayer]]:
+    """Wrap each named module in a `layer_class` layer, or reuse the one already there (a second adapter).
+
+    Every module is checked before any is changed: one already held by another method's layer is refused.
+
+    Args:
+        model: the transformers model, changed in place.
+        names: the modules to wrap (from `find_targets`, or a method's own choice of places).
+        layer_class: the method's adapter layer; a module that already is one is returned as it is.
+        make_layer: builds the layer around a plain module (default: `layer_class(module)`), for a method
+            whose layer class depends on the module's kind.
+
+    Returns:
+        (name, layer) for each module, in the order given; the caller adds its adapter to each layer.
+    """
+    names = list(names)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer) and not isinstance(module, layer_class):
+            raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
+    make_layer = make_layer or layer_class
+    wrapped = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, layer_class):
+            module = make_layer(module)
+            replace_module(model, name, module)
+        wrapped.append((name, module))
+    return wrapped
 
 
 # Task heads that `PeftModel` adds to `modules_to_save` for classifiers / QA (as peft); a model has one or none.

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.config import PeftType, check_range
-from deltatune.core.layers import AdapterLayer, MergeableLayer
+from deltatune.core.layer_kinds import is_conv1d, layer_dims
+from deltatune.core.layers import MergeableLayer
 from deltatune.core.peft_model import PeftModel, TunerModel
-from deltatune.core.targeting import find_targets, replace_module, wrap_modules_to_save
+from deltatune.core.targeting import find_targets, wrap_modules_to_save, wrap_targets
 from deltatune.methods.lora.initialization import reads_base_weight
 from deltatune.methods.lora.lora import LoraConfig
 from deltatune.methods.lora.replication import prepare_replication
@@ -178,18 +179,14 @@ class SVDAdapter(nn.Module):
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(lora_B.to(device))
         self.lora_E = nn.Parameter(lora_E.to(device))
-        # The rank the scale divides by: init_r, also after pruning (as peft), so pruning does not rescale.
-        self.register_buffer("ranknum", torch.full((1,), float(config.init_r), device=device), persistent=False)
         self.stats: dict[str, dict[str, torch.Tensor]] = {}  # importance EMAs, per parameter name
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update P diag(Λ) Q * scale, shaped (out, in)."""
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+    def delta_weight(self, ranknum: torch.Tensor) -> torch.Tensor:
+        """The update P diag(Λ) Q * scale / rank, shaped (out, in) (`ranknum`: the layer's, see `SVDLayer`)."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (ranknum + 1e-5)
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
-    if type(base).__name__ == "Conv1D":  # GPT-2 stores W as (in, out)
-        return base.weight.shape[0], base.weight.shape[1]
     if isinstance(base, nn.Conv2d):  # the kernel as a matrix (out, in * kH * kW), as peft
         if base.groups > 1:  # a grouped kernel holds in/groups channels: the update would not fit it
             raise ValueError(
@@ -197,8 +194,8 @@ def _in_out(base: nn.Module) -> tuple[int, int]:
                 "groups=1); leave it out of target_modules or use LoraConfig"
             )
         return base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return base.in_features, base.out_features
+    if is_conv1d(base) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
+        return layer_dims(base)
     raise TypeError(
         f"AdaLoRA supports nn.Linear, Conv1D, nn.Conv2d and bitsandbytes linear layers, not {type(base).__name__}; "
         "choose other target_modules"
@@ -211,10 +208,25 @@ class SVDLayer(MergeableLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = _in_out(base_layer)
+        # Per adapter, the rank the scale divides by: init_r, also after pruning (as peft), so pruning does not
+        # rescale. A frozen parameter beside the adapters, as peft keeps it: counted among all parameters,
+        # never trained (its name has no `.adapters.`) and not saved in the adapter file.
+        self.ranknum = nn.ParameterDict()
 
     def add(self, name: str, rank: int, config: AdaLoraConfig) -> None:
         device = self.base_layer.weight.device
         self.adapters[name] = SVDAdapter(self.in_features, self.out_features, rank, config, device)
+        ranknum = torch.full((1,), float(config.init_r), device=device)
+        self.ranknum[name] = nn.Parameter(ranknum, requires_grad=False)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if name in self.ranknum:
+            del self.ranknum[name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.adapters[adapter_name].delta_weight(self.ranknum[adapter_name])
+        return delta.T if is_conv1d(self.base_layer) else delta
 
     def resize(self, name: str, rank: int) -> None:
         """Rebuild adapter `name` at `rank` (the values are loaded next); ranknum stays init_r."""
@@ -236,7 +248,8 @@ class SVDLayer(MergeableLayer):
             update = F.conv2d(a.dropout(x), kernel, None, base.stride, base.padding, base.dilation, base.groups)
             return (result + update).to(result.dtype)
         # Same operations in the same order as peft, so outputs match bit for bit.
-        update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (a.ranknum + 1e-5)  # (B, T, out)
+        ranknum = self.ranknum[name]
+        update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
 
@@ -270,13 +283,7 @@ def add_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> N
     prepare_replication(model, config.layer_replication, adapter_name)  # deepen the model first, as peft (and LoRA)
     targets = find_targets(model, config, DEFAULT_TARGET_MODULES)
     tokens = plan_trainable_tokens(model, config, targets)  # checked before any layer is changed
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, SVDLayer):
-            if isinstance(module, AdapterLayer):
-                raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
-            module = SVDLayer(module)
-            replace_module(model, name, module)
+    for _, module in wrap_targets(model, targets, SVDLayer):
         module.add(adapter_name, config.init_r, config)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
     add_trainable_tokens(model, tokens, adapter_name)  # token rows train beside it, as with LoRA

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from deltatune.core.config import PeftConfigWithTargets, PeftType, check_range
+from deltatune.core.layer_kinds import adapter_dtype, layer_dims
 from deltatune.core.layers import AdapterLayer
-from deltatune.core.targeting import find_targets, in_layers, is_excluded, replace_module, wrap_modules_to_save
+from deltatune.core.targeting import find_targets, in_layers, is_excluded, wrap_modules_to_save, wrap_targets
 
 # Which sub-layers each preset puts an adapter after.
 PRESETS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
@@ -139,11 +140,10 @@ class BottleneckAdapter(nn.Module):
 
 
 def _output_size(module: nn.Module) -> int:
-    """Width of a module's output: Linear / bitsandbytes layers, GPT-2's Conv1D, or the weight's first dim."""
-    if hasattr(module, "out_features"):
-        return module.out_features
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[1]
+    """Width of a module's output: a layer's out features (`layer_dims`), else the weight's first dim."""
+    dims = layer_dims(module)
+    if dims is not None:
+        return dims[1]
     weight = getattr(module, "weight", None)
     if weight is None:
         raise TypeError(f"cannot tell the output width of {type(module).__name__}; choose other target_modules")
@@ -155,11 +155,9 @@ class BottleneckLayer(AdapterLayer):
 
     def add(self, name: str, config: AdapterConfig, where: str) -> None:
         hidden = _output_size(self.base_layer)
-        weight = next(self.base_layer.parameters())
-        # Adapters stay fp32 over a half-precision or quantised base, for stable updates (as LoRA).
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        device = weight.device
-        self.adapters[name] = BottleneckAdapter(hidden, config.hidden_units(hidden, where), config, dtype).to(device)
+        device = next(self.base_layer.parameters()).device
+        units = config.hidden_units(hidden, where)
+        self.adapters[name] = BottleneckAdapter(hidden, units, config, adapter_dtype(self.base_layer)).to(device)
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
@@ -189,12 +187,6 @@ def adapter_sites(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 def add_bottleneck(model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
     """Put adapter `adapter_name` after each chosen sub-layer of `model` (in place)."""
-    for name in adapter_sites(model, config):
-        module = model.get_submodule(name)
-        if not isinstance(module, BottleneckLayer):
-            if isinstance(module, AdapterLayer):
-                raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
-            module = BottleneckLayer(module)
-            replace_module(model, name, module)
+    for name, module in wrap_targets(model, adapter_sites(model, config), BottleneckLayer):
         module.add(adapter_name, config, name)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)

@@ -1,20 +1,26 @@
-"""When `LoraLayer` takes a fast path, and the switch that turns the fast paths off (for comparisons).
+"""Which forward a `LoraLayer` runs: the fast paths of deltatune.ops, or the reference, and the switch.
 
 The fast paths cover the common case: a plain, frozen `nn.Linear` (no hooks, no autocast, input in the
 weight's dtype) with one unmerged active adapter (`lora_ops.lora_linear`), or a mixed batch over such a
 layer with no dropout in play (`mixed_batch.mixed_lora_linear`). Anything else (Conv1D, embeddings,
 bitsandbytes layers, DoRA adapters, lora_bias, a trainable base weight, several active adapters) takes the reference
-path, `LoraLayer.adapter_forward`. Inside a `generate` call (`weights_fixed`) each layer keeps the result of its
-checks and the tensors it derived (a plan) and reuses them at every decoding step; with
-`DELTATUNE_TRITON_LORA=1` (or `lora_ops.use_triton_kernels`) on a CUDA device that plan runs the fused kernel of
-`triton_lora` instead.
+path, `LoraLayer.adapter_forward` (and `AdapterLayer.mixed_forward` for mixed batches). Inside a `generate` call
+(`weights_fixed`) each layer keeps the result of its checks and the tensors it derived (a plan) and reuses them at
+every decoding step; with `DELTATUNE_TRITON_LORA=1` (or `lora_ops.use_triton_kernels`) on a CUDA device that plan
+runs the fused kernel of `triton_lora` instead.
+
+The switch: `DELTATUNE_FAST_PATHS=0` in the environment (read at import), `set_fast_paths(False)`, or the block
+form `with use_fast_paths(False):` make every LoRA layer run its reference path. They also stay off when torch
+fails the probe of `torch_internals` (a warning says so).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +34,51 @@ from deltatune.ops.mixed_batch import (
     row_index,
     stack_lora_weights,
 )
+from deltatune.ops.torch_internals import (
+    USABLE,
+    any_autocast_enabled,
+    children,
+    has_forward_hooks,
+    own_parameters,
+    unhooked_parameters,
+)
 
-_ENABLED = [True]
+
+def _fast_paths_from_environment() -> bool:
+    """False when DELTATUNE_FAST_PATHS is 0, false, off or no (any case); True otherwise and when unset."""
+    return os.environ.get("DELTATUNE_FAST_PATHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+# A flag rather than an environment read per call: this is on every layer's path.
+_ENABLED = [_fast_paths_from_environment()]
 # Tensors derived from adapter weights (B^T, mixed-batch stacks) are cached only inside `weights_fixed()`,
 # which `PeftModel.generate` enters: no optimizer runs during a generate call. Outside it they are rebuilt
 # on every call, because a version counter is no proof that a weight is unchanged (fused AdamW updates
 # parameters in place without bumping it).
 _FIXED = {"depth": 0, "epoch": 0}
+
+
+def set_fast_paths(enabled: bool) -> None:
+    """Turn the LoRA fast paths on or off for the whole process.
+
+    Off, every `LoraLayer` runs its reference forward (`LoraLayer.adapter_forward`, `AdapterLayer.mixed_forward`):
+    the same numbers (within float rounding), slower, and keeping each layer's input for backward as peft does.
+    `DELTATUNE_FAST_PATHS=0` in the environment sets the same switch at import; `use_fast_paths` is the block form.
+
+    Args:
+        enabled: True to let layers take the fast paths where they apply (the default), False to never take them.
+    """
+    _ENABLED[0] = bool(enabled)
+
+
+def fast_paths_enabled() -> bool:
+    """Whether LoRA layers may take the fast paths: switched on, and this torch passed the internals probe."""
+    return _ENABLED[0] and USABLE[0]
+
+
+def use_fast_paths(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Within the block, LoRA layers use (True) or skip (False) the fast paths; `set_fast_paths` in block form."""
+    return switched(_ENABLED, bool(enabled))
 
 
 @contextlib.contextmanager
@@ -55,64 +99,100 @@ def _cache_epoch() -> int | None:
     return _FIXED["epoch"] if _FIXED["depth"] and not torch.is_grad_enabled() else None
 
 
-def use_fast_paths(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """Within the block, LoRA layers use (True) or skip (False) the fast paths; for tests and benchmarks."""
-    return switched(_ENABLED, enabled)
+class LinearPlan(NamedTuple):
+    """A layer's fast forward for one generate call, worked out on its first decoding step and reused after."""
+
+    epoch: int  # the `weights_fixed` block it was made in; any other block rebuilds it
+    dtype: torch.dtype  # the input dtype it was made for
+    run: Callable[..., torch.Tensor]  # called as run(x, *operands)
+    operands: tuple  # (base weight, base bias, A factor, B factor, scaling) in the form `run` reads them
+
+
+class MixedKey(NamedTuple):
+    """What a mixed-batch plan was made for; a call that differs in any of these rebuilds it."""
+
+    epoch: int | None
+    row_adapters_id: int  # identity of the layer's `row_adapters` list (set afresh for each batch)
+    batch: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+class MixedPlan(NamedTuple):
+    """A layer's mixed-batch forward for one generate call: each row's factors gathered on the first step."""
+
+    made_for: MixedKey
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # called as run(x, base_output)
+
+
+# Plans live in the layer's instance `__dict__`, next to its other plain attributes: read from it because a
+# missing attribute would go through nn.Module.__getattr__ (an exception per call), and written into it
+# because nn.Module.__setattr__ checks parameters, buffers and modules first.
+_LINEAR_PLAN, _MIXED_PLAN = "_fast_linear_plan", "_fast_mixed_plan"
+
+
+def stored_plan(layer: nn.Module, mixed: bool = False) -> LinearPlan | MixedPlan | None:
+    """The plan `layer` keeps for its single-adapter forward, or with `mixed` for its mixed-batch forward."""
+    return vars(layer).get(_MIXED_PLAN if mixed else _LINEAR_PLAN)
 
 
 def _plain_frozen_linear(base: nn.Module) -> bool:
-    return (
-        type(base) is nn.Linear
-        and not base.weight.requires_grad
-        and not base._forward_hooks
-        and not base._forward_pre_hooks
-    )
+    return type(base) is nn.Linear and not own_parameters(base)["weight"].requires_grad and not has_forward_hooks(base)
 
 
-def _dropout_p(adapter: nn.Module) -> float:
-    dropout = adapter._modules["dropout"]
+def _dropout_p(dropout: nn.Module) -> float:
+    """The drop probability an adapter's dropout module applies now (0 in eval mode or for nn.Identity)."""
     return dropout.p if dropout.training and type(dropout) is nn.Dropout else 0.0
 
 
-def _pending(layer_state: dict) -> list[str]:
-    """Active adapters this layer has, not merged into the base weight."""
-    active, merged = layer_state["active_adapters"], layer_state["merged_adapters"]
-    present = layer_state["_modules"]["adapters"]._modules
-    return [name for name in active if name in present and name not in merged]
+def _pending(layer: nn.Module, present: dict[str, nn.Module]) -> list[str]:
+    """Active adapters this layer has (`present`: its adapters by name), not merged into the base weight."""
+    merged = layer.merged_adapters
+    return [name for name in layer.active_adapters if name in present and name not in merged]
+
+
+def _plain_factors(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """A plain adapter's A (r, in), B (out, r) and dropout probability, or None for DoRA or lora_bias (reference
+    path)."""
+    if "lora_magnitude_vector" in own_parameters(adapter):  # DoRA rescales the base output
+        return None
+    parts = children(adapter)
+    lora_b_params = own_parameters(parts["lora_B"])
+    if lora_b_params["bias"] is not None:
+        return None
+    return own_parameters(parts["lora_A"])["weight"], lora_b_params["weight"], _dropout_p(parts["dropout"])
 
 
 def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The fused forward of `layer` for input `x`, or None when the reference path must run.
 
-    This runs for every adapted layer on every token, so it reads module state straight from `__dict__`
-    and `_modules` (nn.Module's attribute fallback costs about a microsecond a lookup).
+    This runs for every adapted layer on every token, so it reads module state through `torch_internals`
+    (nn.Module's attribute fallback costs about a microsecond a lookup) and the layer's plain attributes
+    from its `__dict__` (half the cost of `vars(layer)`).
     """
     state = layer.__dict__
-    if args or kwargs or state["row_adapters"] is not None or not _ENABLED[0]:
+    if args or kwargs or state["row_adapters"] is not None or not (_ENABLED[0] and USABLE[0]):
         return None
-    plan = state.get("_plan")  # inside generate: the first step's checks and tensors, reused
-    if plan is not None and plan[0] == _cache_epoch() and plan[1] is x.dtype:
-        return plan[2](x, *plan[3])
-    base = layer._modules["base_layer"]
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+    plan = state.get(_LINEAR_PLAN)  # inside generate: the first step's checks and tensors, reused
+    if plan is not None and plan.epoch == _cache_epoch() and plan.dtype is x.dtype:
+        return plan.run(x, *plan.operands)
+    modules = children(layer)
+    base = modules["base_layer"]
+    base_params = unhooked_parameters(base) if type(base) is nn.Linear else None
+    if base_params is None:
         return None
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    if weight.requires_grad or x.dtype != weight.dtype or torch._C._is_any_autocast_enabled():
+    weight, bias = base_params["weight"], base_params["bias"]
+    if weight.requires_grad or x.dtype != weight.dtype or any_autocast_enabled():
         return None
-    pending = () if state["disabled"] else _pending(state)
+    adapters = children(modules["adapters"])
+    pending = () if state["disabled"] else _pending(layer, adapters)
     if not pending:  # disabled, or everything merged: exactly the base layer
         return F.linear(x, weight, bias)
-    if len(pending) != 1:
+    adapter = adapters[pending[0]]
+    factors = _plain_factors(adapter) if len(pending) == 1 else None
+    if factors is None:
         return None
-    adapter = layer._modules["adapters"]._modules[pending[0]]
-    if "lora_magnitude_vector" in adapter._parameters:  # DoRA rescales the base output: reference path
-        return None
-    lora_a = adapter._modules["lora_A"]._parameters["weight"]
-    lora_b_params = adapter._modules["lora_B"]._parameters
-    if lora_b_params["bias"] is not None:  # lora_bias: reference path
-        return None
-    lora_b = lora_b_params["weight"]
-    dropout = _dropout_p(adapter)
+    lora_a, lora_b, dropout = factors
     recording = torch.is_grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (bias is not None and bias.requires_grad)
     )
@@ -120,9 +200,10 @@ def fast_lora_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
         epoch = _cache_epoch()
         if epoch is None:  # a one-off call: strided views of A^T and B^T, nothing kept
             return lora_linear_inference(x, weight, bias, lora_a.T[None], lora_b.T[None], adapter.scaling)
-        run, factors = _inference_kernel(x, weight, lora_a, lora_b)
-        state["_plan"] = (epoch, x.dtype, run, (weight, bias, *factors, adapter.scaling))
-        return run(x, weight, bias, *factors, adapter.scaling)
+        run, kernel_factors = _inference_kernel(x, weight, lora_a, lora_b)
+        plan = LinearPlan(epoch, x.dtype, run, (weight, bias, *kernel_factors, adapter.scaling))
+        state[_LINEAR_PLAN] = plan
+        return plan.run(x, *plan.operands)
     return lora_linear(x, weight, bias, lora_a, lora_b, adapter.scaling, dropout)
 
 
@@ -151,18 +232,18 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
     batch x r x (in + out) numbers per layer: no more than the stacks when the batch is at most the number of
     adapters + 1; larger batches keep the stacks and gather at every step instead.
     """
-    if not _ENABLED[0]:
+    if not (_ENABLED[0] and USABLE[0]):
         return None
     epoch = _cache_epoch()
-    key = (epoch, id(layer.row_adapters), x.shape[0], x.device, x.dtype)
-    plan = layer.__dict__.get("_mixed_plan")
-    if epoch is not None and plan is not None and plan[0] == key:
-        return plan[1](x, result)
+    key = MixedKey(epoch, id(layer.row_adapters), x.shape[0], x.device, x.dtype)
+    plan = layer.__dict__.get(_MIXED_PLAN)
+    if epoch is not None and plan is not None and plan.made_for == key:
+        return plan.run(x, result)
     names = list(layer.adapters)
     if not names or not _plain_frozen_linear(layer.base_layer):
         return None
     if any(
-        _dropout_p(a) > 0 or "lora_magnitude_vector" in a._parameters or a.lora_B.bias is not None
+        _dropout_p(a.dropout) > 0 or "lora_magnitude_vector" in own_parameters(a) or a.lora_B.bias is not None
         for a in map(layer.adapters.__getitem__, names)
     ) or torch.is_autocast_enabled(x.device.type):
         # dropout, DoRA or lora_bias: reference path
@@ -175,5 +256,6 @@ def fast_mixed_forward(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) 
         run = functools.partial(apply_row_factors, a_rows_t=a_rows_t, bt_rows=bt_rows)
     else:
         run = functools.partial(mixed_lora_linear, rows=rows, a_stack=a_stack, bt_stack=bt_stack)
-    layer.__dict__["_mixed_plan"] = (key, run)
-    return run(x, result)
+    plan = MixedPlan(key, run)
+    layer.__dict__[_MIXED_PLAN] = plan
+    return plan.run(x, result)

@@ -32,6 +32,18 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from deltatune.ops.torch_internals import (
+    MISSING,
+    cast_output,
+    internals_usable,
+    is_cast_node,
+    is_product_node,
+    saved_operands,
+    saved_tensor_hooks_active,
+    set_versioned_note,
+    versioned_note,
+)
+
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch >= 2.3
 
 
@@ -126,9 +138,6 @@ def _forward_math(x, weight, bias, lora_a, lora_b, scaling, mask):
     return out, after_a
 
 
-_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # None: unknown
-
-
 def recorded_product(x: torch.Tensor, depth: int = 3):
     """How to remake `x` from tensors autograd already keeps, or None.
 
@@ -154,17 +163,15 @@ class Cast(NamedTuple):
 
 
 def _node_recipe(node, depth: int):
-    kind = type(node).__name__
-    if depth == 0 or kind not in ("MulBackward0", "ToCopyBackward0"):
+    if depth == 0:
         return None
-    try:
-        if kind == "ToCopyBackward0":  # a dtype cast on the same device: its output's dtype is in the metadata
-            output = node._input_metadata[0]
-            inner = _node_recipe(node.next_functions[0][0], depth - 1)
-            fits = inner is not None and output.device == _recipe_leaves(inner)[0].device
-            return Cast(output.dtype, inner) if fits else None
-        saved = (node._saved_self, node._saved_other)  # the operands, when this node keeps them
-    except (RuntimeError, AttributeError):  # released, modified in place since, or an unknown torch
+    if is_cast_node(node):  # a dtype cast on the same device
+        output = cast_output(node)
+        inner = _node_recipe(node.next_functions[0][0], depth - 1) if output is not None else None
+        fits = inner is not None and output[1] == _recipe_leaves(inner)[0].device
+        return Cast(output[0], inner) if fits else None
+    saved = saved_operands(node) if is_product_node(node) else None  # the operands, when this node keeps them
+    if saved is None:
         return None
     parts = [
         operand if operand is not None else _node_recipe(producer, depth - 1)
@@ -211,8 +218,8 @@ def replay_product(shape, leaves) -> torch.Tensor:
 class RemadeInput:
     """How to remake one layer input in backward, shared by the layers that read it (q/k/v, gate/up).
 
-    Built once per input tensor and version (kept in its `__dict__`: the recipe is looked for once, not per
-    layer; an in-place change of the tensor between readers gets a new one).
+    Built once per input tensor and version (kept as a `versioned_note` on it: the recipe is looked for once,
+    not per layer; an in-place change of the tensor between readers gets a new one).
     The leaves are the tensors the recipe multiplies: each layer saves them for backward, and this object
     forgets them once backward starts. The remade value lives from the first reader's backward to the last's.
     """
@@ -237,17 +244,18 @@ def remade_input(x: torch.Tensor) -> RemadeInput | None:
     """The shared `RemadeInput` of `x`, or None when `x` must be kept (see `recorded_product`).
 
     Kept also while saved-tensor hooks are active (checkpointing or offloading decide there what is kept) and
-    under torch.compile (no recorded graph to read; AOT autograd decides itself what to save).
+    under torch.compile (no recorded graph to read; AOT autograd decides itself what to save), and when this
+    torch failed the probe of `torch_internals`.
     """
     if x.numel() * x.element_size() < REMAKE_MIN_BYTES or _is_compiling():
         return None
-    if _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS(False) is not None:
+    if saved_tensor_hooks_active() or not internals_usable():
         return None
-    version, remade = x.__dict__.get("_deltatune_remade", (None, None))
-    if version != x._version:  # first reader, or x was changed in place since: another product made it
+    remade = versioned_note(x)
+    if remade is MISSING:  # first reader, or x was changed in place since: another product made it
         recipe = recorded_product(x)
         remade = RemadeInput(recipe) if recipe is not None else None
-        x.__dict__["_deltatune_remade"] = (x._version, remade)
+        set_versioned_note(x, remade)
     return remade
 
 

@@ -24,14 +24,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # the functional form of each conv type, by the number of dimensions of its kernel (out, in, k...)
 _CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
-
-
-def is_conv(module: nn.Module) -> bool:
-    """True for nn.Conv1d / Conv2d / Conv3d (not transformers' Conv1D, which is a linear layer)."""
-    return isinstance(module, CONV_TYPES)
 
 
 def conv_fn(weight: torch.Tensor):

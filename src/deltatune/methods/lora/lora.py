@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.config import PeftConfigWithTargets, PeftType, PeftWarning, check_range
-from deltatune.core.layers import AdapterLayer, MergeableLayer, embedding_scale
-from deltatune.core.targeting import find_targets, modules_to_save_names, replace_module, wrap_modules_to_save
+from deltatune.core.layer_kinds import adapter_dtype, is_conv, is_conv1d, layer_dims
+from deltatune.core.layers import MergeableLayer, embedding_scale
+from deltatune.core.targeting import find_targets, modules_to_save_names, wrap_modules_to_save, wrap_targets
 from deltatune.methods.lora import conv as lora_conv
 from deltatune.methods.lora import dora
 from deltatune.methods.lora.initialization import (
@@ -197,20 +198,23 @@ def _pattern_value(patterns: dict, key: str, default):
 def _layer_shape(base: nn.Module) -> tuple[str, int, int]:
     """(kind, in_features, out_features) of the wrapped layer; kinds: linear, conv1d (transformers' Conv1D),
     embedding, conv (nn.Conv1d/2d/3d: channels) and mha (nn.MultiheadAttention: its in_proj, embed -> 3 x embed)."""
-    if isinstance(base, nn.Embedding):
-        return "embedding", base.num_embeddings, base.embedding_dim
-    if type(base).__name__ == "Conv1D":
-        return "conv1d", base.weight.shape[0], base.weight.shape[1]
-    if lora_conv.is_conv(base):
-        return "conv", base.in_channels, base.out_channels
     if isinstance(base, nn.MultiheadAttention):
         return "mha", base.embed_dim, 3 * base.embed_dim
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return "linear", base.in_features, base.out_features
-    raise TypeError(
-        f"LoRA supports nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and bitsandbytes "
-        f"linear layers, not {type(base).__name__}; choose other target_modules"
-    )
+    dims = layer_dims(base)
+    if dims is None:
+        raise TypeError(
+            f"LoRA supports nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and bitsandbytes "
+            f"linear layers, not {type(base).__name__}; choose other target_modules"
+        )
+    return _layer_kind(base), *dims
+
+
+def _layer_kind(base: nn.Module) -> str:
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if is_conv1d(base):
+        return "conv1d"
+    return "conv" if is_conv(base) else "linear"
 
 
 class AdapterAttributes(Mapping):
@@ -307,8 +311,7 @@ def new_adapter(
     conv: nn.Module | None = None,
 ) -> LoraAdapter:
     """A `LoraAdapter` for the base weight `weight`, on its device (`conv`: see `LoraAdapter`)."""
-    # Keep adapters in fp32 over a half-precision or quantised base, as peft does, for stable updates.
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = adapter_dtype(weight)
     device = weight.device if weight.device.type != "meta" else "meta"
     options = (config.lora_dropout, config.use_rslora, config.init_lora_weights, dtype, config.lora_bias, conv)
     return LoraAdapter(kind, in_features, out_features, r, alpha, *options).to(device)
@@ -339,8 +342,7 @@ class LoraLayer(MergeableLayer):
     def _get_name(self) -> str:
         # The printed name says what the layer is, as peft prints it: lora.Linear, lora.Embedding, lora.Conv2d
         base = self.get_base_layer()
-        kind = type(base).__name__
-        return "lora." + ("Linear" if kind == "Conv1D" else kind)
+        return "lora." + ("Linear" if is_conv1d(base) else type(base).__name__)
 
     # peft's per-layer attributes ({adapter name: ...}), read-only views for code written against peft
     # (`layer.lora_A["default"].weight`); the modules themselves live in `self.adapters`.
@@ -351,13 +353,20 @@ class LoraLayer(MergeableLayer):
     scaling = _per_adapter("scaling")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # Fused, memory-lean path for a plain frozen nn.Linear (deltatune.ops); adapter_forward is the reference.
+        """Base output plus the active adapters' updates: the fast path where it applies, else the reference.
+
+        The fast path (`deltatune.ops.lora_dispatch.fast_lora_forward`, a fused autograd node in
+        `deltatune.ops.lora_ops`) serves a plain frozen nn.Linear with one active adapter and gives the numbers of
+        `adapter_forward`, the reference below, faster and keeping less for backward. `DELTATUNE_FAST_PATHS=0` in
+        the environment or `deltatune.set_fast_paths(False)` makes every layer run the reference.
+        """
         fast = fast_lora_forward(self, x, args, kwargs)
         return fast if fast is not None else super().forward(x, *args, **kwargs)
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         dora.refuse_mixed_batch(self, self.row_adapters)
-        # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference.
+        # All rows' adapters in two batched matmuls (deltatune.ops.mixed_batch); the loop is the reference and runs
+        # when the fast paths are off (deltatune.set_fast_paths)
         fast = fast_mixed_forward(self, x, result)
         return fast if fast is not None else super().mixed_forward(x, result)
 
@@ -461,13 +470,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
                 config.init_lora_weights,
             )
     warn_unmatched_patterns(config, targets)
-    for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            if isinstance(module, AdapterLayer):
-                raise ValueError(f"{name} already holds a {type(module).__name__}; one method per module")
-            module = _new_layer(module)
-            replace_module(model, name, module)
+    for name, module in wrap_targets(model, targets, LoraLayer, _new_layer):
         if module.kind in ("linear", "conv1d"):  # the layout is read from the layer; the config records it (as peft)
             config.fan_in_fan_out = module.kind == "conv1d"
         r = _pattern_value(config.rank_pattern, name, config.r)
