@@ -1,7 +1,7 @@
 """deltatune: parameter-efficient fine-tuning for Hugging Face transformers.
 
 The public names match peft's, so `from deltatune import LoraConfig, get_peft_model, TaskType` runs the
-seeds' code unchanged.
+code of peft tutorials (such as the Chinese PEFT tutorials the README names) unchanged.
 """
 
 from deltatune import methods  # noqa: F401  (registers every method)

@@ -117,7 +117,7 @@ def prepare_model_for_kbit_training(
 
 
 def prepare_model_for_int8_training(model: nn.Module, *args, **kwargs) -> nn.Module:
-    """The old name the course notes use (seed 004, on an 8-bit OPT); peft had it as this alias, with this warning,
+    """The old name *大模型高效微调* uses (on an 8-bit OPT); peft had it as this alias, with this warning,
     before removing it. Same arguments and steps as `prepare_model_for_kbit_training`."""
     warnings.warn(
         "prepare_model_for_int8_training is deprecated; use prepare_model_for_kbit_training (same arguments), "

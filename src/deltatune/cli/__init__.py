@@ -73,7 +73,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     )
     add("--eval-data", default=S, help="held-out rows (default: the bundled held-out split with the bundled data)")
     add("--split", default=S, help="split of a dataset folder or hub dataset (default: train)")
-    add("--template", default=S, help="auto (default), chat, or human-assistant (the seeds' Human:/Assistant: prompt)")
+    add("--template", default=S, help="auto (default), chat, or human-assistant (the tutorials' Human:/Assistant:)")
     add("--output", default=S, help="run folder (default: deltatune-run)")
     add("--max-steps", type=int, default=S, help="optimizer steps (default: --epochs)")
     add("--epochs", type=float, default=S, help="passes over the data when --max-steps is not given (default: 1)")

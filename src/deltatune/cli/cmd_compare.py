@@ -2,7 +2,7 @@
 
 Writes in the output folder: `comparison.md` and `comparison.csv` (method, trainable params, trainable %,
 seconds per step, peak memory, eval loss, exact-match), `loss_curves.png` (training loss of every method)
-and `quality_vs_params.png` (eval loss and exact-match against trainable parameters) — the seeds' table of
+and `quality_vs_params.png` (eval loss and exact-match against trainable parameters) — the tutorials' table of
 methods, measured live. Each method runs in a fresh process by default so that peak memory is its own.
 """
 

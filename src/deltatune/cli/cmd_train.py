@@ -1,6 +1,6 @@
 """`deltatune train`: fine-tune a causal LM with one method through `transformers.Trainer`.
 
-Steps (the seeds' 1-7): load the base model and tokenizer, build the method's config from the options,
+Steps (the tutorials' 1-7): load the base model and tokenizer, build the method's config from the options,
 wrap with `get_peft_model`, tokenize the data (loss on responses only), train with `Trainer` (progress bar,
 logs every `logging_steps`, a checkpoint every `save_steps`), then save the adapter, `run.yaml` and
 `loss_history.json` in the output folder. Works the same under `torchrun`/`accelerate launch`. The Trainer is

@@ -7,7 +7,7 @@ Accepted sources (`--data`):
 - a folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict whose split is chosen);
 - a hub dataset name, only when the hub is reachable (a clear error says what to do offline).
 
-Prompts use the tokenizer's chat template when it has one, else the seeds' template
+Prompts use the tokenizer's chat template when it has one, else the tutorials' template
 `Human: {instruction}\\n{input}\\n\\nAssistant: {output}`. The loss counts only response tokens: prompt
 and padding positions get the label -100. Sequences are cut at `max_length` from the end, so the prompt is
 kept whole and rows whose prompt leaves no room for a single response token are dropped.
@@ -28,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips
-SEEDS_ANSWER_CUE = "\n\nAssistant: "
+ANSWER_CUE = "\n\nAssistant: "
 TEMPLATES = ("auto", "chat", "human-assistant")
 BUNDLED_TRAIN = "sample_train.jsonl"
 BUNDLED_EVAL = "sample_eval.jsonl"
@@ -245,12 +245,12 @@ def resolve_template(template: str, tokenizer: Any) -> str:
 
 
 def _human_assistant_prompt(history: list[dict[str, str]], eos: str) -> str:
-    """The seeds' prompt for the turns before an answer: `Human: {instruction}\\n{input}` (stripped) and the
+    """The tutorials' prompt for the turns before an answer: `Human: {instruction}\\n{input}` (stripped) and the
     answer cue; a system turn goes first as plain text, earlier answers are written out in the same form."""
     text = ""
     for message in history:
         if message["role"] == "user":  # the user turn is instruction + "\\n" + input (see to_messages)
-            text += "Human: " + message["content"].strip() + SEEDS_ANSWER_CUE
+            text += "Human: " + message["content"].strip() + ANSWER_CUE
         elif message["role"] == "assistant":  # as it was trained: the answer, then EOS
             text += message["content"] + eos + "\n\n"
         else:

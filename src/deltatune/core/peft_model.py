@@ -783,5 +783,5 @@ class PeftModel(nn.Module):
         model.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
-        """The older name of `activation_checkpointing_enable` (peft's and the course notes' spelling)."""
+        """The older name of `activation_checkpointing_enable` (peft's and the tutorials' spelling)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)

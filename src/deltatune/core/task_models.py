@@ -1,4 +1,4 @@
-"""The `PeftModel` subclass for each task type, and `get_peft_model`, the seeds' entry point.
+"""The `PeftModel` subclass for each task type, and `get_peft_model`, the tutorials' entry point.
 
 As in peft, `get_peft_model` (and `PeftModel.from_pretrained`) picks the class from `config.task_type`; the
 language-model classes check that the model can generate.
@@ -76,7 +76,7 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (the seeds' entry point).
+    """Wrap `model` with a new adapter described by `peft_config` (the tutorials' entry point).
 
     peft's arguments: `autocast_adapter_dtype` (default True) keeps adapters over a float16/bfloat16 base in
     float32; `revision` is recorded in the config; `low_cpu_mem_usage` is accepted (adapters are made in place).

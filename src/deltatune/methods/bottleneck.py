@@ -11,7 +11,7 @@ W_up and b_up start at zero, so the adapted model starts exactly equal to the ba
 - "pfeiffer": after the feed-forward block only (1 per layer, about half the parameters).
 
 Each place costs 2 d m + m + d parameters. The adapter is non-linear, so it cannot be merged into the base
-weights (an extra step at inference, as the seeds note).
+weights (an extra step at inference, as the tutorials note).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         init_weights: None draws the prefixes at random; "zero" starts them at zero.
         encoder_hidden_size: width h of the projection network; None takes token_dim.
         prefix_projection: False trains the prefixes directly; True computes them with
-            embedding -> Linear -> Tanh -> Linear (the seeds' "要不要有全连接层").
+            embedding -> Linear -> Tanh -> Linear (the tutorials' "要不要有全连接层").
     """
 
     init_weights: str | None = None

@@ -4,8 +4,8 @@ n learned vectors P (n, d) are put before the token embeddings and the frozen mo
 
     h = model([P ; E(x)])
 
-Only P trains: n x d values (7 x 2048 = 14,336 on bloom-1b4-zh with the seeds' 7-token text). The prompt can
-start at random (`PromptTuningInit.RANDOM`, a "soft" prompt), from the embeddings of a text (`TEXT`, the seeds'
+Only P trains: n x d values (7 x 2048 = 14,336 on bloom-1b4-zh with the tutorials' 7-token text). The prompt can
+start at random (`PromptTuningInit.RANDOM`, a "soft" prompt), from the embeddings of a text (`TEXT`, the tutorials'
 "hard" prompt, e.g. "下面是一段人与机器人的对话。"), or from random vocabulary rows (`SAMPLE_VOCAB`).
 Encoder-decoders keep a second set of n rows, as peft does (only the first n enter the encoder).
 

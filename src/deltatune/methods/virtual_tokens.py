@@ -54,7 +54,7 @@ class PromptLearningConfig(PeftConfig):
     """Fields every prompt method has (peft's `PromptLearningConfig`); the sizes are filled from the model.
 
     Attributes:
-        num_virtual_tokens: how many learned vectors go in front of each sequence (the seeds use 10-20). None
+        num_virtual_tokens: how many learned vectors go in front of each sequence (the tutorials use 10-20). None
             (peft's default) is allowed in the config but must be set before the adapter is added to a model.
         token_dim: width of one virtual token; None takes the model's hidden size (for prefix tuning on
             grouped-query attention: key/value heads x head size).
