@@ -26,7 +26,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 import deltatune
 from deltatune import LoraConfig, NoMatchingPeftModuleError, PeftModel, TaskType, get_peft_model
-from deltatune.core.peft_model import TunerModel
+from deltatune.core.tuner_model import TunerModel
 from deltatune.methods.lora.lora import DEFAULT_TARGET_MODULES, LoraLayer
 from deltatune.ops.lora_dispatch import use_fast_paths
 

@@ -37,8 +37,9 @@ from torch import nn
 from deltatune.core.config import PeftType, check_range
 from deltatune.core.layer_kinds import is_conv1d, layer_dims
 from deltatune.core.layers import MergeableLayer
-from deltatune.core.peft_model import PeftModel, TunerModel
+from deltatune.core.peft_model import PeftModel
 from deltatune.core.targeting import find_targets, wrap_modules_to_save, wrap_targets
+from deltatune.core.tuner_model import TunerModel
 from deltatune.methods.lora.initialization import reads_base_weight
 from deltatune.methods.lora.lora import LoraConfig
 from deltatune.methods.lora.replication import prepare_replication
