@@ -317,3 +317,31 @@ def test_convolutions_equal_peft_unmerged_and_merged(conv, groups):
             if "base_layer" in name:
                 assert torch.equal(dict(ours.named_parameters())[name], param), name
         torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_add_weighted_adapter_sums_vectors_like_peft(arch):
+    theirs, ours = both(tiny_model(arch), target_modules=None)
+    for model, config_class in ((theirs, peft.IA3Config), (ours, IA3Config)):
+        torch.manual_seed(2)
+        kwargs = {"target_modules": ["c_attn"], "feedforward_modules": []} if arch == "gpt2" else {}
+        model.add_adapter("other", config_class(task_type="CAUSAL_LM", init_ia3_weights=False, **kwargs))
+        model.add_weighted_adapter(["default", "other"], [0.3, 0.7], "mix")
+        model.set_adapter("mix")
+    assert ours.peft_config["mix"].target_modules == theirs.peft_config["mix"].target_modules
+    assert ours.peft_config["mix"].feedforward_modules == theirs.peft_config["mix"].feedforward_modules
+    assert torch.equal(logits(ours), logits(theirs))
+    for name, layer in layers(ours).items():  # the formula, layer by layer
+        parts = [(w, layer.adapters[n].ia3_l) for n, w in (("default", 0.3), ("other", 0.7)) if n in layer.adapters]
+        assert torch.allclose(layer.adapters["mix"].ia3_l, sum(w * v for w, v in parts)), name
+
+
+def test_add_weighted_adapter_refuses_lora_options_and_unequal_lengths():
+    _, ours = both(tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"combine linearly .* combination_type='cat'"):
+        ours.add_weighted_adapter(["default"], [1.0], "mix", combination_type="cat")
+    with pytest.raises(ValueError, match="1 adapters but 2 weights"):
+        ours.add_weighted_adapter(["default"], [1.0, 2.0], "mix")
+    with pytest.raises(ValueError, match="Adapter missing does not exist"):
+        ours.add_weighted_adapter(["missing"], [1.0], "mix")
+    assert list(ours.peft_config) == ["default"]

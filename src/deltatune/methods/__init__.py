@@ -10,7 +10,7 @@ from deltatune.core.registry import Method, register
 from deltatune.methods.adalora import ADALORA_HOOKS, AdaLoraConfig, add_adalora
 from deltatune.methods.bitfit import BITFIT_HOOKS, BitFitConfig, add_bitfit
 from deltatune.methods.bottleneck import AdapterConfig, add_bottleneck
-from deltatune.methods.ia3 import IA3Config, add_ia3
+from deltatune.methods.ia3 import IA3Config, add_ia3, add_weighted_ia3
 from deltatune.methods.lora.combine import add_weighted_adapter
 from deltatune.methods.lora.hooks import LORA_FAMILY_HOOKS
 from deltatune.methods.lora.initialization import convert_to_plain_lora
@@ -34,7 +34,9 @@ register(
 register(Method(PeftType.BITFIT, BitFitConfig, add_bitfit, **BITFIT_HOOKS))  # trained in place
 register(Method(PeftType.BOTTLENECK, AdapterConfig, add_bottleneck))
 register(Method(PeftType.ADALORA, AdaLoraConfig, add_adalora, **LORA_FAMILY_HOOKS, **ADALORA_HOOKS))
-register(Method(PeftType.IA3, IA3Config, add_ia3, can_merge=True, param_prefix="ia3_"))
+register(
+    Method(PeftType.IA3, IA3Config, add_ia3, can_merge=True, param_prefix="ia3_", add_weighted_adapter=add_weighted_ia3)
+)
 register(
     Method(
         PeftType.PROMPT_TUNING,

@@ -16,6 +16,7 @@ supported; same fields, files and numbers as peft's IA3.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Sequence
@@ -307,3 +308,68 @@ def add_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
             config.fan_in_fan_out = is_conv1d(layer.base_layer)
         layer.add(adapter_name, config, is_feedforward(config, name))
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+
+
+def add_weighted_ia3(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    **options: object,
+) -> None:
+    """peft's IA3 `add_weighted_adapter`: a new adapter whose vector in each layer is sum_i w_i l_i over the
+    `adapters` that layer has, targeting the union of their modules (and of their feedforward modules).
+
+    An existing `adapter_name` is left as it is (as peft). (IA)^3 vectors only combine linearly, so
+    `combination_type` other than the default (or "linear") and LoRA's extra options are refused.
+    """
+    if combination_type not in ("svd", "linear") or options:
+        raise ValueError(
+            f"(IA)^3 adapters combine linearly (sum of weight x vector); combination_type={combination_type!r} "
+            f"and options {sorted(options)} are LoRA's: call add_weighted_adapter(adapters, weights, name)"
+        )
+    if len(adapters) != len(weights):
+        raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights; give one each")
+    if adapter_name in model.peft_config:
+        return
+    configs = [_existing_ia3_config(model, name) for name in adapters]
+    _refuse_shared_modules_to_save(model, adapters)
+    model.add_adapter(adapter_name, combined_config(configs))
+    for layer in model.get_base_model().modules():
+        if isinstance(layer, IA3Layer) and adapter_name in layer.adapters:
+            _weighted_sum(layer, adapters, weights, adapter_name)
+
+
+def _existing_ia3_config(model: nn.Module, name: str) -> IA3Config:
+    if name not in model.peft_config:
+        raise ValueError(f"Adapter {name} does not exist; this model has: {', '.join(model.peft_config)}")
+    return model.peft_config[name]
+
+
+def _refuse_shared_modules_to_save(model: nn.Module, adapters: Sequence[str]) -> None:
+    """As peft: two of the adapters with their own copy of one module cannot be combined."""
+    for module in model.get_base_model().modules():
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and sum(name in copies for name in adapters) > 1:
+            raise ValueError("Cannot add weighted adapters targeting the same module with modules_to_save.")
+
+
+def combined_config(configs: Sequence[IA3Config]) -> IA3Config:
+    """The first config, with the union of every config's targets and feedforward modules (peft's rule: sets
+    join, regexes join as alternatives; a mix of the two is refused)."""
+    fields = {}
+    for field in ("target_modules", "feedforward_modules"):
+        values = [getattr(config, field) for config in configs]
+        if len({type(value) for value in values}) > 1:
+            raise ValueError("All adapter configs should have the same type for target and feedforward modules.")
+        fields[field] = "|".join(f"({v})" for v in values) if isinstance(values[0], str) else set().union(*values)
+    return dataclasses.replace(configs[0], **fields)
+
+
+def _weighted_sum(layer: IA3Layer, adapters: Sequence[str], weights: Sequence[float], new: str) -> None:
+    vector = layer.adapters[new].ia3_l
+    vector.data.zero_()
+    for name, weight in zip(adapters, weights, strict=True):
+        if name in layer.adapters:
+            vector.data += layer.adapters[name].ia3_l.data * weight
