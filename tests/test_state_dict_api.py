@@ -240,6 +240,17 @@ def test_base_model_state_dict_has_the_original_keys_as_peft():
     assert set_base_model_state_dict(ours, original, strict=False).missing_keys == ["lm_head.weight"]
 
 
+def test_base_model_state_dict_leaves_out_adaloras_ranknum_as_peft():
+    # AdaLoRA keeps a frozen `ranknum` parameter beside each layer's base weight: adapter state, not base.
+    config = dict(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"])
+    ours = get_peft_model(tiny_model("llama"), deltatune.AdaLoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.AdaLoraConfig(**config))
+    mine = get_base_model_state_dict(ours)
+    assert not any("ranknum" in key for key in mine)
+    assert_same_tensors(mine, peft.get_base_model_state_dict(theirs))
+    assert_same_tensors(mine, tiny_model("llama").state_dict())
+
+
 def test_unsharded_lora_tensors_warn_with_peft_warning(tmp_path):
     model = get_peft_model(copy.deepcopy(Dummy()), LoraConfig(target_modules=["linear"], r=4))
     model.get_base_model().linear.adapters["default"].lora_A.weight.data = torch.zeros(40)

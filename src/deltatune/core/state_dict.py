@@ -292,12 +292,23 @@ def _original_key(key: str) -> str | None:
 def _original_keys(model: nn.Module) -> dict[str, str]:
     """original key -> key in the adapted base model, for every base tensor."""
     base = _base_of(model)
+    layer_paths = _adapter_layer_paths(base)
     keys = {}
     for key in base.state_dict():
         original = _original_key(f".{key}")  # a leading dot so a top-level wrapped module matches too
-        if original is not None:
+        if original is not None and not _beside_base_layer(key, layer_paths):
             keys[original[1:]] = key
     return keys
+
+
+def _adapter_layer_paths(base: nn.Module) -> tuple[str, ...]:
+    """"path." of every adapter layer in `base` (the top-level module itself: "")."""
+    return tuple(f"{name}." if name else "" for name, m in base.named_modules() if isinstance(m, AdapterLayer))
+
+
+def _beside_base_layer(key: str, layer_paths: tuple[str, ...]) -> bool:
+    """True for a tensor an adapter layer holds outside its `base_layer` (AdaLoRA's ranknum): adapter state."""
+    return any(key.startswith(path) and not key[len(path) :].startswith("base_layer.") for path in layer_paths)
 
 
 def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
