@@ -302,7 +302,7 @@ def _original_keys(model: nn.Module) -> dict[str, str]:
 
 
 def _adapter_layer_paths(base: nn.Module) -> tuple[str, ...]:
-    """"path." of every adapter layer in `base` (the top-level module itself: "")."""
+    """ "path." of every adapter layer in `base` (the top-level module itself: "")."""
     return tuple(f"{name}." if name else "" for name, m in base.named_modules() if isinstance(m, AdapterLayer))
 
 
