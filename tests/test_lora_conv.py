@@ -225,6 +225,20 @@ def test_adalora_conv2d_matches_peft_and_merges():
     assert type(merged.conv) is nn.Conv2d
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adalora_conv2d_in_half_precision_without_autocast_matches_peft(dtype):
+    # autocast_adapter_dtype=False: the adapter (and the rank it divides by) takes the half-precision base's dtype.
+    base, x = conv_net("conv2d")
+    base = base.to(dtype)
+    outputs = []
+    for library, config_class in ((deltatune, AdaLoraConfig), (peft, peft.AdaLoraConfig)):
+        torch.manual_seed(1)
+        model = library.get_peft_model(copy.deepcopy(base), config_class(**ADALORA), autocast_adapter_dtype=False)
+        outputs.append(run(model, x.to(dtype)))
+    assert outputs[0].dtype == dtype
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+
+
 def test_adalora_refuses_grouped_and_other_convs():
     for kind, message in (("conv2d_groups", "AdaLoRA does not support a Conv2d with groups=8"), ("conv1d", "Conv1d")):
         base, _ = conv_net(kind)

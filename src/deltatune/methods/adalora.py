@@ -225,8 +225,12 @@ class SVDLayer(MergeableLayer):
         if name in self.ranknum:
             del self.ranknum[name]
 
+    def rank_divisor(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s ranknum in the adapter's dtype (which autocast_adapter_dtype may have changed)."""
+        return self.ranknum[name].to(self.adapters[name].lora_A.dtype)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.adapters[adapter_name].delta_weight(self.ranknum[adapter_name])
+        delta = self.adapters[adapter_name].delta_weight(self.rank_divisor(adapter_name))
         return delta.T if is_conv1d(self.base_layer) else delta
 
     def resize(self, name: str, rank: int) -> None:
@@ -249,7 +253,7 @@ class SVDLayer(MergeableLayer):
             update = F.conv2d(a.dropout(x), kernel, None, base.stride, base.padding, base.dilation, base.groups)
             return (result + update).to(result.dtype)
         # Same operations in the same order as peft, so outputs match bit for bit.
-        ranknum = self.ranknum[name]
+        ranknum = self.rank_divisor(name)
         update = (a.dropout(x) @ (a.lora_A * a.lora_E).T @ a.lora_B.T) * a.scaling / (ranknum + 1e-5)  # (B, T, out)
         return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (peft's `+=`)
 
