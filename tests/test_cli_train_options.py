@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 
 import pytest
@@ -218,3 +219,16 @@ def test_large_model_at_the_sample_learning_rate_is_warned():
     assert setup.warn_large_model_lr(1_500_000_000, 2e-3, lr_given=True) is None
     assert setup.warn_large_model_lr(135_000_000, 2e-3, lr_given=False) is None
     assert setup.warn_large_model_lr(1_500_000_000, 1e-4, lr_given=False) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_base_on_a_gpu_trains_fp32_adapters_under_autocast(tiny_bf16, tmp_path, run_options):
+    capture = Capture()
+    result = train(run_options(tiny_bf16, tmp_path / "run", gradient_checkpointing=True), callbacks=[capture])
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert capture.args.bf16 == (expected == torch.bfloat16) and capture.args.fp16 == (expected == torch.float16)
+    base_dtypes = {p.dtype for n, p in capture.model.named_parameters() if "lora_" not in n}
+    adapter_dtypes = {p.dtype for n, p in capture.model.named_parameters() if "lora_" in n}
+    assert base_dtypes == {expected} and adapter_dtypes == {torch.float32}
+    assert capture.model.get_base_model().is_gradient_checkpointing
+    assert result.train_loss is not None and math.isfinite(result.train_loss)
