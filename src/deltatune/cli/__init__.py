@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true")
     for command in (chat, evaluate, merge):
         command.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+        command.add_argument(
+            "--dtype", default="auto", help="auto (the model's own where the device runs it), bf16, fp16, fp32"
+        )
+        command.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
         command.add_argument("--cache-dir")
         command.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     compare = sub.add_parser("compare", help="train every method on the same budget and tabulate them")

@@ -20,7 +20,7 @@ from transformers import TextStreamer
 
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import GREEDY, Sampling, generate
-from deltatune.cli.models import load_adapter_model, load_model
+from deltatune.cli.models import load_adapter_model, load_model, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,23 @@ class _Streamer(TextStreamer):
 
 
 def load_chat_model(
-    adapter: str | None, model: str | None, cache: str | None, trust_remote_code: bool = False
+    adapter: str | None,
+    model: str | None,
+    cache: str | None,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> tuple[Any, Any, str]:
-    """(model, tokenizer, template): the adapter on its base, or the base model alone."""
+    """(model, tokenizer, template): the adapter on its base, or the base model alone, in `dtype` on `device`."""
     if adapter is None:
-        loaded = load_model(model, cache, trust_remote_code=trust_remote_code)
+        precision = resolve_precision(model, cache, dtype, device, trust_remote_code)
+        loaded = load_model(
+            model, cache, device=precision.device, trust_remote_code=trust_remote_code, dtype=precision.dtype
+        )
         return loaded.model, loaded.tokenizer, "auto"
-    peft_model, tokenizer, run = load_adapter_model(adapter, model, cache, trust_remote_code=trust_remote_code)
+    peft_model, tokenizer, run = load_adapter_model(
+        adapter, model, cache, trust_remote_code=trust_remote_code, dtype=dtype, device=device
+    )
     return peft_model, tokenizer, run.get("template", "auto")
 
 
@@ -260,12 +270,15 @@ def chat(
     temperature: float = 0.0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> list[Turn]:
     """Answer `prompt` once, or run the interactive loop (reading with `input_fn`) until /quit or EOF.
 
     Answers stream to `out` ("-": the current sys.stdout; None: nowhere). The model folder's own code runs
     only with `trust_remote_code`. `system` is the system prompt each conversation starts with; `temperature`
-    (0: greedy), `top_p` and `repetition_penalty` choose how tokens are picked (see `Sampling`).
+    (0: greedy), `top_p` and `repetition_penalty` choose how tokens are picked (see `Sampling`); `dtype` and
+    `device` are `--dtype` / `--device` (auto: the model's own dtype where the device runs it natively).
 
     Returns:
         The turns of the session, in order.
@@ -278,7 +291,7 @@ def chat(
         raise ValueError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     sampling = Sampling(temperature, top_p, repetition_penalty)  # checked before the model loads
     out = sys.stdout if out == "-" else out
-    chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir, trust_remote_code)
+    chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir, trust_remote_code, dtype, device)
     session = Session(
         chat_model, tokenizer, template or run_template, max_new_tokens, compare_base, out, sampling, system or None
     )

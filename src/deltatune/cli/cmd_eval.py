@@ -16,7 +16,7 @@ from typing import Any
 
 from deltatune.cli import data as data_mod
 from deltatune.cli.generation import eval_loss, exact_match, generate_answers, perplexity
-from deltatune.cli.models import load_adapter_model, load_model
+from deltatune.cli.models import load_adapter_model, load_model, resolve_precision
 from deltatune.core.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -78,22 +78,27 @@ def evaluate(
     cache_dir: str | None = None,
     write: bool = True,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> EvalResult:
     """Score the adapter in `adapter` (or the base model when None) on held-out data.
 
     With `write`, the scores are also saved as `eval.json` in the adapter folder. The base model's own code
-    runs only with `trust_remote_code`.
+    runs only with `trust_remote_code`. `dtype` / `device`: `--dtype` / `--device` (see `deltatune.cli.precision`).
     """
     if compare_base and adapter is None:
         raise ValueError("--compare-base needs --adapter (the base model alone has nothing to compare with)")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be at least 1")
     if adapter is None:
-        loaded = load_model(model, cache_dir, trust_remote_code=trust_remote_code)
+        precision = resolve_precision(model, cache_dir, dtype, device, trust_remote_code)
+        loaded = load_model(
+            model, cache_dir, device=precision.device, trust_remote_code=trust_remote_code, dtype=precision.dtype
+        )
         scored_model, tokenizer, run = loaded.model, loaded.tokenizer, {}
     else:
         scored_model, tokenizer, run = load_adapter_model(
-            adapter, model, cache_dir, trust_remote_code=trust_remote_code
+            adapter, model, cache_dir, trust_remote_code=trust_remote_code, dtype=dtype, device=device
         )
     source = held_out_source(data, run)
     rows = data_mod.load_rows(source)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-from deltatune.cli.models import adapter_folder, load_model, read_run, resolve_model
+from deltatune.cli.models import adapter_folder, load_model, read_run, resolve_model, resolve_precision
 from deltatune.core.config import PeftConfig
 from deltatune.core.files import give_default_mode
 from deltatune.core.peft_model import PeftModel
@@ -28,8 +28,13 @@ def merge(
     overwrite: bool = False,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> str:
     """Merge the adapter in `adapter` into its base model and save the merged model in `output`.
+
+    The base loads in `dtype` on `device` (`--dtype` / `--device`; auto: the model's own dtype where the device
+    runs it natively, else fp32), whatever precision the run trained in (a 4-/8-bit run merges into full weights).
 
     Raises:
         FileExistsError: `output` is not empty (and not `overwrite`).
@@ -54,7 +59,10 @@ def merge(
         model = run.get("model") if run else PeftConfig.from_pretrained(folder).base_model_name_or_path
     cache = cache_dir or run.get("cache_dir")
     refuse_base_as_output(output, resolve_model(model, cache))
-    loaded = load_model(model, cache, trust_remote_code=trust_remote_code)  # full precision, whatever the run used
+    precision = resolve_precision(model, cache, dtype, device, trust_remote_code)
+    loaded = load_model(
+        model, cache, device=precision.device, trust_remote_code=trust_remote_code, dtype=precision.dtype
+    )
     peft_model = PeftModel.from_pretrained(loaded.model, folder)
     merged = peft_model.merge_and_unload()
     _save_replacing(output, lambda folder: (merged.save_pretrained(folder), loaded.tokenizer.save_pretrained(folder)))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from deltatune.cli.precision import Precision, choose_precision, log_precision
 from deltatune.cli.runs import checkpoints
 from deltatune.core.config import PeftConfig
 from deltatune.core.files import give_default_mode
@@ -375,24 +376,46 @@ def adapter_folder(path: str) -> str:
     )
 
 
+def resolve_precision(
+    name: str | None, cache: str | None, dtype: str, device: str, trust_remote_code: bool = False
+) -> Precision:
+    """`--dtype` / `--device` for model `name`, read from its config before the weights load; logged."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name, cache), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an unreadable model: load_model gives the error that names the fix
+        config = None
+    precision = choose_precision(dtype, device, config)
+    log_precision(precision)
+    return precision
+
+
 def load_adapter_model(
     adapter: str,
     model: str | None = None,
     cache: str | None = None,
     is_trainable: bool = False,
     trust_remote_code: bool = False,
+    dtype: str = "fp32",
+    device: str = "cpu",
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(PeftModel, tokenizer, run options) for an adapter folder, on the base model it was trained on.
 
     The base is `model` if given, else the run's `--model` (run.yaml), else adapter_config.json's
     `base_model_name_or_path`; a run trained on a 4-/8-bit base is loaded the same way. The base's own code
-    runs only with `trust_remote_code` given here (the run's run.yaml is not enough).
+    runs only with `trust_remote_code` given here (the run's run.yaml is not enough). `dtype` and `device` are
+    the `--dtype` / `--device` choices (see `deltatune.cli.precision`).
     """
     folder = adapter_folder(adapter)
     run = read_run(adapter) or read_run(os.path.dirname(folder))
     if model is None:
         model = run.get("model") if run else PeftConfig.from_pretrained(folder).base_model_name_or_path
     quant = bool(run.get("load_in_4bit")), bool(run.get("load_in_8bit"))
-    loaded = load_model(model, cache or run.get("cache_dir"), *quant, trust_remote_code=trust_remote_code)
+    cache = cache or run.get("cache_dir")
+    precision = resolve_precision(model, cache, dtype, device, trust_remote_code)
+    loaded = load_model(
+        model, cache, *quant, device=precision.device, trust_remote_code=trust_remote_code, dtype=precision.dtype
+    )
     peft_model = PeftModel.from_pretrained(loaded.model, folder, is_trainable=is_trainable)
     return peft_model, loaded.tokenizer, run
