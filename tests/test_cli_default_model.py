@@ -24,9 +24,9 @@ def test_short_lora_run_lowers_held_out_loss_and_changes_the_answer(tmp_path):
     model, tokenizer, run = load_adapter_model(str(out))
     assert run["model"] is None and run["resolved_model"].endswith(DEFAULT_MODEL)
     rows = load_rows(bundled_path(BUNDLED_EVAL))[:12]
-    tuned_loss, tuned_em, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
+    tuned_loss, tuned_em, _, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
     with model.disable_adapter():
-        base_loss, base_em, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
+        base_loss, base_em, _, _ = score(model, tokenizer, rows, "auto", 256, 12, "held-out")
     print(
         f"held-out (12 rows): base loss {base_loss:.3f} EM {base_em:.0%} "
         f"-> tuned loss {tuned_loss:.3f} EM {tuned_em:.0%}"

@@ -81,7 +81,12 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     add("--lr", type=float, default=S, help="learning rate (default: the method's, see docs)")
     add("--batch-size", type=int, default=S, help="examples per step per process (default: 8)")
     add("--grad-accum", type=int, default=S, help="gradient accumulation steps (default: 1)")
-    add("--max-length", type=int, default=S, help="tokens per example; longer ones are cut (default: 256)")
+    add(
+        "--max-length",
+        type=int,
+        default=S,
+        help="tokens per example; longer ones are cut (default: the longest row, up to the model's context)",
+    )
     add("--seed", type=int, default=S, help="random seed (default: 42)")
     add("--load-in-4bit", action="store_true", default=S, help="QLoRA: 4-bit NF4 base via bitsandbytes")
     add("--load-in-8bit", action="store_true", default=S, help="8-bit base via bitsandbytes")
@@ -107,6 +112,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
             help="continue from the last checkpoint in --output (or this checkpoint)",
         )
         add("--overwrite", action="store_true", default=S, help="replace a run already in --output")
+    _add_trainer_flags(parser)
     group = parser.add_argument_group("method options (each applies to the methods that read it)")
     for key, (default, text) in METHOD_OPTIONS.items():
         kind = OPTION_TYPES.get(key) or {bool: _bool, int: int, float: float}.get(type(default), str)
@@ -114,6 +120,21 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
         group.add_argument(
             "--" + key.replace("_", "-"), type=kind, default=S, help=f"{text} (default: {default})", **switch
         )
+
+
+def _add_trainer_flags(parser: argparse.ArgumentParser) -> None:
+    """Precision, device and Trainer options (cli/trainer_setup.py); other TrainingArguments: `trainer:` in YAML."""
+    S = argparse.SUPPRESS
+    add = parser.add_argument_group("precision, device and Trainer options").add_argument
+    add("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=S, help="base model dtype (default: auto)")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default=S, help="default: cuda, else mps, else cpu")
+    add("--gradient-checkpointing", action="store_true", default=S, help="recompute activations: less memory")
+    add("--lr-scheduler", default=S, help="linear (default), cosine, constant, constant_with_warmup, ...")
+    add("--warmup-ratio", type=float, default=S, help="fraction of the steps spent warming up (default: 0)")
+    add("--weight-decay", type=float, default=S, help="AdamW weight decay (default: 0)")
+    add("--eval-steps", type=int, default=S, help="eval loss on --eval-data every N steps (default: at the end)")
+    add("--keep-best", action="store_true", default=S, help="save the checkpoint with the lowest eval loss")
+    add("--report-to", choices=("none", "tensorboard", "wandb", "mlflow"), default=S, help="default: none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--template", help="override the run's prompt template")
+    chat.add_argument("--system", help="system prompt every conversation starts with (/system in the chat)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0 samples")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this probability mass")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 curbs repeats (default 1: off)")
     evaluate = sub.add_parser("eval", help="eval loss, perplexity and exact-match on held-out data")
     evaluate.add_argument("--adapter", help="run folder from deltatune train (omit: the base model alone)")
     evaluate.add_argument("--data", help="held-out rows (default: the run's held-out data)")

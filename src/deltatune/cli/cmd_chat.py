@@ -19,12 +19,15 @@ from typing import Any, TextIO
 from transformers import TextStreamer
 
 from deltatune.cli import data as data_mod
-from deltatune.cli.generation import generate
+from deltatune.cli.generation import GREEDY, Sampling, generate
 from deltatune.cli.models import load_adapter_model, load_model
 
 logger = logging.getLogger(__name__)
 
-HELP = "Type a message and press Enter; /reset starts a new conversation, /quit (or Ctrl-D) leaves."
+HELP = (
+    "Type a message and press Enter; /reset starts a new conversation, /system TEXT sets the system prompt (and "
+    "starts a new conversation; /system alone removes it), /quit (or Ctrl-D) leaves."
+)
 
 
 @dataclass
@@ -79,12 +82,13 @@ def fit_history(
 ) -> tuple[list[dict[str, str]] | None, int]:
     """(the latest exchanges whose prompt fits in `budget` tokens, how many older exchanges were left out);
     (None, n) when even the last message alone does not fit."""
-    dropped = 0
-    while len(tokenizer(render(history, template, tokenizer), add_special_tokens=False)["input_ids"]) > budget:
-        if len(history) < 3:
+    head = history[:1] if history and history[0]["role"] == "system" else []  # the system prompt always stays
+    turns, dropped = history[len(head) :], 0
+    while len(tokenizer(render(head + turns, template, tokenizer), add_special_tokens=False)["input_ids"]) > budget:
+        if len(turns) < 3:
             return None, dropped
-        history, dropped = history[2:], dropped + 1  # one user message and its answer
-    return history, dropped
+        turns, dropped = turns[2:], dropped + 1  # one user message and its answer
+    return head + turns, dropped
 
 
 def note(out: TextIO | None, text: str) -> None:
@@ -113,13 +117,14 @@ def answer(
     max_new_tokens: int,
     out: TextIO | None,
     label: str = "",
+    sampling: Sampling = GREEDY,
 ) -> str:
     """Generate the reply to `history` (streamed to `out` when given)."""
     prompt = render(history, template, tokenizer)
     if out is not None and label:
         out.write(label)
     streamer = _Streamer(tokenizer, out) if out is not None else None
-    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, streamer=streamer)[0]
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, streamer=streamer, sampling=sampling)[0]
 
 
 def reply(
@@ -130,13 +135,15 @@ def reply(
     max_new_tokens: int,
     compare_base: bool,
     out: TextIO | None,
+    sampling: Sampling = GREEDY,
 ) -> Turn:
     """One turn; with `compare_base` the base answer (adapter disabled) comes first."""
     base = None
     if compare_base:
         with model.disable_adapter():
-            base = answer(model, tokenizer, history, template, max_new_tokens, out, "[base]  ")
-    tuned = answer(model, tokenizer, history, template, max_new_tokens, out, "[tuned] " if compare_base else "")
+            base = answer(model, tokenizer, history, template, max_new_tokens, out, "[base]  ", sampling)
+    label = "[tuned] " if compare_base else ""
+    tuned = answer(model, tokenizer, history, template, max_new_tokens, out, label, sampling)
     return Turn(history[-1]["content"], tuned, base)
 
 
@@ -150,6 +157,8 @@ class Session:
     max_new_tokens: int
     compare_base: bool
     out: TextIO | None
+    sampling: Sampling = GREEDY
+    system: str | None = None  # the system prompt every conversation starts with
 
     def __post_init__(self) -> None:
         self.context = context_size(self.model)
@@ -173,14 +182,25 @@ class Session:
 
     def reply(self, history: list[dict[str, str]]) -> Turn:
         return reply(
-            self.model, self.tokenizer, history, self.template, self.max_new_tokens, self.compare_base, self.out
+            self.model,
+            self.tokenizer,
+            history,
+            self.template,
+            self.max_new_tokens,
+            self.compare_base,
+            self.out,
+            self.sampling,
         )
+
+    def opening(self) -> list[dict[str, str]]:
+        """A new conversation: the system prompt, if there is one."""
+        return [{"role": "system", "content": self.system}] if self.system else []
 
     def answer_prompt(self, prompt: str) -> Turn:
         """The answer to `--prompt`; a prompt that is not text or does not fit is an error."""
         if not is_text(prompt):
             raise ValueError("--prompt is not valid UTF-8 text; give the message as UTF-8")
-        history, _ = self.fit([{"role": "user", "content": prompt}])
+        history, _ = self.fit([*self.opening(), {"role": "user", "content": prompt}])
         if history is None:
             raise ValueError(self.too_long("--prompt"))
         return self.reply(history)
@@ -190,10 +210,15 @@ class Session:
         if self.out is not None:
             self.out.write(HELP + "\n")
         turns: list[Turn] = []
-        history: list[dict[str, str]] = []
+        history = self.opening()
         while (text := self.read(input_fn)) is not None:
             if text == "/reset" or not text:
-                history = [] if text == "/reset" else history
+                history = self.opening() if text == "/reset" else history
+                continue
+            if text == "/system" or text.startswith("/system "):
+                self.system = text.removeprefix("/system").strip() or None
+                note(self.out, f"system prompt {'set' if self.system else 'removed'}; a new conversation starts")
+                history = self.opening()
                 continue
             fitted, dropped = self.fit([*history, {"role": "user", "content": text}])
             if fitted is None:
@@ -231,11 +256,16 @@ def chat(
     trust_remote_code: bool = False,
     input_fn: Callable[[str], str] = input,
     out: TextIO | str | None = "-",
+    system: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
 ) -> list[Turn]:
     """Answer `prompt` once, or run the interactive loop (reading with `input_fn`) until /quit or EOF.
 
     Answers stream to `out` ("-": the current sys.stdout; None: nowhere). The model folder's own code runs
-    only with `trust_remote_code`.
+    only with `trust_remote_code`. `system` is the system prompt each conversation starts with; `temperature`
+    (0: greedy), `top_p` and `repetition_penalty` choose how tokens are picked (see `Sampling`).
 
     Returns:
         The turns of the session, in order.
@@ -246,9 +276,12 @@ def chat(
         raise ValueError("--prompt is empty; give the message to answer, or leave --prompt out to chat interactively")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    sampling = Sampling(temperature, top_p, repetition_penalty)  # checked before the model loads
     out = sys.stdout if out == "-" else out
     chat_model, tokenizer, run_template = load_chat_model(adapter, model, cache_dir, trust_remote_code)
-    session = Session(chat_model, tokenizer, template or run_template, max_new_tokens, compare_base, out)
+    session = Session(
+        chat_model, tokenizer, template or run_template, max_new_tokens, compare_base, out, sampling, system or None
+    )
     if prompt is not None:
         return [session.answer_prompt(prompt)]
     if input_fn is input and hasattr(sys.stdin, "reconfigure"):

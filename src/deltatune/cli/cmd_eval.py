@@ -2,6 +2,8 @@
 
 The held-out data defaults to the run's `--eval-data`, or the bundled held-out split when the run used the
 bundled sample set. Exact-match compares the greedy answer with the reference output (whitespace-stripped).
+`ended` counts the answers the model finished with its end-of-turn token: a tuned chat model that never stops
+(it runs to the token limit) is the most common failure of fine-tuned chatbots.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deltatune.cli import data as data_mod
-from deltatune.cli.generation import eval_loss, exact_match, generate, perplexity
+from deltatune.cli.generation import eval_loss, exact_match, generate_answers, perplexity
 from deltatune.cli.models import load_adapter_model, load_model
 from deltatune.core.files import atomic_write_text
 
@@ -29,8 +31,10 @@ class EvalResult:
     eval_loss: float
     perplexity: float
     exact_match: float
+    ended: int = 0  # answers the model ended itself with its end-of-turn token (the rest ran to the token limit)
     base_eval_loss: float | None = None
     base_exact_match: float | None = None
+    base_ended: int | None = None
     answers: list[str] | None = None
 
 
@@ -46,13 +50,13 @@ def held_out_source(data: str | None, run: dict[str, Any]) -> str:
 
 def score(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], template: str, max_length: int, batch_size: int, source: str
-) -> tuple[float, float, list[str]]:
-    """(eval loss, exact-match, answers) of `model` on checked rows."""
+) -> tuple[float, float, list[str], int]:
+    """(eval loss, exact-match, answers, answers ended with the end-of-turn token) of `model` on checked rows."""
     examples = data_mod.tokenize_rows(rows, tokenizer, template, max_length, source)
     loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
     pairs = data_mod.prompts_and_answers(rows, tokenizer, template)
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs)
-    answers = generate(
+    generated = generate_answers(
         model,
         tokenizer,
         [p for p, _ in pairs],
@@ -60,7 +64,9 @@ def score(
         batch_size=batch_size,
         progress=True,
     )
-    return loss, exact_match(answers, [ref for _, ref in pairs]), answers
+    answers = [answer.text for answer in generated]
+    ended = sum(answer.ended for answer in generated)
+    return loss, exact_match(answers, [ref for _, ref in pairs]), answers, ended
 
 
 def evaluate(
@@ -92,11 +98,11 @@ def evaluate(
     source = held_out_source(data, run)
     rows = data_mod.load_rows(source)
     template, max_length = run.get("template", "auto"), int(run.get("max_length", 1024))
-    loss, em, answers = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
-    result = EvalResult(source, len(rows), loss, perplexity(loss), em, answers=answers)
+    loss, em, answers, ended = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
+    result = EvalResult(source, len(rows), loss, perplexity(loss), em, ended, answers=answers)
     if compare_base and adapter is not None:
         with scored_model.disable_adapter():
-            result.base_eval_loss, result.base_exact_match, _ = score(
+            result.base_eval_loss, result.base_exact_match, _, result.base_ended = score(
                 scored_model, tokenizer, rows, template, max_length, batch_size, source
             )
     if write and adapter is not None:
@@ -122,11 +128,13 @@ def report(result: EvalResult) -> str:
     """The scores as a few readable lines."""
     lines = [
         f"held-out data: {result.data} ({result.examples} rows)",
-        f"eval loss {result.eval_loss:.4f} | perplexity {result.perplexity:.3f} | exact-match {result.exact_match:.1%}",
+        f"eval loss {result.eval_loss:.4f} | perplexity {result.perplexity:.3f} | exact-match {result.exact_match:.1%} "
+        f"| ended with end-of-turn {result.ended}/{result.examples}",
     ]
     if result.base_eval_loss is not None:
         lines.append(
             f"base model: eval loss {result.base_eval_loss:.4f} | perplexity {perplexity(result.base_eval_loss):.3f} "
-            f"| exact-match {result.base_exact_match:.1%}"
+            f"| exact-match {result.base_exact_match:.1%} "
+            f"| ended with end-of-turn {result.base_ended}/{result.examples}"
         )
     return "\n".join(lines)

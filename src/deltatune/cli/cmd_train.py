@@ -10,6 +10,7 @@ logs every `logging_steps`, a checkpoint every `save_steps`), then save the adap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import deltatune
 from deltatune import PeftConfig, get_peft_model
 from deltatune.cli import data as data_mod
+from deltatune.cli import trainer_setup as setup
 from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import (
     METHOD_OPTIONS,
@@ -33,7 +35,7 @@ from deltatune.cli.methods import (
     method_entry,
     warn_rank_above_layers,
 )
-from deltatune.cli.models import cache_dir, load_model, read_run
+from deltatune.cli.models import cache_dir, load_model, read_run, resolve_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.run_guard import (
     StopOnNonFinite,
@@ -109,6 +111,18 @@ def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: 
     )
 
 
+def fit_max_length(options: TrainOptions, config: Any, tokenizer: Any, rows: list, eval_rows: list | None, source):
+    """Tokenize the data; without --max-length, rows are cut only at the model's context, and --max-length becomes
+    the longest row (what run.yaml records). Returns (options with max_length set, train set, held-out set)."""
+    if options.max_length is not None:
+        return (options, *tokenize_data(options, tokenizer, rows, eval_rows, source))
+    context = dataclasses.replace(options, max_length=setup.default_max_length(config, tokenizer))
+    train_set, eval_set = tokenize_data(context, tokenizer, rows, eval_rows, source)
+    longest = max(len(example["input_ids"]) for example in [*train_set, *(eval_set or [])])
+    logger.info("--max-length %d: the longest tokenised row (the model takes %d)", longest, context.max_length)
+    return dataclasses.replace(options, max_length=longest), train_set, eval_set
+
+
 def total_steps(options: TrainOptions, examples: int, processes: int) -> int:
     """The optimizer steps Trainer will run (what AdaLoRA lays its rank schedule over)."""
     if options.max_steps:
@@ -125,11 +139,19 @@ def wrap_model(model: torch.nn.Module, options: TrainOptions, total_step: int):
     set_seed(options.seed)  # the adapter's initial weights depend on it
     peft_model = get_peft_model(model, build_peft_config(options.method, options.method_options, total_step))
     warn_rank_above_layers(peft_model, options.method_options)
+    if options.gradient_checkpointing:
+        setup.enable_gradient_checkpointing(peft_model)
     return peft_model
 
 
-def training_arguments(options: TrainOptions) -> TrainingArguments:
+def training_arguments(
+    options: TrainOptions, precision: setup.Precision | None = None, has_eval: bool = False
+) -> TrainingArguments:
+    """The Trainer's arguments: deltatune's flags, then the run.yaml `trainer:` block (checked) for the rest."""
     lr = options.lr if options.lr is not None else method_entry(options.method).lr
+    precision = precision or setup.choose_precision("fp32", options.device, None)
+    mixed = precision.mixed_precision
+    setup.check_schedule(options.lr_scheduler, options.warmup_ratio)
     return TrainingArguments(
         output_dir=options.output,
         max_steps=options.max_steps or -1,
@@ -144,13 +166,20 @@ def training_arguments(options: TrainOptions) -> TrainingArguments:
         save_total_limit=2,
         seed=options.seed,
         data_seed=options.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
+        report_to=setup.check_report_to(options.report_to),
+        use_cpu=precision.device == "cpu",
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
         remove_unused_columns=False,
         label_names=["labels"],
-        warmup_steps=0,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_ratio,  # below 1: a fraction of the total steps
+        weight_decay=options.weight_decay,
+        per_device_eval_batch_size=options.batch_size,
+        **setup.evaluation_arguments(options.eval_steps, options.keep_best, options.save_steps, has_eval),
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
+        **setup.check_trainer_block(options.trainer),
     )
 
 
@@ -237,7 +266,7 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     peft_config = build_peft_config(
         options.method, options.method_options, options.max_steps or 10**6
     )  # bad options fail first
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=setup.choose_device(options.device) == "cpu")
     with RunLock(options.output) if state.is_main_process else contextlib.nullcontext():
         return _train_locked(options, peft_config, state, callbacks)
 
@@ -248,15 +277,23 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
         check_resume(options, peft_config, resume_from)
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
+    config = model_config(options)
+    precision = setup.choose_precision(options.dtype, options.device, config)
+    args = training_arguments(options, precision, has_eval=eval_rows is not None)  # bad Trainer options fail here
+    setup.log_precision(precision)
     loaded = load_model(
         options.model,
         options.cache_dir,
         options.load_in_4bit,
         options.load_in_8bit,
+        device=precision.device,
         trust_remote_code=options.trust_remote_code,
+        dtype=precision.dtype,
     )
     tokenizer = loaded.tokenizer
-    train_set, eval_set = tokenize_data(options, tokenizer, rows, eval_rows, eval_source)
+    options, train_set, eval_set = fit_max_length(options, loaded.model.config, tokenizer, rows, eval_rows, eval_source)
+    base_params = sum(p.numel() for p in loaded.model.parameters())
+    setup.warn_large_model_lr(base_params, args.learning_rate, lr_given=options.lr is not None)
     peft_model = wrap_model(loaded.model, options, total_steps(options, len(train_set), state.num_processes))
     if state.is_main_process:
         if options.overwrite and not resume_from:
@@ -265,7 +302,6 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
     state.wait_for_everyone()
     if state.is_main_process:
         peft_model.print_trainable_parameters()
-    args = training_arguments(options)
     timer, stopper = StepTimer(), StopOnSignal()
     method_callbacks = [make() for make in method_entry(options.method).callbacks]
     run_files = WriteRunFiles(options, loaded.path, state.is_main_process)
@@ -274,6 +310,7 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
         model=peft_model,
         args=args,
         train_dataset=train_set,
+        eval_dataset=eval_set if args.eval_strategy != "no" else None,
         data_collator=data_mod.Collator(tokenizer.pad_token_id),
         callbacks=[run_files, *guards, *method_callbacks, *(callbacks or [])],
     )
@@ -283,6 +320,18 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
         else:
             _run_trainer(trainer, resume_from, run_files)
         return _finish(options, trainer, peft_model, tokenizer, eval_set, timer, memory, stopper.signal_name)
+
+
+def model_config(options: TrainOptions) -> Any:
+    """The base model's config, read before its weights to choose their dtype (None: unreadable here; loading the
+    model then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model(options.model, options.cache_dir)
+        return AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    except Exception:  # noqa: BLE001 - load_model gives the error that names the fix
+        return None
 
 
 def _restore_finished_steps(trainer: Trainer, peft_model: Any, checkpoint: str) -> None:
@@ -329,6 +378,7 @@ def _finish(
     if trainer.args.should_save:
         _save_final(options.output, lambda: peft_model.save_pretrained(options.output), "the adapter")
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    eval_history = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     final_eval = None
     if eval_set is not None:
         final_eval = eval_loss(peft_model, eval_set, tokenizer.pad_token_id, options.batch_size)
@@ -351,7 +401,10 @@ def _finish(
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
         if final_eval is not None:
             summary["eval_perplexity"] = perplexity(final_eval)
-        text = json.dumps({"train": history, "summary": summary}, indent=2) + "\n"
+        if trainer.state.best_model_checkpoint:
+            summary["best_checkpoint"] = os.path.basename(trainer.state.best_model_checkpoint)
+        setup.save_loss_plot(options.output, history, eval_history)
+        text = json.dumps({"train": history, "eval": eval_history, "summary": summary}, indent=2) + "\n"
         _save_final(
             options.output, lambda: atomic_write_text(os.path.join(options.output, HISTORY_FILE), text), HISTORY_FILE
         )

@@ -1,8 +1,9 @@
-"""Scoring and answering: eval loss over response tokens, batched greedy answers, exact-match."""
+"""Scoring and answering: eval loss over response tokens, batched answers (greedy or sampled), exact-match."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,8 +45,59 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at temperature 0 (the default), else sampled.
+
+    Attributes:
+        temperature: 0 picks the most likely token; above 0 samples, higher is more varied (0.7 is common).
+        top_p: sample only from the most likely tokens whose probabilities add up to top_p (nucleus sampling).
+        repetition_penalty: above 1 makes tokens already in the text less likely (1.1-1.3 curbs loops).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("--temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
+            ("--top-p", self.top_p, 0 < self.top_p <= 1, "above 0 and at most 1"),
+            ("--repetition-penalty", self.repetition_penalty, self.repetition_penalty > 0, "above 0 (1: off)"),
+        )
+        for flag, value, ok, allowed in checks:
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"{flag} {value}: must be {allowed}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The arguments of `model.generate` for this choice."""
+        kwargs: dict[str, Any] = {"repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0:
+            return {**kwargs, "do_sample": False}
+        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer and whether the model ended it itself (an end-of-turn token before the token limit)."""
+
+    text: str
+    ended: bool
+
+
+def end_of_turn_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a turn: the tokenizer's EOS and the model's generation-config EOS (one or a list)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return ids
+
+
 @torch.no_grad()
-def generate(
+def generate_answers(
     model: Any,
     tokenizer: Any,
     prompts: list[str],
@@ -53,12 +105,14 @@ def generate(
     batch_size: int = 8,
     streamer: Any = None,
     progress: bool = False,
-) -> list[str]:
-    """Greedy answers to rendered prompts (left-padded batches); special tokens are dropped from the text."""
+    sampling: Sampling = GREEDY,
+) -> list[Answer]:
+    """Answers to rendered prompts (left-padded batches); special tokens are dropped from the text."""
     model.eval()
     device = model_device(model)
+    stops = end_of_turn_ids(model, tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers: list[str] = []
+    answers: list[Answer] = []
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="generating", disable=not progress or len(prompts) <= batch_size):
@@ -68,16 +122,23 @@ def generate(
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 streamer=streamer,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=sorted(stops) or None,
+                **sampling.generate_kwargs(),
             )
             new_tokens = out[:, batch["input_ids"].shape[1] :]  # (B, new): generate returns prompt + answer
-            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for text, tokens in zip(texts, new_tokens.tolist(), strict=True):
+                answers.append(Answer(text.strip(), any(token in stops for token in tokens)))
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], **options: Any) -> list[str]:
+    """The texts of `generate_answers` (same arguments)."""
+    return [answer.text for answer in generate_answers(model, tokenizer, prompts, **options)]
 
 
 def exact_match(answers: list[str], references: list[str]) -> float:

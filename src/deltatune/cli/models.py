@@ -282,18 +282,20 @@ def load_model(
     load_in_8bit: bool = False,
     device: str | None = None,
     trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load the base model and tokenizer offline-first, with a clear error when neither local nor reachable.
 
-    Weights are read from safetensors only (never unpickled), and the Python code a model folder may ship
-    (`auto_map` in its config) runs only with `trust_remote_code` (`--trust-remote-code`); nothing prompts.
+    The weights load in `dtype` (fp32 unless asked), from safetensors only (never unpickled), and the Python code a
+    model folder may ship (`auto_map` in its config) runs only with
+    `trust_remote_code` (`--trust-remote-code`); nothing prompts.
     """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name, cache)
     refuse_pickled_weights(path)
     quant = quantization_config(load_in_4bit, load_in_8bit)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}

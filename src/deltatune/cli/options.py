@@ -40,7 +40,7 @@ class TrainOptions:
     lr: float | None = None  # None: the method's default (methods.METHODS[...].lr)
     batch_size: int = 8
     grad_accum: int = 1
-    max_length: int = 256
+    max_length: int | None = None  # None: the longest tokenised row, up to the model's context
     seed: int = 42
     load_in_4bit: bool = False
     load_in_8bit: bool = False
@@ -50,6 +50,17 @@ class TrainOptions:
     save_steps: int = 50
     cache_dir: str | None = None
     trust_remote_code: bool = False  # run Python code shipped in the model folder (auto_map); only code you trust
+    # precision, device and Trainer options (see cli/trainer_setup.py)
+    dtype: str = "auto"  # auto: the model's own dtype where the device runs it, else fp32
+    device: str = "auto"  # auto: cuda, else mps, else cpu
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower steps
+    lr_scheduler: str = "linear"  # a TrainingArguments lr_scheduler_type name
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    eval_steps: int | None = None  # None: eval loss only at the end of the run
+    keep_best: bool = False  # the adapter saved at the end is the checkpoint with the lowest eval loss
+    report_to: str = "none"  # tensorboard, wandb, mlflow or none
+    trainer: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field, passed through
     # data formats
     train_on: str = "all"  # loss on every assistant turn ("all") or only the conversation's last ("last")
     columns: str | None = None  # "instruction=question,output=answer": deltatune's field -> the file's column
@@ -70,6 +81,7 @@ class TrainOptions:
             "logging_steps": self.logging_steps,
             "save_steps": self.save_steps,
             "max_steps": 1 if self.max_steps is None else self.max_steps,
+            "eval_steps": 1 if self.eval_steps is None else self.eval_steps,
         }
         for key, value in at_least_one.items():
             if value < 1:
@@ -161,6 +173,18 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     raise ValueError(f"{source}: option {key!r} must be {names}, not {value!r}")
 
 
+def _trainer_block(value: Any, source: str) -> dict[str, Any]:
+    """The `trainer:` mapping of a run.yaml (its fields are checked against TrainingArguments when a run starts)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{source}: option 'trainer' must be a mapping of TrainingArguments fields "
+            f"(trainer: {{adam_beta2: 0.95}}), not {value!r}"
+        )
+    return dict(value)
+
+
 def make_options(values: dict[str, Any], source: str = "options") -> TrainOptions:
     """Build TrainOptions from a flat dict of keys (dashes or underscores), refusing unknown keys."""
     options = TrainOptions()
@@ -168,7 +192,9 @@ def make_options(values: dict[str, Any], source: str = "options") -> TrainOption
         key = raw_key.replace("-", "_")
         if key in INFORMATIONAL_KEYS:
             continue
-        if key in FIELDS:
+        if key == "trainer":
+            options.trainer = _trainer_block(value, source)
+        elif key in FIELDS:
             setattr(options, key, _coerce(key, value, source))
         elif key in METHOD_OPTIONS:
             options.method_options[key] = (

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "loss_history.json"  # written last: a run folder without it has not finished
 RUN_MARKERS = (RUN_FILE, HISTORY_FILE, "adapter_config.json")
-RUN_FILES = (*RUN_MARKERS, "adapter_model.safetensors", "eval.json", "README.md")  # what --overwrite removes
+# what --overwrite removes
+RUN_FILES = (*RUN_MARKERS, "adapter_model.safetensors", "eval.json", "README.md", "loss.png")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TEMP_PREFIX = ".tmp-"  # files.py stages every write under this prefix
 
