@@ -69,7 +69,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
     add(
         "--data",
         default=S,
-        help="alpaca/chat .json/.jsonl, a saved datasets folder, or a hub dataset (default: bundled sample set)",
+        help="alpaca/chat/ShareGPT .json/.jsonl, .csv, .parquet, a saved datasets folder, or a hub dataset "
+        "(default: bundled sample set)",
     )
     add("--eval-data", default=S, help="held-out rows (default: the bundled held-out split with the bundled data)")
     add("--split", default=S, help="split of a dataset folder or hub dataset (default: train)")
@@ -97,6 +98,11 @@ def _add_train_flags(parser: argparse.ArgumentParser, resume: bool = True) -> No
         help="where the default model is converted (default: $DELTATUNE_CACHE or ~/.cache/deltatune)",
     )
     add("--trust-remote-code", action="store_true", default=S, help=TRUST_HELP)
+    # data formats
+    add(
+        "--train-on", choices=("all", "last"), default=S, help="loss on every assistant turn or the last (default: all)"
+    )
+    add("--columns", default=S, help="the file's column names, as instruction=question,output=answer")
     if resume:
         add(
             "--resume",

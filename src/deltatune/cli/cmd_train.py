@@ -35,7 +35,7 @@ from deltatune.cli.methods import (
     method_entry,
     warn_rank_above_layers,
 )
-from deltatune.cli.models import load_model, read_run, resolve_model
+from deltatune.cli.models import cache_dir, load_model, read_run, resolve_model
 from deltatune.cli.options import RUN_FILE, TrainOptions, make_options
 from deltatune.cli.run_guard import (
     StopOnNonFinite,
@@ -88,19 +88,27 @@ def as_options(options: TrainOptions | dict[str, Any]) -> TrainOptions:
 
 def load_data(options: TrainOptions) -> tuple[list, list | None, str | None]:
     """Checked train rows, held-out rows (None without held-out data) and where the held-out rows came from."""
-    rows = data_mod.load_rows(options.data, options.split)
+    rows = data_mod.load_rows(options.data, options.split, columns=options.columns)
     eval_source = options.eval_data or (data_mod.bundled_path(data_mod.BUNDLED_EVAL) if options.data is None else None)
-    return rows, (data_mod.load_rows(eval_source, flag="--eval-data") if eval_source else None), eval_source
+    if not eval_source:
+        return rows, None, None
+    # --columns names the columns of the user's files; the bundled held-out split has deltatune's own names
+    eval_columns = options.columns if options.eval_data else None
+    return rows, data_mod.load_rows(eval_source, flag="--eval-data", columns=eval_columns), eval_source
 
 
 def tokenize_data(options: TrainOptions, tokenizer: Any, rows: list, eval_rows: list | None, eval_source: str | None):
-    """Tokenized train and held-out examples (loss on response tokens only), cut at options.max_length."""
+    """Tokenized train and held-out examples (loss on response tokens only), cached in the cache folder's
+    `tokenized/` so that a second run on the same data does not tokenize again."""
+    settings = {"train_on": options.train_on, "cache_dir": os.path.join(cache_dir(options.cache_dir), "tokenized")}
     train = data_mod.tokenize_rows(
-        rows, tokenizer, options.template, options.max_length, options.data or "the sample set"
+        rows, tokenizer, options.template, options.max_length, options.data or "the sample set", **settings
     )
     if eval_rows is None:
         return train, None
-    return train, data_mod.tokenize_rows(eval_rows, tokenizer, options.template, options.max_length, eval_source)
+    return train, data_mod.tokenize_rows(
+        eval_rows, tokenizer, options.template, options.max_length, eval_source, **settings
+    )
 
 
 def fit_max_length(options: TrainOptions, config: Any, tokenizer: Any, rows: list, eval_rows: list | None, source):

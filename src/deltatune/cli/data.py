@@ -2,15 +2,18 @@
 
 Accepted sources (`--data`):
 - alpaca rows in a JSON list or a JSONL file: `{"instruction": ..., "input": ..., "output": ...}`
-  (`input` optional);
+  (`input` optional; optional `system` and `history` = [[instruction, output], ...], the turns before this one);
 - chat rows in JSONL/JSON: `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`;
+- ShareGPT rows: `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}`;
+- CSV and Parquet files of such columns (see data_formats; `--columns` renames other column names);
 - a folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict whose split is chosen);
 - a hub dataset name, only when the hub is reachable (a clear error says what to do offline).
 
 Prompts use the tokenizer's chat template when it has one, else the tutorials' template
 `Human: {instruction}\\n{input}\\n\\nAssistant: {output}`. The loss counts only response tokens: prompt
-and padding positions get the label -100. Sequences are cut at `max_length` from the end, so the prompt is
-kept whole and rows whose prompt leaves no room for a single response token are dropped.
+and padding positions get the label -100 (with `train_on="last"`, the earlier answers of a conversation too).
+Sequences are cut at `max_length` from the end, so the prompt is kept whole and rows whose prompt leaves no room
+for a single response token are dropped. Tokenized rows can be cached by the data's fingerprint (`encode_cached`).
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ from typing import Any
 
 import torch
 
+from deltatune.cli.data_formats import (
+    DataError,
+    parse_columns,
+    read_table_rows,
+    rename_columns,
+    sharegpt_messages,
+    table_format,
+)
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips
 ANSWER_CUE = "\n\nAssistant: "
 TEMPLATES = ("auto", "chat", "human-assistant")
+TRAIN_ON = ("all", "last")  # which assistant turns of a conversation the loss counts
 BUNDLED_TRAIN = "sample_train.jsonl"
 BUNDLED_EVAL = "sample_eval.jsonl"
-
-
-class DataError(ValueError):
-    """Bad training data: the message names the file, the row and the fix."""
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -106,11 +115,13 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
         raise DataError(f"{where}: a row must be a JSON object, not {type(row).__name__}")
     if "messages" in row:
         return {"messages": _check_messages(row["messages"], where)}
+    if "conversations" in row:  # ShareGPT
+        return {"messages": _check_messages(sharegpt_messages(row["conversations"], where), where)}
     missing = [k for k in ("instruction", "output") if k not in row]
     if missing:
         raise DataError(
             f"{where}: no {' and no '.join(repr(k) for k in missing)} field; alpaca rows need 'instruction' and "
-            f"'output' ('input' is optional), chat rows need 'messages' "
+            f"'output' ('input' is optional), chat rows need 'messages' or ShareGPT 'conversations' "
             f"(this row has: {', '.join(map(repr, row)) or 'nothing'})"
         )
     nulls = [k for k in ("instruction", "output") if row[k] is None]
@@ -124,7 +135,29 @@ def check_row(row: Any, where: str) -> dict[str, Any]:
             raise DataError(f"{where}: {key!r} must be a string, not {type(value).__name__}")
     if not fields["output"].strip():
         raise DataError(f"{where}: 'output' is empty; every row needs a response to learn from")
-    return fields
+    return fields | _check_alpaca_context(row, where)
+
+
+def _check_alpaca_context(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """Alpaca's optional `system` (a string) and `history` ([[instruction, output], ...], the turns before this
+    one); kept only when given, so plain rows stay three fields."""
+    context: dict[str, Any] = {}
+    if row.get("system") is not None:
+        if not isinstance(row["system"], str):
+            raise DataError(f"{where}: 'system' must be a string, not {type(row['system']).__name__}")
+        if row["system"].strip():
+            context["system"] = row["system"]
+    history = row.get("history")
+    if history is None or history == []:
+        return context
+    pairs = history if isinstance(history, list) else None
+    if pairs is None or not all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in pairs
+    ):
+        raise DataError(
+            f"{where}: 'history' must be a list of [instruction, output] string pairs, the turns before this one"
+        )
+    return context | {"history": [[instruction, output] for instruction, output in pairs]}
 
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
@@ -196,14 +229,20 @@ def _load_hub_dataset(name: str, split: str, flag: str) -> list[tuple[int, Any]]
         raise DataError(f"{flag} {name}: could not load it from the hub ({type(err).__name__}: {err})") from None
 
 
-def load_rows(source: str | None, split: str = "train", flag: str = "--data") -> list[dict[str, Any]]:
+def load_rows(
+    source: str | None, split: str = "train", flag: str = "--data", columns: str | None = None
+) -> list[dict[str, Any]]:
     """All rows of a data source, checked (see the module docstring); None is the bundled sample set.
 
-    `flag` is the option that named the source (`--data`, `--eval-data`), for the errors.
+    `flag` is the option that named the source (`--data`, `--eval-data`), for the errors; `columns` renames the
+    source's columns to deltatune's fields (`instruction=question,output=answer`).
     """
     source = source or bundled_path(BUNDLED_TRAIN)
+    mapping = parse_columns(columns)  # a bad --columns fails before any file is read
     if os.path.isdir(source):
         raw, name = _load_saved_dataset(source, split, flag), source
+    elif table_format(source):
+        raw, name = read_table_rows(source, table_format(source), flag), source
     elif (
         os.path.isfile(source)
         or source.endswith((".json", ".jsonl"))
@@ -213,6 +252,7 @@ def load_rows(source: str | None, split: str = "train", flag: str = "--data") ->
         raw, name = read_json_rows(source, flag), source
     else:
         raw, name = _load_hub_dataset(source, split, flag), source
+    raw = rename_columns(raw, mapping, name)
     rows = [check_row(row, f"{name}, row {n}") for n, row in raw]
     if not rows:
         raise DataError(f"{name} holds no rows; the data needs at least one example")
@@ -225,11 +265,15 @@ def _looks_like_hub_id(source: str) -> bool:
 
 # ---- formatting -----------------------------------------------------------------------------------------------
 def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    """A row as chat messages (alpaca: one user turn = instruction + input, one assistant turn = output)."""
+    """A row as chat messages (alpaca: the system turn if any, a user and an assistant turn per `history` pair,
+    then one user turn = instruction + input, one assistant turn = output)."""
     if "messages" in row:
         return row["messages"]
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for instruction, output in row.get("history", []):
+        messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
     user = row["instruction"] + ("\n" + row["input"] if row["input"] else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
 def resolve_template(template: str, tokenizer: Any) -> str:
@@ -288,18 +332,23 @@ def render_prompt(history: list[dict[str, str]], template: str, tokenizer: Any) 
 
 # ---- tokenizing ---------------------------------------------------------------------------------------------
 def encode(
-    messages: list[dict[str, str]], template: str, tokenizer: Any, max_length: int
+    messages: list[dict[str, str]], template: str, tokenizer: Any, max_length: int, train_on: str = "all"
 ) -> dict[str, list[int]] | None:
-    """input_ids + labels (-100 outside responses), cut at max_length; None when no response token fits."""
+    """input_ids + labels (-100 outside the trained responses), cut at max_length; None when no trained token fits.
+
+    `train_on="all"` trains every assistant turn, `"last"` only the final one (earlier answers are context)."""
     input_ids: list[int] = []
     labels: list[int] = []
     bos = getattr(tokenizer, "bos_token_id", None)
-    for n, (text, is_response) in enumerate(segments(messages, template, tokenizer)):
+    pieces = segments(messages, template, tokenizer)
+    last_response = max((n for n, (_, is_response) in enumerate(pieces) if is_response), default=-1)
+    for n, (text, is_response) in enumerate(pieces):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if n == 0 and template != "chat" and bos is not None and _adds_bos(tokenizer):
             ids = [bos] + ids
+        trained = is_response and (train_on == "all" or n == last_response)
         input_ids += ids
-        labels += ids if is_response else [IGNORE_INDEX] * len(ids)
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
@@ -312,14 +361,28 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def tokenize_rows(
-    rows: list[dict[str, Any]], tokenizer: Any, template: str, max_length: int, source: str = "data"
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    template: str,
+    max_length: int,
+    source: str = "data",
+    train_on: str = "all",
+    cache_dir: str | None = None,
 ) -> list[dict[str, list[int]]]:
-    """Encode every row; rows with no response token inside max_length are dropped (all dropped: error)."""
+    """Encode every row; rows with no trained token inside max_length are dropped (all dropped: error).
+
+    With `cache_dir`, the encoded rows are kept there under a key of the rows' fingerprint, the tokenizer, the
+    template, max_length and train_on, so a second run on the same data does not tokenize again."""
     if max_length < 2:
         raise ValueError(f"--max-length {max_length} is too small; use at least a few hundred tokens")
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"--train-on {train_on!r} is not known; use one of: {', '.join(TRAIN_ON)}")
     template = resolve_template(template, tokenizer)
-    encoded = [encode(to_messages(row), template, tokenizer, max_length) for row in rows]
-    kept = [e for e in encoded if e is not None]
+    if cache_dir:
+        encoded = encode_cached(rows, tokenizer, template, max_length, train_on, cache_dir)
+    else:
+        encoded = [encode(to_messages(row), template, tokenizer, max_length, train_on) for row in rows]
+    kept = [e for e in encoded if e]
     if not kept:
         shortest = min(
             len(
@@ -345,6 +408,49 @@ def tokenize_rows(
     if cut:
         logger.warning("%s: %d rows were cut at --max-length %d", source, cut, max_length)
     return kept
+
+
+ENCODING_VERSION = 1  # part of the cache key: raise it when encode() changes what it makes
+
+
+def encode_cached(
+    rows: list[dict[str, Any]], tokenizer: Any, template: str, max_length: int, train_on: str, cache_dir: str
+) -> list[dict[str, list[int]] | None]:
+    """`encode` over the rows through `datasets.Dataset.map`, whose file in `cache_dir` is named by the rows'
+    dataset fingerprint and the encoding settings: when that file exists, map reads it instead of tokenizing."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    # One JSON string per row: alpaca and chat rows mix in one file, which one Arrow schema cannot hold.
+    table = datasets.Dataset.from_dict({"row": [json.dumps(row, ensure_ascii=False) for row in rows]})
+    settings = [ENCODING_VERSION, _tokenizer_fingerprint(tokenizer), template, max_length, train_on]
+    key = Hasher.hash([table._fingerprint, *settings])
+    os.makedirs(cache_dir, exist_ok=True)
+    encoded = table.map(
+        _encode_json_row,
+        fn_kwargs={"template": template, "tokenizer": tokenizer, "max_length": max_length, "train_on": train_on},
+        remove_columns=["row"],
+        cache_file_name=os.path.join(cache_dir, f"{key}.arrow"),
+        new_fingerprint=key,
+        desc="tokenizing",
+    )
+    return [example if example["input_ids"] else None for example in encoded.to_list()]
+
+
+def _encode_json_row(example: dict[str, str], template: str, tokenizer: Any, max_length: int, train_on: str):
+    encoded = encode(to_messages(json.loads(example["row"])), template, tokenizer, max_length, train_on)
+    return encoded or {"input_ids": [], "labels": []}  # empty: dropped (no response token fits)
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What decides how text becomes ids: the vocabulary and rules (a fast tokenizer's JSON), special tokens and
+    the chat template."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    specials = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, type(tokenizer).__name__]
+    return Hasher.hash([rules, specials, getattr(tokenizer, "chat_template", None)])
 
 
 @dataclass

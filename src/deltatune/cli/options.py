@@ -61,6 +61,9 @@ class TrainOptions:
     keep_best: bool = False  # the adapter saved at the end is the checkpoint with the lowest eval loss
     report_to: str = "none"  # tensorboard, wandb, mlflow or none
     trainer: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field, passed through
+    # data formats
+    train_on: str = "all"  # loss on every assistant turn ("all") or only the conversation's last ("last")
+    columns: str | None = None  # "instruction=question,output=answer": deltatune's field -> the file's column
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -92,6 +95,8 @@ class TrainOptions:
                 "--alpha 0: the update is scaled by alpha / r, so the adapter would change nothing; "
                 f"give a positive --alpha (default {METHOD_OPTIONS['alpha'][0]})"
             )
+        if self.train_on not in ("all", "last"):
+            raise ValueError(f"--train-on {self.train_on!r}: use all (every assistant turn) or last (the final one)")
         if self.resume and self.overwrite:
             raise ValueError(
                 "--resume and --overwrite exclude each other: --resume continues the run in --output, --overwrite "
