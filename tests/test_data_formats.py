@@ -212,3 +212,7 @@ def test_train_on_a_csv_with_columns_tokenizes_once(tiny, tmp_path, run_options,
     monkeypatch.setattr(D, "encode", lambda *args, **kwargs: calls.append(1) or real_encode(*args, **kwargs))
     again = train(run_options(tiny, tmp_path / "again", cache_dir=str(tmp_path / "cache"), max_steps=2, **options))
     assert calls == [] and again.eval_loss == first.eval_loss and again.train_loss == first.train_loss
+    from deltatune.cli import evaluate  # the run's --columns and --train-on also apply to its held-out file
+
+    scores = evaluate(adapter=str(tmp_path / "run"), write=False)
+    assert scores.examples == 8 and scores.eval_loss == pytest.approx(first.eval_loss, rel=1e-5)

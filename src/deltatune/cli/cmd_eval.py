@@ -49,10 +49,18 @@ def held_out_source(data: str | None, run: dict[str, Any]) -> str:
 
 
 def score(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], template: str, max_length: int, batch_size: int, source: str
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    template: str,
+    max_length: int,
+    batch_size: int,
+    source: str,
+    train_on: str = "all",
 ) -> tuple[float, float, list[str], int]:
-    """(eval loss, exact-match, answers, answers ended with the end-of-turn token) of `model` on checked rows."""
-    examples = data_mod.tokenize_rows(rows, tokenizer, template, max_length, source)
+    """(eval loss, exact-match, answers, answers ended with the end-of-turn token) of `model` on checked rows;
+    the loss counts the assistant turns the run trained on (`train_on`)."""
+    examples = data_mod.tokenize_rows(rows, tokenizer, template, max_length, source, train_on=train_on)
     loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
     pairs = data_mod.prompts_and_answers(rows, tokenizer, template)
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in pairs)
@@ -101,14 +109,17 @@ def evaluate(
             adapter, model, cache_dir, trust_remote_code=trust_remote_code, dtype=dtype, device=device
         )
     source = held_out_source(data, run)
-    rows = data_mod.load_rows(source)
-    template, max_length = run.get("template", "auto"), int(run.get("max_length", 1024))
-    loss, em, answers, ended = score(scored_model, tokenizer, rows, template, max_length, batch_size, source)
+    # the run's --columns name the columns of its own files (its held-out file), not of other data
+    columns = run.get("columns") if source == run.get("eval_data") else None
+    rows = data_mod.load_rows(source, flag="--data", columns=columns)
+    template, max_length = run.get("template", "auto"), int(run.get("max_length") or 1024)
+    setting = (template, max_length, batch_size, source, run.get("train_on", "all"))
+    loss, em, answers, ended = score(scored_model, tokenizer, rows, *setting)
     result = EvalResult(source, len(rows), loss, perplexity(loss), em, ended, answers=answers)
     if compare_base and adapter is not None:
         with scored_model.disable_adapter():
             result.base_eval_loss, result.base_exact_match, _, result.base_ended = score(
-                scored_model, tokenizer, rows, template, max_length, batch_size, source
+                scored_model, tokenizer, rows, *setting
             )
     if write and adapter is not None:
         save_scores(result, adapter)
