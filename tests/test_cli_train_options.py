@@ -17,7 +17,7 @@ from helpers.chat_model import make_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, SchedulerType, TrainerCallback
 
-from deltatune.cli import build_parser, train
+from deltatune.cli import build_parser, precision, train
 from deltatune.cli import data as data_mod
 from deltatune.cli import trainer_setup as setup
 from deltatune.cli.models import load_tokenizer
@@ -174,9 +174,9 @@ def tiny_bf16(tmp_path_factory) -> str:
 def test_auto_dtype_on_cpu_follows_the_cpus_bf16_support(
     tiny_bf16, tmp_path, run_options, monkeypatch, caplog, native_bf16
 ):
-    monkeypatch.setattr(setup, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
     capture = Capture()
-    with caplog.at_level(logging.INFO, logger="deltatune.cli.trainer_setup"):
+    with caplog.at_level(logging.INFO, logger="deltatune.cli.precision"):
         train(run_options(tiny_bf16, tmp_path / "run", device="cpu"), callbacks=[capture])
     expected = torch.bfloat16 if native_bf16 else torch.float32
     base_dtypes = {p.dtype for n, p in capture.model.named_parameters() if "lora_" not in n}
@@ -190,17 +190,17 @@ def test_auto_dtype_on_cpu_follows_the_cpus_bf16_support(
 
 def test_precision_choice():
     fp32, bf16 = type("C", (), {"dtype": "float32"})(), type("C", (), {"torch_dtype": torch.bfloat16})()
-    assert setup.choose_precision("auto", "cpu", fp32).dtype == torch.float32
-    assert setup.choose_precision("auto", "cpu", None).dtype == torch.float32
-    chosen = setup.choose_precision("bf16", "cpu", fp32)
+    assert precision.choose_precision("auto", "cpu", fp32).dtype == torch.float32
+    assert precision.choose_precision("auto", "cpu", None).dtype == torch.float32
+    chosen = precision.choose_precision("bf16", "cpu", fp32)
     assert (chosen.dtype, chosen.reason, chosen.mixed_precision) == (torch.bfloat16, "--dtype bf16", None)
-    assert setup.Precision("cuda", torch.bfloat16, "").mixed_precision == "bf16"
-    assert setup.Precision("cuda", torch.float32, "").mixed_precision is None
-    assert setup.model_dtype(bf16) == torch.bfloat16
+    assert precision.Precision("cuda", torch.bfloat16, "").mixed_precision == "bf16"
+    assert precision.Precision("cuda", torch.float32, "").mixed_precision is None
+    assert precision.model_dtype(bf16) == torch.bfloat16
     if not torch.cuda.is_available():
-        assert setup.choose_device("auto") in ("cpu", "mps")
+        assert precision.choose_device("auto") in ("cpu", "mps")
         with pytest.raises(ValueError, match="--device cuda: no cuda device here; use --device auto or cpu"):
-            setup.choose_device("cuda")
+            precision.choose_device("cuda")
 
 
 def test_max_length_defaults_to_the_longest_row(tiny, held_out, tmp_path, run_options):

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 import deltatune
 from deltatune import PeftConfig, get_peft_model
 from deltatune.cli import data as data_mod
+from deltatune.cli import precision as precision_mod
 from deltatune.cli import trainer_setup as setup
 from deltatune.cli.generation import eval_loss, perplexity
 from deltatune.cli.methods import (
@@ -145,11 +146,11 @@ def wrap_model(model: torch.nn.Module, options: TrainOptions, total_step: int):
 
 
 def training_arguments(
-    options: TrainOptions, precision: setup.Precision | None = None, has_eval: bool = False
+    options: TrainOptions, precision: precision_mod.Precision | None = None, has_eval: bool = False
 ) -> TrainingArguments:
     """The Trainer's arguments: deltatune's flags, then the run.yaml `trainer:` block (checked) for the rest."""
     lr = options.lr if options.lr is not None else method_entry(options.method).lr
-    precision = precision or setup.choose_precision("fp32", options.device, None)
+    precision = precision or precision_mod.choose_precision("fp32", options.device, None)
     mixed = precision.mixed_precision
     setup.check_schedule(options.lr_scheduler, options.warmup_ratio)
     return TrainingArguments(
@@ -266,7 +267,7 @@ def train(options: TrainOptions | dict[str, Any], callbacks: list | None = None)
     peft_config = build_peft_config(
         options.method, options.method_options, options.max_steps or 10**6
     )  # bad options fail first
-    state = PartialState(cpu=setup.choose_device(options.device) == "cpu")
+    state = PartialState(cpu=precision_mod.choose_device(options.device) == "cpu")
     with RunLock(options.output) if state.is_main_process else contextlib.nullcontext():
         return _train_locked(options, peft_config, state, callbacks)
 
@@ -278,9 +279,9 @@ def _train_locked(options: TrainOptions, peft_config: Any, state: Any, callbacks
     rows, eval_rows, eval_source = load_data(options)  # bad data fails before anything is written
     state.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
     config = model_config(options)
-    precision = setup.choose_precision(options.dtype, options.device, config)
+    precision = precision_mod.choose_precision(options.dtype, options.device, config)
     args = training_arguments(options, precision, has_eval=eval_rows is not None)  # bad Trainer options fail here
-    setup.log_precision(precision)
+    precision_mod.log_precision(precision)
     loaded = load_model(
         options.model,
         options.cache_dir,

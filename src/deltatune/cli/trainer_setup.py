@@ -18,19 +18,6 @@ from typing import Any
 
 from transformers import SchedulerType, TrainingArguments
 
-from deltatune.cli.precision import (  # noqa: F401  (part of this module's API for cmd_train)
-    DEVICES,
-    DTYPE_NAMES,
-    DTYPES,
-    Precision,
-    choose_device,
-    choose_precision,
-    cpu_has_bf16,
-    device_supports,
-    log_precision,
-    model_dtype,
-)
-
 logger = logging.getLogger(__name__)
 
 # --report-to name -> the module its Trainer integration imports, and the package that provides it
