@@ -235,6 +235,14 @@ def check_finite_merge(weight: torch.Tensor, deltas: dict[str, torch.Tensor]) ->
                 )
 
 
+def embedding_lookup(base: nn.Embedding, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Look `x` up in `table` with the base embedding's own options (padding_idx, max_norm, ...), as its forward
+    would: LoRA's A factor and trainable-token rows stand in for the base weight this way."""
+    return nn.functional.embedding(
+        x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+    )
+
+
 def embedding_scale(base: nn.Embedding, dtype: torch.dtype) -> torch.Tensor | float:
     """The factor an embedding applies in its own forward (Gemma 3's `embed_scale`, 1.0 for a plain one), for
     what an adapter puts in the embedding's place too (as peft): LoRA's update, trainable-token rows."""

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.core.layers import embedding_lookup
 from deltatune.methods.lora import conv as lora_conv
 from deltatune.quantization import readable_weight
 
@@ -138,15 +139,7 @@ def embedding_forward(
     base = layer.base_layer
     weight = base.weight.to(adapter.lora_embedding_A.dtype)
     scale = _scale(layer, adapter, weight)  # (dim,)
-    after_a = F.embedding(
-        x,
-        adapter.lora_embedding_A.T,
-        base.padding_idx,
-        base.max_norm,
-        base.norm_type,
-        base.scale_grad_by_freq,
-        base.sparse,
-    )  # (B, T, r)
+    after_a = embedding_lookup(base, x, adapter.lora_embedding_A.T)  # (B, T, r)
     update = scale * (after_a @ adapter.lora_embedding_B.T) * adapter.scaling  # (B, T, dim)
     return (scale * result + update * embed_scale).to(result.dtype)
 

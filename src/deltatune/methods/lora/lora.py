@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltatune.core.config import PeftConfigWithTargets, PeftType, PeftWarning, check_range
 from deltatune.core.layer_kinds import adapter_dtype, is_conv, is_conv1d, layer_dims
-from deltatune.core.layers import MergeableLayer, embedding_scale
+from deltatune.core.layers import MergeableLayer, embedding_lookup, embedding_scale
 from deltatune.core.targeting import find_targets, modules_to_save_names, wrap_modules_to_save, wrap_targets
 from deltatune.methods.lora import conv as lora_conv
 from deltatune.methods.lora import dora
@@ -380,15 +379,7 @@ class LoraLayer(MergeableLayer):
             return dora.embedding_forward(self, adapter, x, result, embedding_scale(self.base_layer, result.dtype))
         if self.kind == "embedding":
             base = self.base_layer
-            after_a = F.embedding(
-                x,
-                adapter.lora_embedding_A.T,
-                base.padding_idx,
-                base.max_norm,
-                base.norm_type,
-                base.scale_grad_by_freq,
-                base.sparse,
-            )  # (B, T, r)
+            after_a = embedding_lookup(base, x, adapter.lora_embedding_A.T)  # (B, T, r)
             update = after_a @ adapter.lora_embedding_B.T * adapter.scaling  # (B, T, dim)
             return (result + update * embedding_scale(base, update.dtype)).to(result.dtype)
         x = x.to(adapter.lora_A.weight.dtype)

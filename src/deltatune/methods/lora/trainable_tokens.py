@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.core.layers import AdapterLayer, embedding_scale, rows_by_adapter
+from deltatune.core.layers import AdapterLayer, embedding_lookup, embedding_scale, rows_by_adapter
 from deltatune.core.targeting import adapter_internal_names, modules_to_save_names, replace_module
 
 FIELD = "trainable_token_indices"
@@ -122,9 +122,7 @@ class TrainableTokensLayer(AdapterLayer):
         """The base layer's own computation, with `weight` in place of its weight."""
         base = self.base_layer
         if isinstance(base, nn.Embedding):
-            out = F.embedding(
-                x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )  # (B, T, dim)
+            out = embedding_lookup(base, x, weight)  # (B, T, dim)
             return out * embedding_scale(base, out.dtype) if getattr(base, "embed_scale", None) is not None else out
         return F.linear(x, weight, base.bias)  # a linear head, tied or named in the dict: (B, T, vocab)
 
