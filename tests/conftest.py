@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported,
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from helpers.chat_model import make_tiny_model  # noqa: E402
+from helpers.chat_model import make_tiny_model, make_tokenizer  # noqa: E402
 
 from deltatune.cli.data import BUNDLED_EVAL, bundled_path  # noqa: E402
 
@@ -14,6 +14,18 @@ from deltatune.cli.data import BUNDLED_EVAL, bundled_path  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    """The tiny chat model's tokenizer, with a chat template."""
+    return make_tokenizer(chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    """The same tokenizer without a chat template (prompts use the human-assistant template)."""
+    return make_tokenizer(chat_template=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from helpers.chat_model import make_tokenizer
+from helpers.data import write
 
 from deltatune.cli import data as D
 from deltatune.cli import train
@@ -20,21 +20,6 @@ MULTI_TURN = {
     "input": "5 March 2024",
     "output": "2024-03-05",
 }
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    return make_tokenizer(chat_template=True)
-
-
-@pytest.fixture(scope="module")
-def plain_tok():
-    return make_tokenizer(chat_template=False)
-
-
-def write(path, text: str) -> str:
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def trained_text(tokenizer, encoded) -> str:
