@@ -1,10 +1,9 @@
-"""How `deltatune train` sets up the run around the method: device and precision, the `TrainingArguments`
-(scheduler, warm-up, evaluation during training, the best checkpoint, a `trainer:` block passed through,
-logging integrations), defaults that scale with the model and data, and the loss plot written at the end.
+"""How `deltatune train` sets up the run around the method: the `TrainingArguments` (scheduler, warm-up,
+evaluation during training, the best checkpoint, a `trainer:` block passed through, logging integrations,
+gradient checkpointing), defaults that scale with the model and data, and the loss plot written at the end.
 
-Precision follows peft's recipe: the base model may be half precision (bf16/fp16) while the adapter weights stay
-in fp32 (`get_peft_model` casts them up), and on a GPU the Trainer runs the forward pass under autocast
-(`bf16=True` / `fp16=True`). A CPU keeps fp32 unless it has native bf16 kernels.
+The device and dtype are chosen in `deltatune.cli.precision`; on a GPU with a half-precision base the Trainer
+runs the forward pass under autocast (`bf16=True` / `fp16=True`) while the adapter weights stay in fp32.
 """
 
 from __future__ import annotations
